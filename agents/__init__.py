@@ -1,0 +1,1 @@
+"""Tool-using agents on top of the serving runtime."""

@@ -1,0 +1,1 @@
+"""The Hydra config tree (``pkg://puyu.conf``): groups mirror the code folders."""

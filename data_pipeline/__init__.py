@@ -1,0 +1,1 @@
+"""Corpus building: read, filter, deduplicate and tokenize text as sharded batch stages."""

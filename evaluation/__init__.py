@@ -1,0 +1,1 @@
+"""Sharded, resumable benchmark evaluation with CircularEval and reports."""

@@ -1,0 +1,1 @@
+"""Engine builds and the paged, continuously batched runtime for offline batch inference."""
