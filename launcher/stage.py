@@ -1,0 +1,75 @@
+"""Stages: the unit a pipeline submits, and the context each of its tasks runs in.
+
+A stage is a picklable callable plus how it is spread: ``shards=N`` makes it an array of N tasks
+(datatrove-style: each task handles ``rank`` of ``world_size`` and leaves ``completions/{rank:05d}``
+when done, so a rerun of the same run skips it); ``cluster`` overrides the job's cluster options
+for this stage alone (e.g. ``{"tasks_per_node": 4}`` for a torch.distributed stage).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from puyu.launcher.atomic import atomic_write_text
+
+COMPLETIONS = "completions"
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskContext:
+    """Where a task is and which share of the stage it owns.
+
+    ``rank``/``world_size`` index the shard of a sharded stage (the array task); inside a
+    multi-task (distributed) job use :func:`puyu.launcher.distributed.dist_env` for process ranks.
+    """
+
+    run_dir: Path
+    stage_dir: Path
+    rank: int = 0
+    world_size: int = 1
+
+    def marker(self) -> Path:
+        return self.stage_dir / COMPLETIONS / f"{self.rank:05d}"
+
+    def is_done(self) -> bool:
+        return self.marker().exists()
+
+    def mark_done(self, result: Any = None) -> None:
+        """Write the completion marker last, atomically: its presence means the shard's outputs are whole."""
+        payload = {"rank": self.rank, "world_size": self.world_size, "result": result}
+        atomic_write_text(self.marker(), json.dumps(payload, default=str, sort_keys=True) + "\n")
+
+    def done_result(self) -> Any:
+        return json.loads(self.marker().read_text())["result"]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One step of a pipeline.
+
+    ``fn(ctx: TaskContext)`` must be picklable (a module-level function or an object); what it
+    returns is stored in the completion marker (keep it JSON-friendly: counts, paths). If ``fn``
+    is a :class:`submitit.helpers.Checkpointable`, its ``checkpoint`` runs on preemption/timeout.
+    """
+
+    name: str
+    fn: Callable[[TaskContext], Any]
+    shards: int = 1
+    cluster: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.name or os.sep in self.name:
+            raise ValueError(f"stage name {self.name!r} must be a plain, non-empty folder name")
+        if self.shards < 1:
+            raise ValueError(f"stage {self.name!r}: shards must be >= 1, got {self.shards}")
+
+    def contexts(self, run_dir: Path) -> list[TaskContext]:
+        stage_dir = Path(run_dir) / self.name
+        return [TaskContext(Path(run_dir), stage_dir, r, self.shards) for r in range(self.shards)]
+
+    def pending_ranks(self, run_dir: Path) -> list[int]:
+        """Ranks without a completion marker: what a rerun of this run still has to do."""
+        return [c.rank for c in self.contexts(run_dir) if not c.is_done()]
