@@ -1,0 +1,102 @@
+"""The job kinds ``puyu job=<kind>`` knows, and the small built-in ones.
+
+A job kind is a config dataclass plus either a stage builder (``cfg -> list[Stage]``, submitted
+as a pipeline) or an action run on the login node (``status``). Builders are named by import
+path so the CLI imports a stage's heavy dependencies only when that job runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from puyu.launcher.atomic import atomic_write_text
+from puyu.launcher.config import JobConfig
+from puyu.launcher.distributed import dist_env
+from puyu.launcher.stage import Stage, TaskContext
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    config_cls: type
+    stages: Optional[str] = None  # "module:function" -> function(job_cfg) -> list[Stage]
+    action: Optional[str] = None  # "module:function" -> function(full_cfg) -> int (exit code), runs here
+    report: Optional[str] = None  # "module:function" -> function(job_cfg, run_dir, results) -> report path
+
+    def load(self, attr: str) -> Callable[..., Any]:
+        module, _, name = getattr(self, attr).partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# --------------------------------------------------------------------------- probe
+@dataclasses.dataclass
+class ProbeJobConfig(JobConfig):
+    """Check an allocation: every task reports host, shard and torch.distributed-style ranks."""
+
+    shards: int = 1
+    message: str = "hello"
+    sleep_s: float = 0.0
+    fail_rank: Optional[int] = None  # make this shard raise, to see how failures are reported
+
+
+@dataclasses.dataclass
+class ProbeTask:
+    cfg: ProbeJobConfig
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        if self.cfg.sleep_s:
+            time.sleep(self.cfg.sleep_s)
+        if self.cfg.fail_rank == ctx.rank:
+            raise RuntimeError(f"probe shard {ctx.rank} failed on purpose (job.fail_rank={ctx.rank})")
+        env = dist_env()
+        out = {"message": self.cfg.message, "host": socket.gethostname(), "pid": os.getpid(),
+               "shard": ctx.rank, "shards": ctx.world_size, **dataclasses.asdict(env)}
+        print(f"probe: {out}", flush=True)
+        return out
+
+
+def probe_stages(cfg: ProbeJobConfig) -> list[Stage]:
+    return [Stage("probe", ProbeTask(cfg), shards=cfg.shards)]
+
+
+# --------------------------------------------------------------------------- status
+@dataclasses.dataclass
+class StatusJobConfig(JobConfig):
+    """``puyu job=status run=<dir>``: each stage's state (from sacct) and the failed tasks' logs."""
+
+
+# --------------------------------------------------------------------------- pipeline
+@dataclasses.dataclass
+class PipelineJobConfig(JobConfig):
+    """The main job: every stage of the chain that exists, in order (grows with each stage)."""
+
+    probe: ProbeJobConfig = dataclasses.field(default_factory=lambda: ProbeJobConfig(kind="probe"))
+
+
+def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
+    return probe_stages(cfg.probe)
+
+
+def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
+    """``report.md`` in the run directory: one section per stage with what each shard returned."""
+    lines = [f"# puyu pipeline report", "", f"Run directory: `{run_dir}`", ""]
+    for stage, shard_results in results.items():
+        lines += [f"## {stage}", "", f"{len(shard_results)} shard(s) complete.", ""]
+        lines += [f"- shard {i}: `{json.dumps(r, sort_keys=True, default=str)}`" for i, r in enumerate(shard_results)]
+        lines.append("")
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+JOB_KINDS: dict[str, JobSpec] = {
+    "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.jobs:pipeline_stages",
+                        report="puyu.launcher.jobs:pipeline_report"),
+    "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
+    "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),
+}

@@ -1,0 +1,196 @@
+"""Run a list of stages as one pipeline: each stage after the previous one succeeded.
+
+On Slurm every stage is submitted at once, each with ``--dependency=afterok:<previous jobs>``
+(and ``--kill-on-invalid-dep``), so the chain goes on without the login node; the launcher then
+waits (unless ``launcher.wait=false``), stops at the first failed task, names it with its log, and
+cancels what is left. Locally (real subprocesses) and inline (this process) stages run one after
+another. Only ranks without a completion marker are submitted, so rerunning a run resumes it.
+Every submission is recorded in ``<run>/launch.json`` for ``puyu job=status``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import submitit
+
+from puyu.launcher import slurm
+from puyu.launcher.atomic import atomic_write_text
+from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
+from puyu.launcher.errors import PuyuError, StageFailed
+from puyu.launcher.executor import make_executor, sbatch_script, stage_cluster
+from puyu.launcher.stage import Stage
+from puyu.launcher.task import StageTask
+
+log = logging.getLogger("puyu.launcher")
+MANIFEST = "launch.json"
+
+
+@dataclasses.dataclass
+class Submitted:
+    stage: Stage
+    cluster: ClusterConfig
+    ranks: list[int]
+    jobs: list[submitit.Job]
+
+    def job_ids(self) -> list[str]:
+        return [j.job_id for j in self.jobs]
+
+
+def _record(run_dir: Path, sub: Submitted) -> None:
+    path = run_dir / MANIFEST
+    manifest = json.loads(path.read_text()) if path.exists() else {"submissions": []}
+    manifest["submissions"].append({
+        "stage": sub.stage.name, "shards": sub.stage.shards, "ranks": sub.ranks, "job_ids": sub.job_ids(),
+        "cluster": sub.cluster.kind.value, "log_dir": str(run_dir / sub.stage.name / "logs"),
+        "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    })
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+
+
+def _failure_detail(exc: BaseException) -> str:
+    """The last meaningful line of a task's error (the exception line of its traceback)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln or "state:" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
+def _check_done(sub: Submitted) -> None:
+    """Raise StageFailed for the first task of a finished stage that did not succeed."""
+    for rank, job in zip(sub.ranks, sub.jobs):
+        exc = job.exception()
+        if exc is not None:
+            state = job.state if sub.cluster.kind is ClusterKind.slurm else "FAILED"
+            raise StageFailed(sub.stage.name, f"{job.job_id} (shard {rank})", state,
+                              str(job.paths.stderr), _failure_detail(exc))
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage], run_dir: Path, cluster: ClusterConfig, launcher: LauncherConfig):
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise PuyuError(f"stage names must be unique, got {names}")
+        self.stages, self.run_dir, self.cluster, self.launcher = stages, Path(run_dir), cluster, launcher
+        self.submitted: list[Submitted] = []
+
+    # ------------------------------------------------------------------ entry
+    def run(self) -> Optional[dict[str, list[Any]]]:
+        """Run (or resume) the pipeline; returns stage -> per-shard results, or None if not waited for."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.launcher.dry_run:
+            self._dry_run()
+            return None
+        try:
+            if self.cluster.kind is ClusterKind.inline:
+                self._run_inline()
+            elif self.cluster.kind is ClusterKind.local:
+                self._run_local()
+            else:
+                self._run_slurm()
+                if not self.launcher.wait:
+                    return None
+        except BaseException:
+            self.cancel_pending()
+            raise
+        return self.results()
+
+    def results(self) -> dict[str, list[Any]]:
+        return {s.name: [c.done_result() for c in s.contexts(self.run_dir)] for s in self.stages}
+
+    def cancel_pending(self) -> None:
+        """Cancel every job of this pipeline that has not finished (Ctrl-C, failure)."""
+        live = [j for sub in self.submitted for j in sub.jobs if not j.done()]
+        if not live:
+            return
+        log.warning("cancelling %d unfinished job(s): %s", len(live), " ".join(j.job_id for j in live))
+        if self.cluster.kind is ClusterKind.slurm:
+            slurm.scancel([j.job_id for j in live])
+        else:
+            for j in live:
+                j.cancel(check=False)
+
+    # ------------------------------------------------------------------ modes
+    def _stage_cluster(self, stage: Stage) -> ClusterConfig:
+        return stage_cluster(self.cluster, stage.cluster, stage.name)
+
+    def _dry_run(self) -> None:
+        dependency = None
+        for i, stage in enumerate(self.stages):
+            c = self._stage_cluster(stage)
+            if c.kind is ClusterKind.inline:
+                print(f"# stage {stage.name}: {stage.shards} shard(s) run inline in this process")
+                continue
+            if i and c.kind is ClusterKind.slurm:
+                dependency = f"afterok:<job id of stage {self.stages[i - 1].name!r}>"
+            print(f"# ---- stage {stage.name} ({stage.shards} shard(s), cluster={c.kind.value})")
+            if c.kind is ClusterKind.slurm:
+                print(sbatch_script(c, self.run_dir / stage.name / "logs", stage.name, stage.shards, dependency))
+            else:
+                print(f"# local subprocesses: {c.tasks_per_node} task(s) each, timeout {c.time_min} min")
+        print(f"# dry run: nothing submitted (run directory {self.run_dir})")
+
+    def _run_inline(self) -> None:
+        for stage in self.stages:
+            task = StageTask(stage.name, stage.fn, str(self.run_dir), stage.shards)
+            for rank in stage.pending_ranks(self.run_dir):
+                try:
+                    task(rank)
+                except Exception as exc:
+                    detail = traceback.format_exception_only(exc)[-1].strip()
+                    raise StageFailed(stage.name, f"inline (shard {rank})", "FAILED", "this process's output",
+                                      detail) from exc
+
+    def _submit(self, stage: Stage, ranks: list[int], dependency: Optional[str] = None) -> Submitted:
+        c = self._stage_cluster(stage)
+        ex = make_executor(c, self.run_dir / stage.name / "logs", stage.name, dependency)
+        task = StageTask(stage.name, stage.fn, str(self.run_dir), stage.shards)
+        jobs = ex.map_array(task, ranks) if len(ranks) > 1 else [ex.submit(task, ranks[0])]
+        sub = Submitted(stage, c, ranks, jobs)
+        self.submitted.append(sub)
+        _record(self.run_dir, sub)
+        log.info("stage %s: submitted %d task(s) %s (logs: %s)", stage.name, len(jobs),
+                 ",".join(sub.job_ids()[:4]) + ("…" if len(jobs) > 4 else ""), self.run_dir / stage.name / "logs")
+        return sub
+
+    def _wait(self, sub: Submitted) -> None:
+        while not all(j.done() for j in sub.jobs):
+            time.sleep(self.launcher.poll_s)
+        _check_done(sub)
+        missing = sorted(set(sub.ranks) & set(sub.stage.pending_ranks(self.run_dir)))
+        if missing:
+            raise PuyuError(f"stage {sub.stage.name!r}: shards {missing} finished without a completion marker")
+        log.info("stage %s: shard(s) %s complete", sub.stage.name, ",".join(map(str, sub.ranks)))
+
+    def _run_local(self) -> None:
+        for stage in self.stages:
+            pending = stage.pending_ranks(self.run_dir)
+            throttle = max(1, self._stage_cluster(stage).array_parallelism)
+            for start in range(0, len(pending), throttle):
+                self._wait(self._submit(stage, pending[start:start + throttle]))
+
+    def _run_slurm(self) -> None:
+        for c in {self._stage_cluster(s).partition for s in self.stages}:
+            slurm.check_partition(c)
+        dependency: Optional[str] = None
+        chain: list[Submitted] = []
+        for stage in self.stages:
+            pending = stage.pending_ranks(self.run_dir)
+            if not pending:
+                log.info("stage %s: all %d shard(s) already complete", stage.name, stage.shards)
+                continue
+            sub = self._submit(stage, pending, dependency)
+            chain.append(sub)
+            roots = sorted({j.split("_")[0] for j in sub.job_ids()})
+            dependency = "afterok:" + ":".join(roots)
+        if not self.launcher.wait:
+            print(f"submitted {len(chain)} stage(s); follow with: puyu job=status run={self.run_dir}")
+            return
+        for sub in chain:
+            self._wait(sub)
