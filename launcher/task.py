@@ -34,11 +34,13 @@ class StageTask:
     def __call__(self, rank: int) -> Any:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
         ctx = self.context(rank)
-        if ctx.is_done():
+        env = dist_env()
+        # A requeued single-process shard that had finished skips; in a multi-process job the
+        # processes start at different times, so only the launcher (which submits pending shards) decides.
+        if env.world_size == 1 and ctx.is_done():
             log.info("%s shard %d/%d already complete (%s): skipping", self.stage_name, rank, self.world_size,
                      ctx.marker())
             return ctx.done_result()
-        env = dist_env()
         log.info("%s shard %d/%d starting (process rank %d/%d via %s)", self.stage_name, rank,
                  self.world_size, env.rank, env.world_size, env.source)
         start = time.time()

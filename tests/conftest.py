@@ -1,0 +1,65 @@
+"""Shared fixtures: the test Slurm cluster, and test callables shipped to jobs by value.
+
+Jobs run in fresh interpreters that cannot import this ``tests`` folder, so the modules holding
+job callables are registered with cloudpickle to travel by value.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import cloudpickle
+import pytest
+
+import jobs_for_tests
+
+cloudpickle.register_pickle_by_value(jobs_for_tests)
+
+REQUIRE_SLURM = os.environ.get("PUYU_REQUIRE_SLURM") == "1"  # set by `make test`
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; skipped unless --runslow")
+    config.addinivalue_line("markers", "slurm: needs the test Slurm cluster (tests/cluster/start_cluster.sh)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow test: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "Slurm client commands are not installed"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20).stdout
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-t", "idle,mix,alloc", "-o", "%N"],
+                               capture_output=True, text=True, timeout=20).stdout.split()
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        return f"Slurm does not answer ({exc})"
+    if "is UP" not in ping:
+        return "slurmctld is not up"
+    if len(set(nodes)) < 2:
+        return f"fewer than 2 usable nodes ({sorted(set(nodes))})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The real test cluster; under `make test` its absence fails the test instead of skipping it."""
+    problem = _cluster_problem()
+    if problem:
+        msg = f"no Slurm test cluster: {problem} (start it with tests/cluster/start_cluster.sh, or run make test)"
+        if REQUIRE_SLURM:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return True

@@ -1,0 +1,85 @@
+"""Callables the launcher tests submit as jobs (shipped by value: see conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from puyu.launcher.atomic import atomic_write_text
+from puyu.launcher.distributed import dist_env
+from puyu.launcher.stage import TaskContext
+
+
+def echo(ctx: TaskContext) -> dict:
+    """Return who ran: the shard and the torch.distributed-style process ranks."""
+    env = dist_env()
+    out = {"shard": ctx.rank, "shards": ctx.world_size, "rank": env.rank, "world_size": env.world_size,
+           "master_addr": env.master_addr, "master_port": env.master_port, "host": socket.gethostname(),
+           "node": os.environ.get("SLURMD_NODENAME", "")}
+    atomic_write_text(ctx.stage_dir / "ranks" / f"{ctx.rank}-{env.rank}.json", json.dumps(out))
+    return out
+
+
+class Timed:
+    """Sleep, and record when this shard started and ended (to check ordering and throttles)."""
+
+    def __init__(self, sleep_s: float):
+        self.sleep_s = sleep_s
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        start = time.time()
+        time.sleep(self.sleep_s)
+        out = {"start": start, "end": time.time()}
+        atomic_write_text(ctx.stage_dir / "times" / f"{ctx.rank}.json", json.dumps(out))
+        return out
+
+
+def fail(ctx: TaskContext) -> None:
+    raise ValueError(f"boom in shard {ctx.rank}")
+
+
+class StepCounter(Checkpointable):
+    """A 'training loop': one step per ``step_s``, progress saved to disk after every step.
+
+    Restarted by a requeue it resumes from the saved step; on the pre-timeout signal its
+    ``checkpoint`` saves the in-memory step and asks to be requeued.
+    """
+
+    def __init__(self, steps: int, step_s: float):
+        self.steps, self.step_s = steps, step_s
+        self.step = 0
+        self.ctx: TaskContext | None = None
+
+    def _state_path(self, ctx: TaskContext) -> Path:
+        return ctx.stage_dir / f"state-{ctx.rank}.json"
+
+    def _load(self, ctx: TaskContext) -> dict:
+        path = self._state_path(ctx)
+        return json.loads(path.read_text()) if path.exists() else {"step": 0, "starts": [], "checkpoints": 0}
+
+    def _save(self, ctx: TaskContext, state: dict) -> None:
+        atomic_write_text(self._state_path(ctx), json.dumps(state))
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        self.ctx = ctx
+        state = self._load(ctx)
+        self.step = state["step"]
+        state["starts"].append({"step": self.step, "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))})
+        self._save(ctx, state)
+        while self.step < self.steps:
+            time.sleep(self.step_s)
+            self.step += 1
+            state["step"] = self.step
+            self._save(ctx, state)
+        return self._load(ctx)
+
+    def checkpoint(self, ctx: TaskContext) -> DelayedSubmission:
+        state = self._load(ctx)
+        state["step"] = self.step
+        state["checkpoints"] += 1
+        self._save(ctx, state)
+        return DelayedSubmission(self, ctx)
