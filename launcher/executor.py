@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,9 +57,15 @@ def make_executor(c: ClusterConfig, folder: Path, job_name: str,
 
 def sbatch_script(c: ClusterConfig, folder: Path, job_name: str, array_size: int,
                   dependency: Optional[str] = None) -> str:
-    """The sbatch file submitit would write for this stage (for ``launcher.dry_run``)."""
-    ex = make_executor(c, folder, job_name, dependency)
-    params = dict(ex.parameters)
-    if array_size > 1:
-        params["map_count"] = array_size
-    return _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
+    """The sbatch file submitit would write for this stage (for ``launcher.dry_run``).
+
+    submitit creates its log folder on construction; a dry run writes nothing, so the executor is
+    built on a scratch folder and the real path put back into the script.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        ex = make_executor(c, Path(scratch), job_name, dependency)
+        params = dict(ex.parameters)
+        if array_size > 1:
+            params["map_count"] = array_size
+        text = _make_sbatch_string(command=ex._submitit_command_str, folder=ex.folder, **params)
+        return text.replace(scratch, str(Path(folder).absolute()))

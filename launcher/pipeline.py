@@ -83,10 +83,10 @@ class Pipeline:
     # ------------------------------------------------------------------ entry
     def run(self) -> Optional[dict[str, list[Any]]]:
         """Run (or resume) the pipeline; returns stage -> per-shard results, or None if not waited for."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.launcher.dry_run:
             self._dry_run()
             return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             if self.cluster.kind is ClusterKind.inline:
                 self._run_inline()
