@@ -3,6 +3,7 @@ Hydra sweeps as arrays, sacct-backed status, partition checks."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -150,3 +151,18 @@ def test_hydra_multirun_sweep_runs_as_one_array(tmp_path):
     assert messages == ["a", "b"]
     task_dirs = [p.name for p in (sweep / ".submitit").iterdir() if p.is_dir() and "_" in p.name]
     assert len(task_dirs) == 2 and len({d.split("_")[0] for d in task_dirs}) == 1, task_dirs  # 1 array, 2 tasks
+
+
+def test_ctrl_c_cancels_the_pipelines_jobs(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([*PUYU, "job=probe", "cluster=slurm", "job.sleep_s=300", f"run={run_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest = run_dir / "launch.json"
+    wait_for(manifest.exists, 60, "the job to be submitted")
+    job_id = json.loads(manifest.read_text())["submissions"][0]["job_ids"][0]
+    wait_for(lambda: squeue_state(job_id) == "RUNNING", 60, "the job to run")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    wait_for(lambda: squeue_state(job_id) == "", 30, "the job to leave the queue")
