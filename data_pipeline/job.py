@@ -35,7 +35,10 @@ def _logging() -> None:
 
 
 def _announce(stage: str, ctx: TaskContext) -> float:
+    """Log the task's start and clear temp files a killed earlier attempt of this rank left behind."""
     _logging()
+    for stale in ctx.stage_dir.rglob(f".{ctx.rank:05d}*.tmp") if ctx.stage_dir.exists() else ():
+        stale.unlink(missing_ok=True)
     log.info("%s: task %d/%d starting in %s", stage, ctx.rank, ctx.world_size, ctx.stage_dir)
     return time.perf_counter()
 
