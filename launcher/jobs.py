@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from puyu.data_pipeline.config import DataJobConfig
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.config import JobConfig
 from puyu.launcher.distributed import dist_env
@@ -70,33 +70,52 @@ class StatusJobConfig(JobConfig):
     """``puyu job=status run=<dir>``: each stage's state (from sacct) and the failed tasks' logs."""
 
 
+# --------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class DataJob(JobConfig):
+    """Corpus building: read, filter, deduplicate, tokenize into Megatron .bin/.idx shards."""
+
+    data: DataJobConfig = dataclasses.field(default_factory=DataJobConfig)
+
+
+def data_stages(cfg: DataJob) -> list[Stage]:
+    from puyu.data_pipeline.job import build_data_stages
+
+    return build_data_stages(cfg.data)
+
+
+def data_report(cfg: DataJob, run_dir: Path, results: dict[str, list]) -> Path:
+    return run_dir / "summary" / "summary.md"
+
+
 # --------------------------------------------------------------------------- pipeline
 @dataclasses.dataclass
 class PipelineJobConfig(JobConfig):
     """The main job: every stage of the chain that exists, in order (grows with each stage)."""
 
-    probe: ProbeJobConfig = dataclasses.field(default_factory=lambda: ProbeJobConfig(kind="probe"))
+    data: DataJobConfig = dataclasses.field(default_factory=DataJobConfig)
 
 
 def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
-    return probe_stages(cfg.probe)
+    return data_stages(DataJob(kind="data", data=cfg.data))
 
 
 def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
-    """``report.md`` in the run directory: one section per stage with what each shard returned."""
-    lines = [f"# puyu pipeline report", "", f"Run directory: `{run_dir}`", ""]
-    for stage, shard_results in results.items():
-        lines += [f"## {stage}", "", f"{len(shard_results)} shard(s) complete.", ""]
-        lines += [f"- shard {i}: `{json.dumps(r, sort_keys=True, default=str)}`" for i, r in enumerate(shard_results)]
-        lines.append("")
+    """``report.md`` in the run directory: what each part of the chain produced, with links."""
+    data_summary = (run_dir / "summary" / "summary.md").read_text()
+    lines = ["# puyu pipeline report", "", f"Run directory: `{run_dir}`", "",
+             "| stage | shards |", "|---|---|"]
+    lines += [f"| {stage} | {len(shard_results)} |" for stage, shard_results in results.items()]
+    lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
     path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
 JOB_KINDS: dict[str, JobSpec] = {
     "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.jobs:pipeline_stages",
                         report="puyu.launcher.jobs:pipeline_report"),
+    "data": JobSpec(DataJob, stages="puyu.launcher.jobs:data_stages", report="puyu.launcher.jobs:data_report"),
     "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
     "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),
 }

@@ -1,0 +1,90 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), resumable in another layout.
+
+Each checkpoint is a folder ``step-NNNNNNNN/`` that every rank writes its shards into. It counts
+as complete only once ``complete.json`` exists: rank 0 writes it atomically, last, after all ranks
+finished writing, so a job killed mid-save leaves an incomplete folder that resume ignores.
+Model and optimizer states go through ``torch.distributed.checkpoint.state_dict``, which stores
+DTensor/FSDP shards under their unsharded names: loading into a different TP/PP/DP layout reshards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
+from puyu.launcher.atomic import atomic_write_text
+
+log = logging.getLogger("puyu.checkpoint")
+COMPLETE = "complete.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:08d}"
+
+
+def latest_complete(root: Path) -> Optional[Path]:
+    """The newest checkpoint folder under ``root`` whose completion record exists."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    for _, path in reversed(steps):
+        if (path / COMPLETE).exists():
+            return path
+    return None
+
+
+def save(root: Path, step: int, model_parts: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
+         extra: dict[str, Any], keep: int = 2) -> Path:
+    """Write a checkpoint of every rank's shards; ``extra`` (JSON: step, consumed samples...) goes in the record."""
+    path = step_dir(root, step)
+    model_sd, optim_sd = get_state_dict(model_parts, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    _barrier()
+    if _rank() == 0:
+        atomic_write_text(path / COMPLETE, json.dumps({"step": step, **extra}, sort_keys=True) + "\n")
+        _prune(Path(root), keep)
+    _barrier()
+    log.info("checkpoint step %d saved to %s", step, path)
+    return path
+
+
+def load(path: Path, model_parts: list[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """Load a complete checkpoint into this rank's (possibly differently sharded) modules; returns its record."""
+    path = Path(path)
+    record = json.loads((path / COMPLETE).read_text())
+    if optimizer is None:
+        model_sd = get_model_state_dict(model_parts)
+        dcp.load({"model": model_sd}, checkpoint_id=str(path))
+        set_state_dict(model_parts, [], model_state_dict=model_sd, optim_state_dict={})
+    else:
+        model_sd, optim_sd = get_state_dict(model_parts, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model_parts, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    log.info("resumed from %s (step %d)", path, record["step"])
+    return record
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / COMPLETE).exists())
+    for old in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
