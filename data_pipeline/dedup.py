@@ -1,7 +1,8 @@
 """Exact and MinHash-LSH near-dedup as four stages over array tasks.
 
 1. signatures (per corpus file): MinHash rows -> ``sigs/NNNNN.u32``; for every band the sorted
-   (band hash, doc index) pairs -> ``bands/NNNNN_bKKK.npy``; band ``exact`` holds a content hash.
+   (band hash, doc index) pairs -> row k of ``bands/NNNNN.npy``; the last band, ``exact``, holds a
+   content hash.
 2. buckets (bands round-robin over ranks): streams each band's sorted files through a k-way merge;
    documents sharing a band hash become candidate pairs, kept if the signatures agree on at least
    ``threshold`` of their rows (``verify``) -> ``pairs/NNNNN.npy``.
@@ -84,23 +85,23 @@ def write_signatures(docs: Iterator[Document], out_dir: Path, number: int, cfg: 
                 flush()
         if batch:
             flush()
-    columns = {}
+    columns = []
     if cfg.near:
         matrix = np.concatenate(band_cols) if band_cols else np.empty((0, bands), np.uint64)
-        columns.update({f"{k:03d}": matrix[:, k] for k in range(bands)})
+        columns += [matrix[:, k] for k in range(bands)]
     if cfg.exact:
-        columns[EXACT_BAND] = np.concatenate(exact_col) if exact_col else np.empty(0, np.uint64)
-    for name, column in columns.items():
-        table = np.empty(len(column), dtype=BAND_DTYPE)
-        table["hash"], table["idx"] = column, np.arange(len(column), dtype=np.uint32)
-        table.sort(order=["hash", "idx"], kind="stable")
-        _save_npy(out_dir / "bands" / f"{number:05d}_b{name}.npy", table)
+        columns.append(np.concatenate(exact_col) if exact_col else np.empty(0, np.uint64))
+    table = np.empty((len(columns), n_docs), dtype=BAND_DTYPE)  # row k: band_names(cfg)[k], sorted
+    for k, column in enumerate(columns):
+        order = np.argsort(column, kind="stable")  # stable: equal hashes keep index order
+        table[k]["hash"], table[k]["idx"] = column[order], order.astype(np.uint32)
+    _save_npy(out_dir / "bands" / f"{number:05d}.npy", table)
     log.info("signatures: file %05d, %d docs, %d bands x %d rows", number, n_docs, bands, rows)
     return {"docs": n_docs, "bands": bands, "rows": rows}
 
 
-def _band_stream(path: Path, number: int, chunk: int = 65536) -> Iterator[tuple[int, int]]:
-    table = np.load(path, mmap_mode="r")
+def _band_stream(path: Path, row: int, number: int, chunk: int = 65536) -> Iterator[tuple[int, int]]:
+    table = np.load(path, mmap_mode="r")[row]
     base = number << 32
     for start in range(0, len(table), chunk):
         part = table[start:start + chunk]
@@ -127,7 +128,8 @@ class SignatureStore:
 def find_pairs(sig_stage_dir: Path, numbers: list[int], band: str, cfg: DedupConfig,
                store: SignatureStore) -> tuple[list[tuple[int, int, int]], dict]:
     """Stage 2 for one band: merge the band's sorted files, pair each bucket member with its first."""
-    streams = [_band_stream(sig_stage_dir / "bands" / f"{n:05d}_b{band}.npy", n) for n in numbers]
+    row = band_names(cfg).index(band)
+    streams = [_band_stream(sig_stage_dir / "bands" / f"{n:05d}.npy", row, n) for n in numbers]
     exact = band == EXACT_BAND
     pairs, candidates, rejected = [], 0, 0
     current, first = None, None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import re
 import string
-import unicodedata
 
 import numba
 import numpy as np
@@ -29,10 +28,15 @@ _TABLE = str.maketrans({ch: " " for ch in _PUNCTUATION + _OTHER_SPACES})
 # Words as the compiled scanner sees them: a Han/CJK character alone, else a run of non-space bytes.
 _CJK = "\u2e80-\u9fff\uf900-\ufaff"
 _WORD_RE = re.compile(f"[{_CJK}]|[^\t\n\x0b\x0c\r {_CJK}]+")
+# The same separators for the compiled scanner: a table for ASCII, sorted code points above it.
+_ASCII_SEPARATOR = np.zeros(128, dtype=np.bool_)
+_ASCII_SEPARATOR[[ord(c) for c in _PUNCTUATION + _OTHER_SPACES + " \t\n\x0b\x0c\r" if ord(c) < 128]] = True
+_WIDE_SEPARATORS = np.array(sorted(ord(c) for c in _PUNCTUATION + _OTHER_SPACES if ord(c) >= 128), dtype=np.int64)
 
 
 def normalize_for_shingles(text: str) -> str:
-    return unicodedata.normalize("NFC", text).lower().translate(_TABLE)
+    """Lowercase, punctuation and odd spaces -> space (input is already NFC from the Normalize step)."""
+    return text.lower().translate(_TABLE)
 
 
 def shingles(text: str, ngram: int) -> list[bytes]:
@@ -84,47 +88,66 @@ def _fmix32(h):
 
 
 @numba.njit(cache=True, nogil=True)
-def _word_hashes(buf, start, end, out):
-    """FNV-1a-64 of each word of ``buf[start:end]`` into ``out``; returns the word count."""
+def _word_hashes(buf, start, end, out, ascii_sep, wide_sep):
+    """FNV-1a-64 of each word of UTF-8 ``buf[start:end]`` into ``out``; returns the word count.
+
+    ASCII letters are lowercased here (other scripts were lowercased in Python); separators are
+    ASCII whitespace/punctuation and the code points in ``wide_sep``; a CJK character is a word.
+    """
     n = 0
     i = start
+    in_word = False
+    h = np.uint64(FNV_OFFSET)
     while i < end:
         c = buf[i]
-        if c == 32 or (9 <= c <= 13):
-            i += 1
-            continue
-        h = np.uint64(FNV_OFFSET)
-        if 0xE2 <= c <= 0xEF and i + 2 < end:
-            cp = ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
-            if (0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF):
-                for k in range(3):
+        if c < 0x80:
+            width, sep, cjk = 1, ascii_sep[c], False
+        else:
+            if c >= 0xF0:
+                width, cp = 4, ((c & 0x07) << 18) | ((buf[i + 1] & 0x3F) << 12) | ((buf[i + 2] & 0x3F) << 6) | (
+                    buf[i + 3] & 0x3F)
+            elif c >= 0xE0:
+                width, cp = 3, ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
+            else:
+                width, cp = 2, ((c & 0x1F) << 6) | (buf[i + 1] & 0x3F)
+            k = np.searchsorted(wide_sep, cp)
+            sep = k < wide_sep.shape[0] and wide_sep[k] == cp
+            cjk = not sep and ((0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF))
+        if sep or cjk:
+            if in_word:
+                out[n] = h
+                n += 1
+                in_word = False
+            if cjk:
+                h = np.uint64(FNV_OFFSET)
+                for k in range(width):
                     h = (h ^ np.uint64(buf[i + k])) * np.uint64(FNV_PRIME)
                 out[n] = h
                 n += 1
-                i += 3
-                continue
-        while i < end:
-            c = buf[i]
-            if c == 32 or (9 <= c <= 13):
-                break
-            if 0xE2 <= c <= 0xEF and i + 2 < end:
-                cp = ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
-                if (0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF):
-                    break
-            h = (h ^ np.uint64(c)) * np.uint64(FNV_PRIME)
-            i += 1
+            i += width
+            continue
+        if not in_word:
+            h = np.uint64(FNV_OFFSET)
+            in_word = True
+        for k in range(width):
+            b = buf[i + k]
+            if 65 <= b <= 90:
+                b += 32
+            h = (h ^ np.uint64(b)) * np.uint64(FNV_PRIME)
+        i += width
+    if in_word:
         out[n] = h
         n += 1
     return n
 
 
 @numba.njit(cache=True, nogil=True)
-def _signatures(buf, offsets, a, b, ngram, out):
+def _signatures(buf, offsets, a, b, ngram, out, ascii_sep, wide_sep):
     num_perm = a.shape[0]
     words = np.empty(max(1, int((offsets[-1] - offsets[0]) // 2 + 1)), dtype=np.uint64)
     row = np.empty(num_perm, dtype=np.uint32)
     for d in range(offsets.shape[0] - 1):
-        n = _word_hashes(buf, offsets[d], offsets[d + 1], words)
+        n = _word_hashes(buf, offsets[d], offsets[d + 1], words, ascii_sep, wide_sep)
         row[:] = np.uint32(MAX_HASH)
         n_shingles = n - ngram + 1 if n >= ngram else (1 if n > 0 else 0)
         width = ngram if n >= ngram else n
@@ -144,8 +167,8 @@ def _signatures(buf, offsets, a, b, ngram, out):
 
 
 def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Normalized UTF-8 of the texts, concatenated, with offsets (the compiled kernel's input)."""
-    encoded = [normalize_for_shingles(t).encode("utf-8", "surrogatepass") for t in texts]
+    """UTF-8 of the texts (non-ASCII ones lowercased), concatenated, with offsets: the kernel's input."""
+    encoded = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
     return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
@@ -156,7 +179,7 @@ def signatures(texts: list[str], num_perm: int = 128, seed: int = 1, ngram: int 
     a, b = permutations(num_perm, seed)
     buf, offsets = encode_batch(texts)
     out = np.empty((len(texts), num_perm), dtype=np.uint32)
-    _signatures(buf, offsets, a, b, ngram, out)
+    _signatures(buf, offsets, a, b, ngram, out, _ASCII_SEPARATOR, _WIDE_SEPARATORS)
     return out
 
 
