@@ -26,6 +26,42 @@ package_dir = {}
 for folder in CODE_FOLDERS:
     package_dir.update(subpackages(folder))
 
+
+def fused_ops_extension() -> dict:
+    """``ext_modules``/``cmdclass`` for ``puyu.model._fused_ops`` built from ``csrc/``, or ``{}``.
+
+    CPU kernels always (C++ with OpenMP); CUDA kernels only when a CUDA toolkit and a CUDA build of torch
+    are both present. Without torch at build time the package installs without the extension and
+    ``puyu.model.ops`` falls back to the PyTorch reference ops.
+    """
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        return {}
+    sources = ["csrc/bindings.cpp", *sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc/cpu").glob("*.cpp"))]
+    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math"]  # no FP traps: lets loops vectorise
+    cpuinfo = Path("/proc/cpuinfo")
+    host_flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if {"avx2", "fma"} <= host_flags:  # puyu.model.ops refuses this build on a CPU without AVX2
+        cxx_flags += ["-mavx2", "-mfma", "-DPUYU_CPU_AVX2"]
+    with_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if with_cuda:
+        sources += sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc/cuda").glob("*.cu"))
+        ext_cls, extra = cpp_extension.CUDAExtension, {"nvcc": ["-O3", "-std=c++20"]}
+        cxx_flags.append("-DWITH_CUDA")
+        extra["nvcc"].append("-DWITH_CUDA")
+    else:
+        ext_cls, extra = cpp_extension.CppExtension, {}
+    ext = ext_cls(
+        "puyu.model._fused_ops",
+        sources,
+        extra_compile_args={"cxx": cxx_flags, **extra},
+        extra_link_args=["-fopenmp"],
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
+
 setup(
     name="puyu",
     version="0.1.0",
@@ -54,4 +90,5 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff"],
     },
     entry_points={"console_scripts": ["puyu = puyu.launcher.cli:main"]},
+    **fused_ops_extension(),
 )

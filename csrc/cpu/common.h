@@ -1,0 +1,40 @@
+// Shared helpers of the CPU kernels: loops are written over contiguous rows with opmath accumulators
+// and `#pragma omp simd`, so the compiler vectorises them; rows are split over threads with
+// at::parallel_for (OpenMP in torch's CPU builds, the same pool torch's own kernels use).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <bit>
+
+namespace puyu::cpu {
+
+// Rows handed to one thread at a time: enough elements to amortise the scheduling.
+inline int64_t row_grain(int64_t row_len) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
+}
+
+// exp(x) for fp32 that GCC vectorises inside `omp simd` loops (std::exp is a scalar libm call there):
+// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, and a degree-6 polynomial for e^r (rel. error
+// ~1e-7), scaled by 2^n through the exponent bits. Inputs below -87.3 flush to 0, above 88.7 saturate.
+inline float vexp(float x) {
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);  // ternaries vectorise; fmin/fmax keep NaN rules
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (vectorises on plain SSE2, nearbyint does not).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline double vexp(double x) { return std::exp(x); }
+
+}  // namespace puyu::cpu

@@ -1,0 +1,260 @@
+"""Fused ops (RMSNorm, RoPE on q and k, SwiGLU, linear + cross-entropy) with their PyTorch references.
+
+Every op has a plain PyTorch ``*_reference`` that defines its semantics, and a fused path backed by the
+C++/CUDA extension ``puyu.model._fused_ops`` built from ``csrc/`` by setup.py. The model picks between
+them with one switch (``ModelArgs.fused_ops``, passed here as ``fused=``). When the extension is missing,
+or was built without kernels for the tensors' device, the fused path falls back to the reference and
+says so once in the log, so a CPU-only build or a missing toolkit never breaks a run.
+
+The cross-entropy never materialises the full ``[N, vocab]`` fp32 softmax: it walks the tokens in
+chunks, computes each chunk's logits from the hidden states (fused with the output projection), turns
+them into the loss and, in the same pass, into the gradient, and keeps only ``grad_hidden`` and
+``grad_weight`` for backward. Its fallback keeps the chunking and only swaps the per-chunk kernel.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+try:
+    from puyu.model import _fused_ops as _ext
+except ImportError as err:  # the extension is optional: no compiler, or torch absent at build time
+    _ext = None
+    log.warning("puyu fused ops extension not built (%s); using the PyTorch reference ops", err)
+else:
+    if _ext.cpu_isa() == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        _ext = None
+        log.warning("puyu fused ops were built for AVX2 but this CPU lacks it; using the PyTorch reference ops")
+
+_warned_devices: set[str] = set()
+
+# Bytes of logits one cross-entropy chunk may hold; the chunk's rows follow from the vocabulary size.
+CE_CHUNK_BYTES = 64 * 2**20
+
+
+def extension_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the compiled kernels serve tensors on ``device`` (CPU always when built; CUDA if compiled in)."""
+    if _ext is None:
+        return False
+    kind = torch.device(device).type
+    return kind == "cpu" or (kind == "cuda" and _ext.has_cuda())
+
+
+def _use_ext(fused: bool, t: torch.Tensor) -> bool:
+    if not fused:
+        return False
+    if extension_available(t.device):
+        return True
+    kind = t.device.type
+    if _ext is not None and kind not in _warned_devices:
+        _warned_devices.add(kind)
+        log.warning("puyu fused ops have no %s kernels in this build; using the PyTorch reference ops", kind)
+    return False
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------------
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32 (fp64 for fp64) and rounded once."""
+    xf = x.to(_opmath(x.dtype))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, N]
+        y, rstd = _ext.rms_norm_fwd(x2, weight.contiguous(), eps)
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dx, dw = _ext.rms_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, weight.contiguous(), rstd)
+        return dx.view(dy.shape), dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
+    """RMSNorm over the last dim; x [..., N], weight [N]."""
+    if _use_ext(fused, x):
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE on q and k
+# ----------------------------------------------------------------------------------------------------
+def rope_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the two halves of each head. q [B, T, Hq, d], k [B, T, Hk, d], cos/sin [B, T, d/2]."""
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(_opmath(x.dtype))
+        c, s = cos.to(xf.dtype)[:, :, None, :], sin.to(xf.dtype)[:, :, None, :]  # [B, T, 1, d/2]
+        x1, x2 = xf.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return tuple(_ext.rope_fwd(q.contiguous(), k.contiguous(), cos, sin, False))
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        # The rotation is orthogonal: its gradient is the rotation by the opposite angle.
+        dq, dk = _ext.rope_fwd(dq.contiguous(), dk.contiguous(), cos, sin, True)
+        return dq, dk, None, None
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on q [B, T, Hq, d] and k [B, T, Hk, d] in one pass; cos/sin [B, T, d/2] (no gradient)."""
+    if _use_ext(fused, q):
+        opmath = _opmath(q.dtype)
+        return _RoPE.apply(q, k, cos.to(opmath), sin.to(opmath))
+    return rope_reference(q, k, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SwiGLU
+# ----------------------------------------------------------------------------------------------------
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, computed in fp32 (fp64 for fp64) and rounded once."""
+    opmath = _opmath(gate.dtype)
+    return (F.silu(gate.to(opmath)) * up.to(opmath)).to(gate.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return _ext.swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dgate, dup = _ext.swiglu_bwd(dy.contiguous(), gate, up)
+        return dgate, dup
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """SwiGLU activation of the FFN: ``silu(gate) * up`` for two same-shaped tensors."""
+    if _use_ext(fused, gate):
+        return _SwiGLU.apply(gate, up)
+    return swiglu_reference(gate, up)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output projection + cross-entropy
+# ----------------------------------------------------------------------------------------------------
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T, target)`` with fp32 logits: the whole [N, V] matrix at once."""
+    logits = (hidden @ weight.T).to(_opmath(hidden.dtype))  # [N, V]
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
+
+
+def _ce_chunk_torch(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, grad_scale: float, with_grad: bool
+) -> torch.Tensor:
+    """PyTorch version of the extension's per-chunk kernel (same contract as ``_ext.ce_chunk``).
+
+    Returns the per-row loss [C] (0 for ignored rows) and, if ``with_grad``, overwrites ``logits`` [C, V]
+    with ``grad_scale * (softmax - onehot)`` (0 for ignored rows).
+    """
+    lf = logits.to(_opmath(logits.dtype))
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)[:, None]
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = torch.where(valid, lse - lf.gather(1, safe)[:, 0], 0.0)
+    if with_grad:
+        grad = torch.exp(lf - lse[:, None])
+        grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
+        grad.mul_((valid * grad_scale).to(grad.dtype)[:, None])
+        logits.copy_(grad)
+    return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_rows, use_ext):
+        n_tokens = hidden.shape[0]
+        n_valid = int((target != ignore_index).sum())
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        kernel = _ext.ce_chunk if use_ext else _ce_chunk_torch
+        opmath = _opmath(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
+        # Accumulate the weight gradient in fp32 across chunks; low-precision sums would drift.
+        grad_weight = torch.zeros(weight.shape, dtype=opmath, device=weight.device) if with_grad else None
+        total = torch.zeros((), dtype=opmath, device=hidden.device)
+        for start in range(0, n_tokens, chunk_rows):
+            h = hidden[start : start + chunk_rows]  # [C, D]
+            logits = h @ weight.T  # [C, V]; becomes the logits' gradient in place
+            total += kernel(logits, target[start : start + chunk_rows], ignore_index, scale, with_grad).sum()
+            if with_grad:
+                torch.mm(logits, weight, out=grad_hidden[start : start + chunk_rows])
+                if grad_weight.dtype == logits.dtype:
+                    grad_weight.addmm_(logits.T, h)
+                else:
+                    grad_weight += torch.mm(logits.T, h)
+        if with_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total * scale  # fp32 (fp64 for fp64), like the reference's fp32 logits
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    fused: bool = True,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden [N, D] @ weight[V, D].T`` against ``target [N]`` ("mean" or "sum").
+
+    ``fused=True``: chunked, ``chunk_rows`` tokens at a time (default: ~64 MiB of logits per chunk), with
+    the per-chunk softmax/gradient kernel from the extension when built for the device. ``fused=False``:
+    the plain reference that holds all logits.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not fused:
+        return linear_cross_entropy_reference(hidden, weight, target, ignore_index, reduction)
+    if chunk_rows is None:
+        chunk_rows = max(1, CE_CHUNK_BYTES // (4 * weight.shape[0]))
+    use_ext = _use_ext(True, hidden)
+    return _LinearCrossEntropy.apply(
+        hidden.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, reduction, chunk_rows, use_ext
+    )
