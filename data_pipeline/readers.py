@@ -1,8 +1,8 @@
 """Readers: turn input specs into documents, each rank reading a balanced share.
 
 Sharding: all input files, in a fixed order, form one virtual byte stream cut into ``world_size``
-equal ranges. A plain ``.jsonl`` file (and the Wikipedia JSON, whose records are spread over its
-size) is cut exactly at those boundaries, a record belonging to the range its start falls in; a
+equal ranges. A plain ``.jsonl`` or fortune file (and the Wikipedia JSON, whose records are spread
+over its size) is cut exactly at those boundaries, a record belonging to the range its start falls in; a
 file that cannot be cut (``.zst``, parquet, one-document text files) goes to the rank holding its
 midpoint. Bad records never stop a rank: each is counted and reported with file and line.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,7 +35,7 @@ class Unit:
     label: str  # prefix of document ids and the file name shown in error lines
 
 
-SPLITTABLE = {"jsonl", "wiki"}
+SPLITTABLE = {"jsonl", "wiki", "fortunes"}
 
 
 def _folder_files(root: Path, pattern: str, max_docs: int) -> list[Path]:
@@ -51,6 +52,11 @@ def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> li
     if spec.kind == "wiki_summaries":
         path = corpora.wiki_summaries_file(spec.lang)
         return [unit("wiki", path, f"wiki-{spec.lang}")]
+    if spec.kind == "fortunes":
+        root = corpora.debian_root(spec.package, data_dir)
+        files = [p for p in _folder_files(root, spec.glob or "usr/share/games/fortunes/*", 0)
+                 if not p.name.endswith(".dat") and not p.is_symlink()]  # .dat: strfile's offsets; .u8 links
+        return [unit("fortunes", p, f"{spec.package}/{p.name}") for p in files]
     if spec.kind in ("text", "debian"):
         root = corpora.debian_root(spec.package, data_dir) if spec.kind == "debian" else Path(spec.path)
         pattern = spec.glob or "**/*.txt"
@@ -66,7 +72,8 @@ def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> li
     if spec.kind == "parquet":
         files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.parquet", 0)
         return [unit("parquet", p, p.name) for p in files]
-    raise ValueError(f"input {index}: unknown kind {spec.kind!r} (jsonl, parquet, text, debian, wiki_summaries)")
+    raise ValueError(f"input {index}: unknown kind {spec.kind!r} "
+                     f"(jsonl, parquet, text, debian, fortunes, wiki_summaries)")
 
 
 def plan_shards(specs: list[InputSpec], world_size: int, data_dir: str | None = None) -> list[list[Unit]]:
@@ -262,5 +269,27 @@ def read_wiki(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
         yield Document(f"{u.label}/{title}", text, {"file": u.label, "title": title})
 
 
+FORTUNE_SEPARATOR = re.compile(rb"^%\r?\n", re.MULTILINE)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def read_fortunes(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+    """Items of a fortune file (between ``%`` lines) whose first byte lies in [u.start, u.end)."""
+    raw = Path(u.path).read_bytes()
+    starts = [0] + [m.end() for m in FORTUNE_SEPARATOR.finditer(raw)]
+    ends = [m.start() for m in FORTUNE_SEPARATOR.finditer(raw)] + [len(raw)]
+    for number, (lo, hi) in enumerate(zip(starts, ends), 1):
+        if not u.start <= lo < u.end or lo >= hi:
+            continue
+        line = raw.count(b"\n", 0, lo) + 1
+        try:
+            text = raw[lo:hi].decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad_line = raw.count(b"\n", 0, lo + err.start) + 1
+            stats.error(f"{u.path}:{bad_line}: invalid UTF-8; item skipped")
+            continue
+        yield Document(f"{u.label}:{number}", ANSI_ESCAPE.sub("", text).strip(), {"file": u.label, "line": line})
+
+
 _READERS = {"jsonl": read_jsonl, "jsonl.zst": read_jsonl_zst, "parquet": read_parquet,
-            "text": read_text_file, "wiki": read_wiki}
+            "text": read_text_file, "wiki": read_wiki, "fortunes": read_fortunes}

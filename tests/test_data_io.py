@@ -62,6 +62,22 @@ def test_wiki_articles_split_across_ranks():
     assert min(len(ids) for ids in per_rank) > len(flat) // 4 - 50
 
 
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_fortune_items_split_by_byte_range(tmp_path, monkeypatch, world_size):
+    root = tmp_path / "debs" / "fortunes-x"
+    games = root / "usr/share/games/fortunes"
+    games.mkdir(parents=True)
+    (root / ".unpacked").touch()
+    items = [f"\x1b[32m《诗 {i}》\x1b[m\n床前明月光，疑是地上霜。{'举头望明月。' * (i % 5)}" for i in range(40)]
+    (games / "poems").write_text("\n%\n".join(items) + "\n")
+    (games / "poems.dat").write_bytes(b"\x00\x01binary")
+    monkeypatch.setenv("PUYU_DATA_DIR", str(tmp_path))
+    per_rank = _read_all([C.InputSpec(kind="fortunes", package="fortunes-x")], world_size)
+    assert [i for ids in per_rank for i in ids] == [f"fortunes-x/poems:{n}" for n in range(1, 41)]
+    first = next(InputReader([C.InputSpec(kind="fortunes", package="fortunes-x")]).run())
+    assert first.text == "《诗 0》\n床前明月光，疑是地上霜。" and first.metadata["line"] == 1
+
+
 def test_corrupt_inputs_are_reported_and_good_docs_flow(tmp_path):
     good = [json.dumps({"id": f"g{i}", "text": f"good {i}"}).encode() for i in range(6)]
     bad_lines = [good[0], b'{"id": "x", "text": "unterminated', good[1], b'{"id": "y", "text": "caf\xe9 latin-1"}',

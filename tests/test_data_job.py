@@ -21,12 +21,14 @@ def real_config() -> C.DataJobConfig:
     try:
         corpora.wiki_summaries_file()
         corpora.debian_root(corpora.PYTHON_DOC_PACKAGE)
+        corpora.debian_root("fortunes-zh")
     except corpora.CorpusMissing as err:
         pytest.skip(str(err))
     cfg = C.DataJobConfig(inputs=[
         C.InputSpec(kind="wiki_summaries", max_docs=2000),
         C.InputSpec(kind="debian", package=corpora.PYTHON_DOC_PACKAGE, glob=corpora.PYTHON_DOC_GLOB, max_docs=150),
         C.InputSpec(kind="text", path="/usr/share/doc", glob="*/copyright"),  # brings real duplicates
+        C.InputSpec(kind="fortunes", package="fortunes-zh", glob="usr/share/games/fortunes/[st]*"),  # poems
     ], shards=4)
     cfg.filters.c4.enabled = False  # keep licence texts and short leads in, so dedup has work to do
     cfg.tokenizer.vocab_size = 2000
@@ -64,6 +66,11 @@ def test_data_job_end_to_end_then_kill_and_rerun(tmp_path):
     first = next(read_docs(job.corpus_files(cfg, clean)[0][1]))
     assert tok.decode(dataset[0][:-1].tolist()) == first.text
     assert dataset[0][-1] == tok.token_to_id("<|endoftext|>")
+    corpus = [d for _, path in job.corpus_files(cfg, clean) for d in read_docs(path)]
+    zh = [(i, d) for i, d in enumerate(corpus) if d.metadata["lang"] == "zh"]
+    assert len(zh) > 100  # Tang and Song poems made it through
+    i, poem = zh[0]
+    assert tok.decode(dataset[i][:-1].tolist()) == poem.text
 
     # Same job, but read_filter task 1 is SIGKILLed while writing, then the run is resumed.
     killed = tmp_path / "killed"
