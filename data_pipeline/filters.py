@@ -153,7 +153,7 @@ class GopherQualityFilter(EnglishOnlyFilter):
         words = words_of(text)
         n_words = len(words)
         non_symbol = [w for w in words if any(ch not in PUNCTUATION for ch in w)]
-        if len(non_symbol) < cfg.min_doc_words:
+        if not non_symbol or len(non_symbol) < cfg.min_doc_words:
             return "short_doc"
         if len(non_symbol) > cfg.max_doc_words:
             return "long_doc"

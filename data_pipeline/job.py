@@ -27,6 +27,7 @@ from puyu.launcher.stage import Stage, TaskContext
 log = logging.getLogger("puyu.data_pipeline.job")
 INTERMEDIATE = ".jsonl.zst"
 OUTPUT_FORMATS = ("jsonl.zst", "jsonl", "parquet")
+INPUT_KINDS = ("jsonl", "parquet", "text", "debian", "fortunes", "wiki_summaries")
 
 
 def _logging() -> None:
@@ -207,13 +208,32 @@ def _as_dataclass(cfg: Any) -> DataJobConfig:
     return obj
 
 
+def validate(cfg: DataJobConfig) -> None:
+    """Reject a config that cannot run, with one line naming the key, before anything is submitted."""
+    if not cfg.inputs:
+        raise ValueError("data job: inputs is empty; give at least one input (kind + path or package)")
+    for i, spec in enumerate(cfg.inputs):
+        if spec.kind not in INPUT_KINDS:
+            raise ValueError(f"data job: inputs[{i}].kind {spec.kind!r} is not one of {', '.join(INPUT_KINDS)}")
+        if spec.kind in ("jsonl", "parquet", "text") and not spec.path:
+            raise ValueError(f"data job: inputs[{i}].path is empty (kind {spec.kind})")
+        if spec.kind in ("debian", "fortunes") and not spec.package:
+            raise ValueError(f"data job: inputs[{i}].package is empty (kind {spec.kind})")
+    if cfg.shards < 1:
+        raise ValueError(f"data job: shards must be >= 1, got {cfg.shards}")
+    if cfg.output.format not in OUTPUT_FORMATS:
+        raise ValueError(f"data job: output.format {cfg.output.format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    if not 0 < cfg.dedup.threshold <= 1:
+        raise ValueError(f"data job: dedup.threshold must be in (0, 1], got {cfg.dedup.threshold}")
+    dedup.lsh_params(cfg.dedup)  # bands x rows must fit num_perm
+    if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
+        raise ValueError(f"data job: tokenizer.path {cfg.tokenizer.path!r} does not exist")
+
+
 def build_data_stages(cfg: Any) -> list[Stage]:
     """The data job's stages in dependency order (each reads the folder of the one before)."""
     cfg = _as_dataclass(cfg)
-    if not cfg.inputs:
-        raise ValueError("data job: cfg.inputs is empty; give at least one InputSpec")
-    if cfg.output.format not in OUTPUT_FORMATS:
-        raise ValueError(f"data job: output.format {cfg.output.format!r} is not one of {OUTPUT_FORMATS}")
+    validate(cfg)
     n = cfg.shards
     stages = [Stage(layout.READ_FILTER, functools.partial(read_filter_stage, cfg=cfg), n)]
     if cfg.dedup.exact or cfg.dedup.near:

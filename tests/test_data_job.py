@@ -1,6 +1,7 @@
 """The data job end to end, in process, on real corpora: Megatron reads the result; a killed task reruns identically."""
 from __future__ import annotations
 
+import collections
 import json
 import pickle
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zstandard
 
 from puyu.data_pipeline import config as C
 from puyu.data_pipeline import corpora, job, layout
@@ -61,6 +63,11 @@ def test_data_job_end_to_end_then_kill_and_rerun(tmp_path):
     assert summary["dedup_clusters"]["removed_exact"] > 50 and summary["dedup_clusters"]["removed_near"] > 0
     assert summary["top_drop_reasons"] and "Top drop reasons" in (clean / layout.SUMMARY / "summary.md").read_text()
     print("\n" + (clean / layout.SUMMARY / "summary.md").read_text())
+    excluded = collections.Counter(
+        json.loads(line)["reason"] for _, path in layout.numbered_files(clean / layout.READ_FILTER / "excluded", ".jsonl.zst")
+        for line in zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes()).splitlines())
+    filter_drops = {f"{s['name']}/{k}": v for s in summary["steps"] if s["name"] != "dedup" for k, v in s["dropped"].items()}
+    assert excluded == filter_drops and sum(excluded.values()) > 500
 
     tok = Tokenizer.from_file(str(clean / layout.TOKENIZER / "tokenizer.json"))
     first = next(read_docs(job.corpus_files(cfg, clean)[0][1]))
