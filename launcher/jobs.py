@@ -19,6 +19,7 @@ from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.config import JobConfig
 from puyu.launcher.distributed import dist_env
 from puyu.launcher.stage import Stage, TaskContext
+from puyu.parallel.config import PretrainJobConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,7 @@ JOB_KINDS: dict[str, JobSpec] = {
     "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.jobs:pipeline_stages",
                         report="puyu.launcher.jobs:pipeline_report"),
     "data": JobSpec(DataJob, stages="puyu.launcher.jobs:data_stages", report="puyu.launcher.jobs:data_report"),
+    "pretrain": JobSpec(PretrainJobConfig, stages="puyu.parallel.pretrain:pretrain_stages"),
     "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
     "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),
 }

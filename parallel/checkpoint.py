@@ -8,6 +8,7 @@ DTensor/FSDP shards under their unsharded names: loading into a different TP/PP/
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -18,7 +19,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from puyu.launcher.atomic import atomic_write_text
 
@@ -52,12 +54,26 @@ def latest_complete(root: Path) -> Optional[Path]:
     return None
 
 
-def save(root: Path, step: int, model_parts: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
+def _state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, dict]:
+    """Model and optimizer state of every part (pipeline stage) of this rank, keyed by parameter name.
+
+    Optimizer state is flattened per parameter (``state.<fqn>.exp_avg``) so the parts, each with
+    its own optimizer, merge into one dict without clashing.
+    """
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_sd, optim_sd = {}, {}
+    for part, opt in zip(parts, optimizers):
+        m, o = get_state_dict(part, opt, options=options)
+        model_sd.update(m)
+        optim_sd.update(o)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def save(root: Path, step: int, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
          extra: dict[str, Any], keep: int = 2) -> Path:
     """Write a checkpoint of every rank's shards; ``extra`` (JSON: step, consumed samples...) goes in the record."""
     path = step_dir(root, step)
-    model_sd, optim_sd = get_state_dict(model_parts, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    dcp.save(_state(parts, optimizers), checkpoint_id=str(path))
     _barrier()
     if _rank() == 0:
         atomic_write_text(path / COMPLETE, json.dumps({"step": step, **extra}, sort_keys=True) + "\n")
@@ -67,19 +83,25 @@ def save(root: Path, step: int, model_parts: list[torch.nn.Module], optimizer: t
     return path
 
 
-def load(path: Path, model_parts: list[torch.nn.Module], optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """Load a complete checkpoint into this rank's (possibly differently sharded) modules; returns its record."""
+def load(path: Path, parts: list[torch.nn.Module], optimizers: Optional[list[torch.optim.Optimizer]]) -> dict:
+    """Load a complete checkpoint into this rank's (possibly differently sharded) parts; returns its record.
+
+    ``optimizers=None`` loads the model only (e.g. into one unsharded model, without a process group).
+    """
     path = Path(path)
     record = json.loads((path / COMPLETE).read_text())
-    if optimizer is None:
-        model_sd = get_model_state_dict(model_parts)
-        dcp.load({"model": model_sd}, checkpoint_id=str(path))
-        set_state_dict(model_parts, [], model_state_dict=model_sd, optim_state_dict={})
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    if optimizers is None:
+        for part in parts:
+            model_sd = get_model_state_dict(part)
+            dcp.load({"model": model_sd}, checkpoint_id=str(path))
+            set_model_state_dict(part, model_sd)
     else:
-        model_sd, optim_sd = get_state_dict(model_parts, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = _state(parts, optimizers)
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model_parts, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for part, opt in zip(parts, optimizers):
+            set_state_dict(part, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=dataclasses.replace(options, strict=False))
     log.info("resumed from %s (step %d)", path, record["step"])
     return record
 

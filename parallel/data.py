@@ -1,7 +1,7 @@
 """Pretraining batches from the data stage's Megatron ``.bin/.idx`` shards, resumable by sample count.
 
-megatron-core builds the dataset (blending, deterministic shuffling, epochs, per-document
-position ids); puyu only decides which global samples a step uses: step ``s`` consumes samples
+megatron-core builds the dataset (blending, deterministic shuffling, epochs; documents packed
+into rows, EOD-separated, attended causally as in Megatron's default); puyu only decides which global samples a step uses: step ``s`` consumes samples
 ``[s·G, (s+1)·G)`` of the shuffled dataset (``G`` = global batch), data-parallel rank ``r`` takes
 the ``r``-th contiguous slice of it, cut into micro-batches. The whole state is the number of
 consumed samples, so a resumed run — in any layout with the same global batch — sees exactly
@@ -13,24 +13,14 @@ import dataclasses
 import logging
 import types
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
 from puyu.launcher.errors import PuyuError
+from puyu.parallel.config import PretrainDataConfig
 
 log = logging.getLogger("puyu.data")
-
-
-@dataclasses.dataclass
-class PretrainDataConfig:
-    # .bin/.idx prefixes (path without extension); a folder stands for every *.idx prefix in it
-    paths: list[str] = dataclasses.field(default_factory=list)
-    weights: Optional[list[float]] = None  # blend weights, one per path; None = by size
-    seq_len: int = 128
-    seed: int = 1234
-    eod_token: int = 0  # document separator: per-document positions restart after it
-    cache_dir: Optional[str] = None  # megatron's index cache; default <first path's folder>/cache
 
 
 def resolve_prefixes(paths: list[str]) -> list[str]:
@@ -61,7 +51,7 @@ def build_dataset(cfg: PretrainDataConfig, num_samples: int, vocab_size: int):
                                       unique_identifiers={"class": "puyu-pretokenized", "eod": cfg.eod_token})
     mcfg = GPTDatasetConfig(
         random_seed=cfg.seed, sequence_length=cfg.seq_len, blend=(prefixes, cfg.weights), split="100,0,0",
-        tokenizer=tokenizer, reset_position_ids=True, reset_attention_mask=False, eod_mask_loss=False,
+        tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False,
         path_to_cache=cfg.cache_dir or str(Path(prefixes[0]).parent / "cache"),
     )
@@ -71,9 +61,8 @@ def build_dataset(cfg: PretrainDataConfig, num_samples: int, vocab_size: int):
 
 @dataclasses.dataclass
 class Batch:
-    tokens: torch.Tensor  # [micro_batch, seq_len] int64
+    tokens: torch.Tensor  # [micro_batch, seq_len] int64; EOD-separated documents, packed
     labels: torch.Tensor  # [micro_batch, seq_len] int64, tokens shifted by one
-    position_ids: torch.Tensor  # [micro_batch, seq_len], restarting at 0 after each EOD
 
 
 class StepBatches:
@@ -101,7 +90,7 @@ class StepBatches:
         out = []
         for m in range(0, per_rank, self.micro_batch):
             samples = [self.dataset[i] for i in ids[m:m + self.micro_batch]]
-            out.append(Batch(*(torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "position_ids"))))
+            out.append(Batch(*(torch.stack([s[k] for s in samples]) for k in ("tokens", "labels"))))
         return out
 
     def steps(self) -> Iterator[list[Batch]]:

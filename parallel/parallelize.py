@@ -1,0 +1,137 @@
+"""Apply parallelism to the single-device model from outside, in one fixed order.
+
+1. pipeline split: each pipeline rank keeps a :class:`StageModule` holding its slice of the
+   model's own submodules under their original names (``layers.3.attention.wqkv``), so
+   checkpoints keep the single-device names and load into any layout;
+2. tensor parallel (DTensor): ``wqkv``/``w1``/``w3`` column-wise, ``wo``/``w2`` row-wise. InternLM2's
+   grouped ``wqkv`` layout (per KV head: its queries, key, value) makes a column shard a whole set
+   of KV groups, so each rank attends with its own heads and no reordering is needed. Embeddings,
+   norms and the output head stay replicated (their inputs are replicated after each row-wise
+   all-reduce), which keeps the fused ops on plain tensors;
+3. activation checkpointing per block;
+4. ``torch.compile`` per block;
+5. data parallel: FSDP2 ``fully_shard`` per block and on the stage (HSDP with ``dp_replicate > 1``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from puyu.launcher.errors import PuyuError
+from puyu.model import ModelArgs, Transformer
+from puyu.model import ops
+from puyu.model.rope import rope_cos_sin
+from puyu.parallel.config import ParallelConfig
+from puyu.parallel.dims import ParallelDims
+
+
+def check_layout(dims: ParallelDims, args: ModelArgs, pcfg: ParallelConfig) -> None:
+    """Fail before any process group starts when the model cannot be split this way."""
+    if args.n_kv_heads % dims.tp:
+        raise PuyuError(f"parallel.tp={dims.tp} does not divide the model's {args.n_kv_heads} KV heads "
+                        f"({args.n_heads} query heads)")
+    if args.ffn_hidden_dim % dims.tp:
+        raise PuyuError(f"parallel.tp={dims.tp} does not divide ffn_hidden_dim {args.ffn_hidden_dim}")
+    stages = dims.pp * pcfg.pp_virtual_stages
+    if args.n_layers % stages:
+        raise PuyuError(f"{args.n_layers} layers cannot be split into pp {dims.pp} × virtual stages "
+                        f"{pcfg.pp_virtual_stages} = {stages} equal pipeline stages")
+    if pcfg.pp_schedule not in ("1F1B", "GPipe", "Interleaved1F1B"):
+        raise PuyuError(f"parallel.pp_schedule={pcfg.pp_schedule!r}; choose 1F1B, GPipe or Interleaved1F1B")
+    if (pcfg.pp_schedule == "Interleaved1F1B") != (pcfg.pp_virtual_stages > 1):
+        raise PuyuError("parallel.pp_schedule=Interleaved1F1B goes with parallel.pp_virtual_stages > 1 (and only it)")
+
+
+class StageModule(nn.Module):
+    """A contiguous slice of the Transformer: embeddings if first, some blocks, final norm + head if last.
+
+    ``forward(x)``: token ids [B, T] (first stage) or hidden states [B, T, D] -> hidden states [B, T, D]
+    (normed on the last stage). Attention is causal over the packed row, positions 0..T-1 (Megatron's
+    default for pretraining on EOD-separated documents). :meth:`loss` turns the last stage's output
+    into the mean cross-entropy, fused with the output projection.
+    """
+
+    def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
+        super().__init__()
+        self.args = model.args
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
+        self.norm = model.norm if last else None
+        self.output = model.output if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T, D]
+        B, T = h.shape[:2]
+        cos, sin = rope_cos_sin(self.args, torch.arange(T, device=h.device).expand(B, T))
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, None, None)
+        return self.norm(h) if self.norm is not None else h
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return ops.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
+                                        fused=self.args.fused_ops)
+
+
+def split_stages(model: Transformer, pp_rank: int, pp: int, virtual: int) -> list[StageModule]:
+    """This pipeline rank's stages (``virtual`` of them, looped: rank r holds stages r, r+pp, ...)."""
+    n_stages = pp * virtual
+    per = model.args.n_layers // n_stages
+    stage_ids = [pp_rank + v * pp for v in range(virtual)]
+    return [StageModule(model, list(range(s * per, (s + 1) * per)), s == 0, s == n_stages - 1) for s in stage_ids]
+
+
+def apply_tp(stage: StageModule, tp_mesh: DeviceMesh) -> None:
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"attention.wqkv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
+            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel()}
+    tp = tp_mesh.size()
+    for block in stage.layers.values():
+        parallelize_module(block, tp_mesh, plan)
+        block.attention.n_heads //= tp  # the block now computes only its own heads
+        block.attention.n_kv_heads //= tp
+
+
+def apply_ac(stage: StageModule) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name, block in list(stage.layers.items()):
+        stage.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(stage: StageModule) -> None:
+    for name, block in list(stage.layers.items()):
+        stage.layers[name] = torch.compile(block)
+
+
+def apply_fsdp(stage: StageModule, dp_mesh: DeviceMesh, param_dtype: Optional[torch.dtype], pp_enabled: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in stage.layers.values():
+        # with PP the same block runs once per microbatch: keep it gathered between them
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=not pp_enabled)
+    # The stage's own parameters (embeddings, norm, head) stay gathered after forward: the loss
+    # reads the head's weight outside forward, before backward reaches this module.
+    fully_shard(stage, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def parallelize(model: Transformer, dims: ParallelDims, pcfg: ParallelConfig, mesh: Optional[DeviceMesh],
+                pp_rank: int, param_dtype: Optional[torch.dtype] = None) -> list[StageModule]:
+    """Split and shard ``model`` for this rank; returns its stage modules (one unless interleaved PP)."""
+    stages = split_stages(model, pp_rank, dims.pp, pcfg.pp_virtual_stages)
+    for stage in stages:
+        if dims.tp > 1:
+            apply_tp(stage, mesh["tp"])
+        if pcfg.activation_checkpointing:
+            apply_ac(stage)
+        if pcfg.compile:
+            apply_compile(stage)
+        if dims.dp > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            apply_fsdp(stage, dp_mesh, param_dtype, dims.pp > 1)
+    return stages

@@ -1,0 +1,245 @@
+"""``puyu job=pretrain``: tensor × pipeline × data parallel training of the InternLM2 model.
+
+One process per device, started by ``srun`` through the launcher (or as local subprocesses); ranks
+come from :func:`puyu.launcher.distributed.dist_env`. The same code path runs on CPU/gloo and
+GPU/NCCL. A step: every rank takes its data-parallel slice of the global batch, runs its
+micro-batches (through the pipeline schedule when ``pp > 1``), clips the global gradient norm,
+steps AdamW with warmup + cosine. Checkpoints are written every ``checkpoint_every`` steps and
+when Slurm signals the coming time limit or preemption (all ranks agree on it at the next step
+boundary, save, then the job requeues); a restarted job resumes from the newest complete one.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from submitit.helpers import DelayedSubmission
+
+from puyu.launcher.distributed import dist_env
+from puyu.launcher.errors import PuyuError
+from puyu.launcher.stage import Stage, TaskContext
+from puyu.model import ModelArgs, Transformer, save_model
+from puyu.parallel import checkpoint
+from puyu.parallel.config import PretrainJobConfig
+from puyu.parallel.data import StepBatches, build_dataset
+from puyu.parallel.dims import ParallelDims
+from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
+from puyu.parallel.parallelize import check_layout, parallelize
+
+log = logging.getLogger("puyu.train")
+
+
+def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value, op=op)
+    return value
+
+
+class PretrainTask:
+    """The training process of one rank (a stage function; checkpointable for submitit)."""
+
+    def __init__(self, cfg: PretrainJobConfig):
+        self.cfg = cfg
+        self._signalled = False
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self._signalled = True  # acted on at the next step boundary, by all ranks together
+
+    def checkpoint(self, ctx: TaskContext) -> DelayedSubmission:
+        """submitit asks what to resubmit: the same task; the model state is in the checkpoint on disk."""
+        return DelayedSubmission(PretrainTask(self.cfg), ctx)
+
+    # ------------------------------------------------------------------ setup
+    def __call__(self, ctx: TaskContext) -> dict[str, Any]:
+        cfg = self.cfg
+        env = dist_env()
+        args = cfg.model.args()
+        p = cfg.parallel
+        dims = ParallelDims(env.world_size, p.tp, p.pp, p.dp_replicate, p.dp_shard)
+        check_layout(dims, args, p)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        mesh = None
+        if env.world_size > 1:
+            env.export()
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+            mesh = dims.build_mesh(device.type)
+        previous_handler = signal.signal(signal.SIGUSR2, self._on_signal)
+        try:
+            result = self._train(ctx, env, dims, args, mesh, device, previous_handler)
+        except RuntimeError as exc:
+            if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+                raise PuyuError(f"rank {env.rank}/{env.world_size}: a collective timed out after "
+                                f"{cfg.train.collective_timeout_s} s (a peer rank hung or died): "
+                                f"{str(exc).splitlines()[0]}") from exc
+            raise
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if cfg.train.export and env.rank == 0:  # one process reads the whole checkpoint back
+            final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
+            result["model"] = str(export_checkpoint(final, args, ctx.stage_dir / "model"))
+        return result
+
+    def _train(self, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        torch.manual_seed(t.seed)  # the same full model on every rank: layout-independent init
+        model = Transformer(args).to(device)
+        coords = dims.coords(env.rank)
+        param_dtype = torch.bfloat16 if device.type == "cuda" else None
+        stages = parallelize(model, dims, cfg.parallel, mesh, coords["pp"], param_dtype)
+        params = [q for s in stages for q in s.parameters()]
+        optimizers = [self._optimizer(s) for s in stages]  # one per stage: checkpoints merge them by name
+        ckpt_root = ctx.stage_dir / "checkpoints"
+        start_step, consumed = 0, 0
+        latest = checkpoint.latest_complete(ckpt_root)
+        if latest is not None:
+            record = checkpoint.load(latest, stages, optimizers)
+            start_step, consumed = record["step"], record["consumed_samples"]
+        dataset = build_dataset(cfg.data, t.steps * t.global_batch, args.vocab_size)
+        batches = StepBatches(dataset, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed)
+        schedule = self._schedule(stages, dims, mesh, device, batches.grad_accum) if dims.pp > 1 else None
+        metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
+        flops = flops_per_token(args.num_params(), args.n_layers, args.dim, cfg.data.seq_len)
+        last_loss = float("nan")
+        for step in range(start_step, t.steps):
+            if bool(_all_reduce(torch.tensor([float(self._signalled)]), dist.ReduceOp.MAX).item()):
+                self._stop_for_requeue(ckpt_root, step, stages, optimizers, batches, env, previous_handler)
+            lr = cfg.optim.lr_at(step, t.steps)
+            for group in (g for opt in optimizers for g in opt.param_groups):
+                group["lr"] = lr
+            started = time.perf_counter()
+            micro = batches.next_step()
+            loss = self._forward_backward(stages, schedule, micro, dims, coords)
+            # mean loss over data-parallel ranks; only last-stage ranks hold it, each tp peer a copy
+            loss = _all_reduce(loss.reshape(1).clone()).item() / (dims.dp * dims.tp)
+            grad_norm = self._clip(params, mesh, dims)
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                if t.nan_policy == "stop":
+                    raise PuyuError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+                                    f"(train.nan_policy=stop; set skip to drop such steps)")
+                log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                continue
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            last_loss = loss
+            elapsed = time.perf_counter() - started
+            tokens_per_s = t.global_batch * cfg.data.seq_len / elapsed
+            if metrics:
+                metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                             "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, t.peak_tflops,
+                                                                    dims.world_size)})
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+                checkpoint.save(ckpt_root, step + 1, stages, optimizers,
+                                {"consumed_samples": batches.consumed_samples}, t.keep_checkpoints)
+        if metrics:
+            metrics.close()
+        return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe()}
+
+    def _optimizer(self, stage) -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices only (not on norms' gains)."""
+        o = self.cfg.optim
+        params = list(stage.parameters())
+        groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": o.weight_decay},
+                  {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+
+    # ------------------------------------------------------------------ one step
+    def _schedule(self, stages, dims: ParallelDims, mesh, device, n_microbatches: int):
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
+
+        n_stages = dims.pp * self.cfg.parallel.pp_virtual_stages
+        pp_rank = dims.coords(dist.get_rank())["pp"]
+        pipeline_stages = [PipelineStage(s, pp_rank + v * dims.pp, n_stages, device, group=mesh["pp"].get_group())
+                           for v, s in enumerate(stages)]
+        last = next((s for s in stages if s.output is not None), None)
+
+        def loss_fn(h, labels):  # runs on the rank holding the last stage only
+            return last.loss(h, labels)
+
+        kind = self.cfg.parallel.pp_schedule
+        if kind == "Interleaved1F1B":
+            return ScheduleInterleaved1F1B(pipeline_stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        cls = Schedule1F1B if kind == "1F1B" else ScheduleGPipe
+        return cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+
+    def _forward_backward(self, stages, schedule, micro, dims: ParallelDims, coords) -> torch.Tensor:
+        """Run this rank's micro-batches; returns its mean loss (0 on ranks without the last stage)."""
+        if schedule is None:
+            stage = stages[0]
+            total = torch.zeros(())
+            for b in micro:
+                loss = stage.loss(stage(b.tokens), b.labels) / len(micro)
+                loss.backward()
+                total += loss.detach()
+            return total
+        tokens = torch.cat([b.tokens for b in micro])
+        labels = torch.cat([b.labels for b in micro])
+        first, last = coords["pp"] == 0, any(s.output is not None for s in stages)
+        losses: list[torch.Tensor] = []
+        schedule.step(*([tokens] if first else []), target=labels if last else None, losses=losses if last else None)
+        # the schedule scales gradients by 1/n_microbatches itself
+        return torch.stack(losses).mean().detach() if last else torch.zeros(())
+
+    def _clip(self, params, mesh, dims: ParallelDims) -> float:
+        """Clip to ``grad_clip`` by the norm over all parameters of all pipeline stages.
+
+        Gradients come as plain tensors (replicated parameters) and DTensors on different meshes
+        (TP, FSDP, both); each kind is normed on its own and the squares added.
+        """
+        from torch.distributed.tensor import DTensor
+
+        groups: dict[Any, list[torch.Tensor]] = {}
+        for q in params:
+            if q.grad is not None:
+                key = (q.grad.device_mesh, q.grad.placements) if isinstance(q.grad, DTensor) else None
+                groups.setdefault(key, []).append(q.grad)
+        sq = torch.zeros((), dtype=torch.float32)
+        for grads in groups.values():
+            norm = torch.nn.utils.get_total_norm(grads)
+            sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2)
+        if dims.pp > 1:
+            dist.all_reduce(sq, group=mesh["pp"].get_group())
+        norm = float(sq.sqrt())
+        coef = self.cfg.optim.grad_clip / (norm + 1e-6)
+        if coef < 1.0:
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef)
+        return norm
+
+    def _stop_for_requeue(self, ckpt_root, step, stages, optimizers, batches, env, previous_handler) -> None:
+        log.warning("rank %d: time limit or preemption signalled; checkpointing step %d and requeueing", env.rank, step)
+        checkpoint.save(ckpt_root, step, stages, optimizers, {"consumed_samples": batches.consumed_samples},
+                        self.cfg.train.keep_checkpoints)
+        if env.rank == 0 and callable(previous_handler):
+            previous_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
+        time.sleep(300)  # other ranks: wait for the requeue to end the job
+        raise PuyuError("requeue did not end the job within 300 s")
+
+
+def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path) -> Path:
+    """Load a sharded training checkpoint into one single-device model and save it as safetensors."""
+    model = Transformer(args)
+    checkpoint.load(path, [model], optimizers=None)
+    save_model(model, out_dir)
+    return out_dir
+
+
+def pretrain_stages(cfg: PretrainJobConfig) -> list[Stage]:
+    return [Stage("pretrain", PretrainTask(cfg))]
