@@ -1,0 +1,136 @@
+"""Pretraining in real processes (gloo on CPU): every layout's loss curve equals the single process's.
+
+Tiny model, synthetic token shards (unit test; the Slurm test trains on the data stage's real
+output), layout-independent initialisation: the same seed builds the full model on every rank.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
+from puyu.launcher.errors import PuyuError, StageFailed
+from puyu.launcher.pipeline import Pipeline
+from puyu.launcher.stage import Stage
+from puyu.parallel.config import ModelConfig, ParallelConfig, PretrainDataConfig, PretrainJobConfig, TrainConfig
+from puyu.parallel.pretrain import PretrainTask
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    builder = IndexedDatasetBuilder(str(root / "part-00000.bin"), dtype=np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        doc = rng.integers(1, 1000, size=int(rng.integers(4, 60))).tolist() + [0]
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(str(root / "part-00000.idx"))
+    return root
+
+
+def config(shards: Path, steps: int = STEPS, n_layers: int = 0, **parallel) -> PretrainJobConfig:
+    return PretrainJobConfig(
+        kind="pretrain", model=ModelConfig(flavor="tiny", n_layers=n_layers),
+        data=PretrainDataConfig(paths=[str(shards)], seq_len=32), parallel=ParallelConfig(**parallel),
+        train=TrainConfig(steps=steps, global_batch=8, micro_batch=2, checkpoint_every=3, threads=1, export=False))
+
+
+def train(cfg: PretrainJobConfig, run_dir: Path, tasks: int) -> list[float]:
+    kind = ClusterKind.inline if tasks == 1 else ClusterKind.local
+    Pipeline([Stage("pretrain", PretrainTask(cfg))], run_dir,
+             ClusterConfig(kind=kind, tasks_per_node=tasks, time_min=10), LauncherConfig(poll_s=0.5)).run()
+    return [json.loads(ln)["loss"] for ln in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory) -> dict[int, list[float]]:
+    """Single-process loss curves, by layer count."""
+    return {n: train(config(shards, n_layers=n), tmp_path_factory.mktemp(f"ref{n}"), 1) for n in (2, 4)}
+
+
+def assert_same_curve(losses, ref):
+    assert len(losses) == len(ref) == STEPS
+    for step, (a, b) in enumerate(zip(losses, ref), 1):
+        assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs single-process {b}"
+
+
+@pytest.mark.parametrize("tasks,layout", [
+    (2, dict(tp=2)),
+    (2, dict(pp=2)),
+    (2, dict()),  # FSDP over 2 ranks
+    (4, dict(tp=2, pp=2)),
+    (4, dict(tp=2)),  # TP2 × FSDP2
+    (4, dict(dp_replicate=2, dp_shard=2)),  # HSDP
+], ids=["tp2", "pp2", "dp2", "tp2pp2", "tp2dp2", "hsdp2x2"])
+def test_layout_matches_single_process(shards, reference, tmp_path, tasks, layout):
+    assert_same_curve(train(config(shards, **layout), tmp_path, tasks), reference[2])
+
+
+def test_interleaved_pipeline_matches_single_process(shards, reference, tmp_path):
+    cfg = config(shards, n_layers=4, pp=2, pp_schedule="Interleaved1F1B", pp_virtual_stages=2)
+    assert_same_curve(train(cfg, tmp_path, 2), reference[4])
+
+
+@pytest.mark.slow
+def test_3d_tp2_pp2_dp2_on_8_ranks(shards, reference, tmp_path):
+    assert_same_curve(train(config(shards, tp=2, pp=2), tmp_path, 8), reference[2])
+
+
+def test_resume_into_another_layout_gives_the_same_next_loss(shards, reference, tmp_path):
+    """Train 3 steps as TP2 (checkpoint at 3), then continue to step 5 as FSDP over 2 ranks."""
+    run_dir = tmp_path / "run"
+    train(config(shards, steps=3, tp=2), run_dir, 2)
+    assert (run_dir / "pretrain" / "checkpoints" / "step-00000003" / "complete.json").exists()
+    (run_dir / "pretrain" / "completions" / "00000").unlink()  # the same run, asked for more steps
+    losses = train(config(shards, steps=5), run_dir, 2)
+    assert_same_curve(losses, reference[2])
+
+
+def test_incomplete_checkpoint_is_ignored(shards, tmp_path):
+    from puyu.parallel.checkpoint import latest_complete
+
+    run_dir = tmp_path / "run"
+    train(config(shards, steps=3), run_dir, 1)
+    ckpts = run_dir / "pretrain" / "checkpoints"
+    (ckpts / "step-00000004").mkdir()  # a save that was killed before its completion record
+    assert latest_complete(ckpts).name == "step-00000003"
+
+
+@pytest.mark.parametrize("tasks,layout,msg", [
+    (3, dict(tp=2), "world size 3 is not divisible by tp×pp×dp_replicate = 2×1×1 = 2"),
+    (1, dict(tp=1, pp=1, dp_shard=2), "!= world size 1"),
+])
+def test_impossible_world_layout_fails_before_training(shards, tmp_path, tasks, layout, msg):
+    with pytest.raises((PuyuError, StageFailed), match=msg):
+        train(config(shards, **layout), tmp_path, tasks)
+
+
+@pytest.mark.parametrize("layout,msg", [
+    (dict(tp=4), "parallel.tp=4 does not divide the model's 2 KV heads"),
+    (dict(pp=3), "2 layers cannot be split into pp 3"),
+])
+def test_impossible_model_split_is_named(shards, tmp_path, layout, msg):
+    from puyu.parallel.dims import ParallelDims
+    from puyu.parallel.parallelize import check_layout
+
+    cfg = config(shards, **layout)
+    p = cfg.parallel
+    world = p.tp * p.pp
+    with pytest.raises(PuyuError, match=msg):
+        check_layout(ParallelDims(world, p.tp, p.pp), cfg.model.args(), p)
+
+
+def test_nan_loss_stops_naming_the_step(shards, tmp_path):
+    cfg = config(shards)
+    cfg.optim.lr = 1e6  # diverges within a few steps
+    cfg.optim.warmup_steps = 1
+    cfg.optim.grad_clip = 1e30
+    with pytest.raises(StageFailed, match=r"step \d+: loss .* is not finite"):
+        train(cfg, tmp_path, 1)
