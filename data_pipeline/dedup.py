@@ -15,7 +15,6 @@ independent of task order, so reruns are byte-identical.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import logging
@@ -51,10 +50,6 @@ def band_names(cfg: DedupConfig) -> list[str]:
     return names + ([EXACT_BAND] if cfg.exact else [])
 
 
-def content_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with atomic_open(path, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
@@ -70,12 +65,13 @@ def write_signatures(docs: Iterator[Document], out_dir: Path, number: int, cfg: 
         batch: list[str] = []
 
         def flush() -> None:
-            sigs = minhash.signatures(batch, cfg.num_perm, cfg.seed, cfg.ngram)
+            encoded = minhash.EncodedBatch(batch)
+            sigs = encoded.signatures(cfg.num_perm, cfg.seed, cfg.ngram)
             sig_fh.write(sigs.tobytes())
             if cfg.near:
                 band_cols.append(minhash.band_hashes(sigs, bands, rows))
             if cfg.exact:
-                exact_col.append(np.array([content_hash(t) for t in batch], dtype=np.uint64))
+                exact_col.append(encoded.content_hashes())
             batch.clear()
 
         for doc in docs:

@@ -1,7 +1,7 @@
 """MinHash signatures compiled with numba, equal to datasketch's ``MinHash`` (scheme ``affine32``).
 
-Shingles are ``ngram`` consecutive words of the normalized text (lowercased, punctuation -> space;
-a Han character is a word on its own). A shingle's 32-bit hash folds FNV-1a-64 hashes of its words,
+Shingles are ``ngram`` consecutive words of the normalized text (lowercased code point by code
+point, punctuation -> space; a Han character is a word on its own). A shingle's 32-bit hash folds FNV-1a-64 hashes of its words,
 so each word is hashed once however many shingles hold it. Permutations are datasketch's: seeded
 ``RandomState``, ``h -> a*fmix32(h) + b mod 2^32`` with odd ``a``. Given :func:`shingle_hash32` as
 ``hashfunc``, ``datasketch.MinHash(num_perm, seed)`` fed :func:`shingles` has the same hashvalues.
@@ -24,7 +24,7 @@ MAX_HASH = 0xFFFFFFFF
 _PUNCTUATION = string.punctuation + "…·•—–‘’“”«»「」『』（），。：；！？、《》【】〈〉"
 _OTHER_SPACES = "\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029" \
                 "\u202f\u205f\u3000\x1c\x1d\x1e\x1f\x85"
-_TABLE = str.maketrans({ch: " " for ch in _PUNCTUATION + _OTHER_SPACES})
+_CASED_LIMIT = 0x20000  # every cased script lies below this code point
 # Words as the compiled scanner sees them: a Han/CJK character alone, else a run of non-space bytes.
 _CJK = "\u2e80-\u9fff\uf900-\ufaff"
 _WORD_RE = re.compile(f"[{_CJK}]|[^\t\n\x0b\x0c\r {_CJK}]+")
@@ -34,9 +34,26 @@ _ASCII_SEPARATOR[[ord(c) for c in _PUNCTUATION + _OTHER_SPACES + " \t\n\x0b\x0c\
 _WIDE_SEPARATORS = np.array(sorted(ord(c) for c in _PUNCTUATION + _OTHER_SPACES if ord(c) >= 128), dtype=np.int64)
 
 
+@functools.lru_cache(maxsize=1)
+def _lowercase() -> tuple[dict[int, str], np.ndarray]:
+    """Simple (one code point to one) lowercase mapping, as a translate table and as an array.
+
+    Per code point, so the compiled scanner can apply it byte-wise without context; Python's
+    ``str.lower`` differs only in its multi-character and context rules (İ, final sigma).
+    """
+    mapping = np.arange(_CASED_LIMIT, dtype=np.int32)
+    table: dict[int, str] = {ord(c): " " for c in _PUNCTUATION + _OTHER_SPACES}
+    for cp in range(_CASED_LIMIT):
+        lower = chr(cp).lower()
+        if len(lower) == 1 and lower != chr(cp) and not 0xD800 <= cp < 0xE000:
+            mapping[cp] = ord(lower)
+            table[cp] = lower
+    return table, mapping
+
+
 def normalize_for_shingles(text: str) -> str:
-    """Lowercase, punctuation and odd spaces -> space (input is already NFC from the Normalize step)."""
-    return text.lower().translate(_TABLE)
+    """Lowercase (per code point), punctuation and odd spaces -> space. Input is NFC from Normalize."""
+    return text.translate(_lowercase()[0])
 
 
 def shingles(text: str, ngram: int) -> list[bytes]:
@@ -88,11 +105,28 @@ def _fmix32(h):
 
 
 @numba.njit(cache=True, nogil=True)
-def _word_hashes(buf, start, end, out, ascii_sep, wide_sep):
+def _hash_code_point(h, cp):
+    """FNV-1a-64 step over the UTF-8 bytes of one code point."""
+    if cp < 0x80:
+        return (h ^ np.uint64(cp)) * np.uint64(FNV_PRIME)
+    if cp < 0x800:
+        h = (h ^ np.uint64(0xC0 | (cp >> 6))) * np.uint64(FNV_PRIME)
+    elif cp < 0x10000:
+        h = (h ^ np.uint64(0xE0 | (cp >> 12))) * np.uint64(FNV_PRIME)
+        h = (h ^ np.uint64(0x80 | ((cp >> 6) & 0x3F))) * np.uint64(FNV_PRIME)
+    else:
+        h = (h ^ np.uint64(0xF0 | (cp >> 18))) * np.uint64(FNV_PRIME)
+        h = (h ^ np.uint64(0x80 | ((cp >> 12) & 0x3F))) * np.uint64(FNV_PRIME)
+        h = (h ^ np.uint64(0x80 | ((cp >> 6) & 0x3F))) * np.uint64(FNV_PRIME)
+    return (h ^ np.uint64(0x80 | (cp & 0x3F))) * np.uint64(FNV_PRIME)
+
+
+@numba.njit(cache=True, nogil=True)
+def _word_hashes(buf, start, end, out, ascii_sep, wide_sep, lower):
     """FNV-1a-64 of each word of UTF-8 ``buf[start:end]`` into ``out``; returns the word count.
 
-    ASCII letters are lowercased here (other scripts were lowercased in Python); separators are
-    ASCII whitespace/punctuation and the code points in ``wide_sep``; a CJK character is a word.
+    Letters are lowercased on the way (``lower``: code point -> lowercase code point); separators
+    are ASCII whitespace/punctuation and the code points in ``wide_sep``; a CJK character is a word.
     """
     n = 0
     i = start
@@ -100,41 +134,49 @@ def _word_hashes(buf, start, end, out, ascii_sep, wide_sep):
     h = np.uint64(FNV_OFFSET)
     while i < end:
         c = buf[i]
-        if c < 0x80:
-            width, sep, cjk = 1, ascii_sep[c], False
-        else:
-            if c >= 0xF0:
-                width, cp = 4, ((c & 0x07) << 18) | ((buf[i + 1] & 0x3F) << 12) | ((buf[i + 2] & 0x3F) << 6) | (
-                    buf[i + 3] & 0x3F)
-            elif c >= 0xE0:
-                width, cp = 3, ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
+        if c < 0x80:  # fast path: one ASCII byte
+            if ascii_sep[c]:
+                if in_word:
+                    out[n] = h
+                    n += 1
+                    in_word = False
             else:
-                width, cp = 2, ((c & 0x1F) << 6) | (buf[i + 1] & 0x3F)
-            k = np.searchsorted(wide_sep, cp)
-            sep = k < wide_sep.shape[0] and wide_sep[k] == cp
-            cjk = not sep and ((0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF))
-        if sep or cjk:
+                if not in_word:
+                    h = np.uint64(FNV_OFFSET)
+                    in_word = True
+                if 65 <= c <= 90:
+                    c += 32
+                h = (h ^ np.uint64(c)) * np.uint64(FNV_PRIME)
+            i += 1
+            continue
+        if c >= 0xF0:
+            width = 4
+            cp = ((c & 0x07) << 18) | ((buf[i + 1] & 0x3F) << 12) | ((buf[i + 2] & 0x3F) << 6) | (buf[i + 3] & 0x3F)
+        elif c >= 0xE0:
+            width, cp = 3, ((c & 0x0F) << 12) | ((buf[i + 1] & 0x3F) << 6) | (buf[i + 2] & 0x3F)
+        else:
+            width, cp = 2, ((c & 0x1F) << 6) | (buf[i + 1] & 0x3F)
+        if cp < lower.shape[0]:
+            cp = lower[cp]
+        i += width
+        k = np.searchsorted(wide_sep, cp)
+        if k < wide_sep.shape[0] and wide_sep[k] == cp:  # separator
             if in_word:
                 out[n] = h
                 n += 1
                 in_word = False
-            if cjk:
-                h = np.uint64(FNV_OFFSET)
-                for k in range(width):
-                    h = (h ^ np.uint64(buf[i + k])) * np.uint64(FNV_PRIME)
+        elif (0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF):  # a CJK character is a word
+            if in_word:
                 out[n] = h
                 n += 1
-            i += width
-            continue
-        if not in_word:
-            h = np.uint64(FNV_OFFSET)
-            in_word = True
-        for k in range(width):
-            b = buf[i + k]
-            if 65 <= b <= 90:
-                b += 32
-            h = (h ^ np.uint64(b)) * np.uint64(FNV_PRIME)
-        i += width
+                in_word = False
+            out[n] = _hash_code_point(np.uint64(FNV_OFFSET), cp)
+            n += 1
+        else:
+            if not in_word:
+                h = np.uint64(FNV_OFFSET)
+                in_word = True
+            h = _hash_code_point(h, cp)
     if in_word:
         out[n] = h
         n += 1
@@ -142,12 +184,13 @@ def _word_hashes(buf, start, end, out, ascii_sep, wide_sep):
 
 
 @numba.njit(cache=True, nogil=True)
-def _signatures(buf, offsets, a, b, ngram, out, ascii_sep, wide_sep):
+def _signatures(buf, starts, ends, a, b, ngram, out, ascii_sep, wide_sep, lower):
     num_perm = a.shape[0]
-    words = np.empty(max(1, int((offsets[-1] - offsets[0]) // 2 + 1)), dtype=np.uint64)
+    longest = np.max(ends - starts) if starts.shape[0] else 0
+    words = np.empty(longest // 2 + 1, dtype=np.uint64)
     row = np.empty(num_perm, dtype=np.uint32)
-    for d in range(offsets.shape[0] - 1):
-        n = _word_hashes(buf, offsets[d], offsets[d + 1], words, ascii_sep, wide_sep)
+    for d in range(starts.shape[0]):
+        n = _word_hashes(buf, starts[d], ends[d], words, ascii_sep, wide_sep, lower)
         row[:] = np.uint32(MAX_HASH)
         n_shingles = n - ngram + 1 if n >= ngram else (1 if n > 0 else 0)
         width = ngram if n >= ngram else n
@@ -166,21 +209,65 @@ def _signatures(buf, offsets, a, b, ngram, out, ascii_sep, wide_sep):
         out[d, :] = row
 
 
-def encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """UTF-8 of the texts (non-ASCII ones lowercased), concatenated, with offsets: the kernel's input."""
-    encoded = [(t if t.isascii() else t.lower()).encode("utf-8", "surrogatepass") for t in texts]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+_P1, _P2, _P3 = np.uint64(0x9E3779B185EBCA87), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9)
+_P4, _P5 = np.uint64(0x85EBCA77C2B2AE63), np.uint64(0x27D4EB2F165667C5)
+
+
+@numba.njit(cache=True, nogil=True)
+def _rotl(x, r):
+    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+@numba.njit(cache=True, nogil=True)
+def _content_hashes(buf, starts, ends):
+    """64-bit hash of each byte range (xxh64's single-lane rounds and avalanche): exact-dedup keys."""
+    out = np.empty(starts.shape[0], dtype=np.uint64)
+    for d in range(starts.shape[0]):
+        i, end = starts[d], ends[d]
+        h = _P5 + np.uint64(end - i)
+        while i + 8 <= end:
+            k = np.uint64(0)
+            for j in range(8):
+                k |= np.uint64(buf[i + j]) << np.uint64(8 * j)
+            h ^= _rotl(k * _P2, 31) * _P1
+            h = _rotl(h, 27) * _P1 + _P4
+            i += 8
+        while i < end:
+            h ^= np.uint64(buf[i]) * _P5
+            h = _rotl(h, 11) * _P1
+            i += 1
+        h ^= h >> np.uint64(33)
+        h *= _P2
+        h ^= h >> np.uint64(29)
+        h *= _P3
+        out[d] = h ^ (h >> np.uint64(32))
+    return out
+
+
+class EncodedBatch:
+    """The UTF-8 of a batch of texts in one buffer, with each text's byte range."""
+
+    def __init__(self, texts: list[str]) -> None:
+        pieces = [t.encode("utf-8", "surrogatepass") for t in texts]
+        bounds = np.zeros(len(pieces) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in pieces], out=bounds[1:])
+        self.buf = np.frombuffer(b"".join(pieces), dtype=np.uint8)
+        self.starts, self.ends = bounds[:-1], bounds[1:]
+
+    def signatures(self, num_perm: int, seed: int, ngram: int) -> np.ndarray:
+        a, b = permutations(num_perm, seed)
+        out = np.empty((len(self.starts), num_perm), dtype=np.uint32)
+        _signatures(self.buf, self.starts, self.ends, a, b, ngram, out, _ASCII_SEPARATOR, _WIDE_SEPARATORS,
+                    _lowercase()[1])
+        return out
+
+    def content_hashes(self) -> np.ndarray:
+        return _content_hashes(self.buf, self.starts, self.ends)
 
 
 def signatures(texts: list[str], num_perm: int = 128, seed: int = 1, ngram: int = 5) -> np.ndarray:
     """MinHash signatures, one uint32 row of ``num_perm`` per text."""
-    a, b = permutations(num_perm, seed)
-    buf, offsets = encode_batch(texts)
-    out = np.empty((len(texts), num_perm), dtype=np.uint32)
-    _signatures(buf, offsets, a, b, ngram, out, _ASCII_SEPARATOR, _WIDE_SEPARATORS)
-    return out
+    return EncodedBatch(texts).signatures(num_perm, seed, ngram)
 
 
 @numba.njit(cache=True, nogil=True)

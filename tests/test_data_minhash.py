@@ -16,7 +16,8 @@ from puyu.data_pipeline import corpora, dedup, job, layout, minhash
 from puyu.data_pipeline.writers import read_docs
 
 ZH = ["我们的数据处理流程会读取文本，过滤低质量内容，然后去除重复的文档。",
-      "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "中文 and English 混合 text 测试 一下"]
+      "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "中文 and English 混合 text 测试 一下",
+      "ÀÉÎ ΟΔΥΣΣΕΥΣ İstanbul \u212a Ǆemal ＡＢＣ Straße 𐐀𐐨 \U0001e900 end"]  # case mapping edge cases
 
 
 def _wiki_texts(n: int) -> list[str]:
