@@ -95,10 +95,16 @@ class PipelineJobConfig(JobConfig):
     """The main job: every stage of the chain that exists, in order (grows with each stage)."""
 
     data: DataJobConfig = dataclasses.field(default_factory=DataJobConfig)
+    # trains on the data stage's corpus (its data.paths are filled in from the run directory)
+    pretrain: PretrainJobConfig = dataclasses.field(default_factory=lambda: PretrainJobConfig(kind="pretrain"))
+    pretrain_cluster: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {tasks_per_node: 2}
 
 
 def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
-    return data_stages(DataJob(kind="data", data=cfg.data))
+    from puyu.parallel.pretrain import pretrain_stages
+
+    return (data_stages(DataJob(kind="data", data=cfg.data))
+            + pretrain_stages(cfg.pretrain, corpus_in_run="summary/corpus", cluster=cfg.pretrain_cluster))
 
 
 def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
@@ -108,6 +114,10 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
              "| stage | shards |", "|---|---|"]
     lines += [f"| {stage} | {len(shard_results)} |" for stage, shard_results in results.items()]
     lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
+    if "pretrain" in results:
+        from puyu.parallel.pretrain import pretrain_report
+
+        lines += ["", "## Pretraining", "", pretrain_report(run_dir, results["pretrain"][0])]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -10,6 +10,7 @@ boundary, save, then the job requeues); a restarted job resumes from the newest 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
@@ -45,8 +46,10 @@ def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 class PretrainTask:
     """The training process of one rank (a stage function; checkpointable for submitit)."""
 
-    def __init__(self, cfg: PretrainJobConfig):
+    def __init__(self, cfg: PretrainJobConfig, corpus_in_run: str = ""):
         self.cfg = cfg
+        # in a pipeline the data stage's output is known only as a path inside the run directory
+        self.corpus_in_run = corpus_in_run
         self._signalled = False
 
     # ------------------------------------------------------------------ signals
@@ -55,11 +58,14 @@ class PretrainTask:
 
     def checkpoint(self, ctx: TaskContext) -> DelayedSubmission:
         """submitit asks what to resubmit: the same task; the model state is in the checkpoint on disk."""
-        return DelayedSubmission(PretrainTask(self.cfg), ctx)
+        return DelayedSubmission(PretrainTask(self.cfg, self.corpus_in_run), ctx)
 
     # ------------------------------------------------------------------ setup
     def __call__(self, ctx: TaskContext) -> dict[str, Any]:
         cfg = self.cfg
+        if self.corpus_in_run:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=[str(ctx.run_dir / self.corpus_in_run)]))
+            self.cfg = cfg
         env = dist_env()
         args = cfg.model.args()
         p = cfg.parallel
@@ -241,5 +247,21 @@ def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path) -> Path:
     return out_dir
 
 
-def pretrain_stages(cfg: PretrainJobConfig) -> list[Stage]:
-    return [Stage("pretrain", PretrainTask(cfg))]
+def pretrain_stages(cfg: PretrainJobConfig, corpus_in_run: str = "", cluster: dict | None = None) -> list[Stage]:
+    return [Stage("pretrain", PretrainTask(cfg, corpus_in_run), cluster=dict(cluster or {}))]
+
+
+def pretrain_report(run_dir: Path, result: dict) -> str:
+    """Markdown: the run's final numbers and its loss curve (from metrics.jsonl)."""
+    import json
+
+    records = [json.loads(ln) for ln in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    every = max(1, len(records) // 10)
+    shown = records[::every] + ([records[-1]] if (len(records) - 1) % every else [])
+    lines = [f"Layout: {result['layout']}; {result['steps']} steps; final loss {result['final_loss']:.4f}; "
+             f"model exported to `{result.get('model')}`.", "",
+             f"Metrics: `{run_dir / 'pretrain' / 'metrics.jsonl'}` (TensorBoard: `{run_dir / 'pretrain' / 'tensorboard'}`)",
+             "", "| step | loss | grad norm | lr | tokens/s |", "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['step']} | {r['loss']:.4f} | {r['grad_norm']:.3f} | {r['lr']:.2e} | {r['tokens_per_s']:.0f} |"
+              for r in shown]
+    return "\n".join(lines)
