@@ -213,9 +213,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # Accumulate the weight gradient in fp32 across chunks; low-precision sums would drift.
         grad_weight = torch.zeros(weight.shape, dtype=opmath, device=weight.device) if with_grad else None
         total = torch.zeros((), dtype=opmath, device=hidden.device)
+        # One logits buffer for all chunks: [C, V], overwritten in place with the logits' gradient.
+        buffer = torch.empty(min(chunk_rows, n_tokens), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
         for start in range(0, n_tokens, chunk_rows):
             h = hidden[start : start + chunk_rows]  # [C, D]
-            logits = h @ weight.T  # [C, V]; becomes the logits' gradient in place
+            logits = torch.mm(h, weight.T, out=buffer[: h.shape[0]])  # [C, V]
             total += kernel(logits, target[start : start + chunk_rows], ignore_index, scale, with_grad).sum()
             if with_grad:
                 torch.mm(logits, weight, out=grad_hidden[start : start + chunk_rows])
@@ -230,7 +232,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None, None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() needs no [V, D] copy
+            grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(

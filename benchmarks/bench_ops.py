@@ -1,0 +1,130 @@
+"""Fused ops vs their PyTorch references on CPU: forward+backward time per op, and the peak memory of
+the cross-entropy at InternLM2's vocabulary (92544).
+
+    .venv/bin/python benchmarks/bench_ops.py [--repeat 7]
+
+Times are medians over ``--repeat`` runs, fused and reference interleaved so that load from other
+processes hits both alike. Peak memory is the rise of the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs) over its RSS before one forward+backward, each variant in a fresh subprocess.
+The last line is the slowest op's speed-up, ``<what>: <ratio>x vs <peer> (goal <goal>x)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from puyu.model import ops
+
+SPEED_GOAL, MEMORY_GOAL = 1.5, 0.25
+VOCAB, CE_TOKENS, CE_DIM = 92544, 1024, 256
+
+
+def _fwd_bwd(fn, inputs, grads):
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+
+
+def _cases(dtype):
+    """(name, fused fn, reference fn, inputs) at 1.8b-like shapes: 8k tokens of hidden 2048."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    angles = torch.rand(4, 1024, 64, generator=g) * 1000
+    cos, sin = angles.cos(), angles.sin()
+    target = torch.randint(0, VOCAB, (CE_TOKENS,), generator=g)
+    yield ("rms_norm", "x [8192, 2048]", lambda x, w: ops.rms_norm(x, w, 1e-5),
+           lambda x, w: ops.rms_norm_reference(x, w, 1e-5), [rand(8192, 2048), rand(2048)])
+    yield ("rope", "q [4, 1024, 16, 128], k [4, 1024, 8, 128]", lambda q, k: ops.apply_rope(q, k, cos, sin),
+           lambda q, k: ops.rope_reference(q, k, cos, sin), [rand(4, 1024, 16, 128), rand(4, 1024, 8, 128)])
+    yield ("swiglu", "gate, up [4096, 8192]", ops.swiglu, ops.swiglu_reference, [rand(4096, 8192), rand(4096, 8192)])
+    if dtype == torch.float32:
+        yield ("cross_entropy", f"hidden [{CE_TOKENS}, {CE_DIM}], vocab {VOCAB}",
+               lambda h, w: ops.linear_cross_entropy(h, w, target),
+               lambda h, w: ops.linear_cross_entropy_reference(h, w, target),
+               [rand(CE_TOKENS, CE_DIM) * 0.1, rand(VOCAB, CE_DIM) * 0.1])
+
+
+def time_ops(repeat: int) -> list[float]:
+    ratios = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, shape, fused, reference, inputs in _cases(dtype):
+            with torch.no_grad():
+                outs = reference(*inputs)
+            grads = tuple(torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,)))
+            times = {"fused": [], "reference": []}
+            for i in range(repeat + 1):
+                for label, fn in (("fused", fused), ("reference", reference)):
+                    start = time.perf_counter()
+                    _fwd_bwd(fn, inputs, grads)
+                    if i:  # the first round is warm-up
+                        times[label].append(time.perf_counter() - start)
+            f, r = statistics.median(times["fused"]), statistics.median(times["reference"])
+            ratios.append(r / f)
+            print(f"{name} {str(dtype).removeprefix('torch.')} {shape}: fused {f * 1e3:.1f} ms, "
+                  f"reference {r * 1e3:.1f} ms -> {r / f:.2f}x (goal {SPEED_GOAL}x)", flush=True)
+    return ratios
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+def ce_peak_bytes(variant: str) -> int:
+    """(in a fresh process) extra peak RSS of one cross-entropy forward+backward, after a warm-up run."""
+    fused = variant == "fused"
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(CE_TOKENS, CE_DIM, generator=g) * 0.1
+    w = torch.randn(VOCAB, CE_DIM, generator=g) * 0.1
+    target = torch.randint(0, VOCAB, (CE_TOKENS,), generator=g)
+    fn = ops.linear_cross_entropy if fused else ops.linear_cross_entropy_reference
+    grads = (torch.ones(()),)
+    _fwd_bwd(lambda h, w: fn(h, w, target), [h, w], grads)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    _fwd_bwd(lambda h, w: fn(h, w, target), [h, w], grads)
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def measure_ce_memory() -> float:
+    peaks = {}
+    for variant in ("fused", "reference"):
+        out = subprocess.run([sys.executable, __file__, "--ce-peak", variant], capture_output=True, text=True,
+                             check=True)
+        peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    ratio = peaks["fused"] / peaks["reference"]
+    print(f"cross_entropy peak memory fwd+bwd ({CE_TOKENS} tokens, vocab {VOCAB}, fp32): fused "
+          f"{peaks['fused'] / 2**20:.0f} MiB, reference {peaks['reference'] / 2**20:.0f} MiB "
+          f"(full fp32 logits alone: {CE_TOKENS * VOCAB * 4 / 2**20:.0f} MiB)")
+    print(f"cross_entropy peak memory at vocab {VOCAB}: {ratio:.3f}x vs reference (goal {MEMORY_GOAL}x)")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--ce-peak", choices=["fused", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ce_peak:
+        print(json.dumps({"peak_bytes": ce_peak_bytes(args.ce_peak)}))
+        return
+    if not ops.extension_available("cpu"):
+        sys.exit("the fused ops extension is not built: pip install --no-build-isolation -e . first")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels: {ops._ext.cpu_isa()}")
+    ratios = time_ops(args.repeat)
+    measure_ce_memory()
+    print(f"fused ops fwd+bwd speed, slowest op: {min(ratios):.2f}x vs PyTorch reference (goal {SPEED_GOAL}x)")
+
+
+if __name__ == "__main__":
+    main()
