@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import subprocess
 
 import cloudpickle
@@ -63,3 +64,25 @@ def slurm_cluster():
             pytest.fail(msg)
         pytest.skip(msg)
     return True
+
+
+@pytest.fixture(scope="session")
+def slurm_corpus(slurm_cluster, tmp_path_factory):
+    """A real corpus built once per session by `puyu job=data` as 4-way arrays on the Slurm cluster.
+
+    Returns (run_dir, completed process); the data tests check it, pretraining trains on it.
+    """
+    from puyu.data_pipeline import corpora
+
+    try:
+        corpora.wiki_summaries_file()
+        corpora.debian_root("python3.11-doc")
+    except corpora.CorpusMissing as err:
+        pytest.fail(f"real corpus missing ({err}); `make data` fetches it")
+    run_dir = tmp_path_factory.mktemp("slurm_corpus") / "corpus"
+    out = subprocess.run([sys.executable, "-m", "puyu.launcher", "job=data", "cluster=slurm", "job.data.shards=4",
+                          "job.data.inputs.0.max_docs=3000", "job.data.inputs.1.max_docs=200",
+                          "job.data.tokenizer.vocab_size=2000", f"run={run_dir}"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return run_dir, out
