@@ -6,7 +6,7 @@ repeated to reach --docs if asked) with 5-word shingles and the same number of p
 (text normalization, shingling, hashing, writing the per-band files); datasketch runs the loop a
 user writes: shingle, ``MinHash.update_batch`` per document (permutations built once, which only
 helps it). The process is pinned to one CPU and numba to one thread; puyu and datasketch report the
-median of --repeat runs, datatrove (minutes per run at scale) one run.
+median of --repeat (7) runs, datatrove (minutes per run at scale) one run.
 
     .venv/bin/python benchmarks/bench_minhash.py [--docs 10033] [--cpu 0]
 """
@@ -83,7 +83,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=0, help="documents to sign (default: every article, ~10k)")
     parser.add_argument("--cpu", type=int, default=0, help="the one CPU to pin to")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of puyu and datasketch; the median counts")
+    parser.add_argument("--repeat", type=int, default=7, help="runs of puyu and datasketch; the median counts")
     args = parser.parse_args()
     os.sched_setaffinity(0, {args.cpu})
     texts = load_texts(args.docs)
