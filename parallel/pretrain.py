@@ -74,6 +74,7 @@ class PretrainTask:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         mesh = None
@@ -121,7 +122,7 @@ class PretrainTask:
         flops = flops_per_token(args.num_params(), args.n_layers, args.dim, cfg.data.seq_len)
         last_loss = float("nan")
         for step in range(start_step, t.steps):
-            if bool(_all_reduce(torch.tensor([float(self._signalled)]), dist.ReduceOp.MAX).item()):
+            if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
                 self._stop_for_requeue(ckpt_root, step, stages, optimizers, batches, env, previous_handler)
             lr = cfg.optim.lr_at(step, t.steps)
             for group in (g for opt in optimizers for g in opt.param_groups):
@@ -189,19 +190,22 @@ class PretrainTask:
         """Run this rank's micro-batches; returns its mean loss (0 on ranks without the last stage)."""
         if schedule is None:
             stage = stages[0]
-            total = torch.zeros(())
+            total = torch.zeros((), device=self.device)
+            # bf16 compute on GPU; with FSDP its MixedPrecisionPolicy casts instead
+            autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda" and dims.dp == 1)
             for b in micro:
-                loss = stage.loss(stage(b.tokens), b.labels) / len(micro)
+                with autocast:
+                    loss = stage.loss(stage(b.tokens.to(self.device)), b.labels.to(self.device)) / len(micro)
                 loss.backward()
                 total += loss.detach()
             return total
-        tokens = torch.cat([b.tokens for b in micro])
-        labels = torch.cat([b.labels for b in micro])
+        tokens = torch.cat([b.tokens for b in micro]).to(self.device)
+        labels = torch.cat([b.labels for b in micro]).to(self.device)
         first, last = coords["pp"] == 0, any(s.output is not None for s in stages)
         losses: list[torch.Tensor] = []
         schedule.step(*([tokens] if first else []), target=labels if last else None, losses=losses if last else None)
         # the schedule scales gradients by 1/n_microbatches itself
-        return torch.stack(losses).mean().detach() if last else torch.zeros(())
+        return torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
 
     def _clip(self, params, mesh, dims: ParallelDims) -> float:
         """Clip to ``grad_clip`` by the norm over all parameters of all pipeline stages.
@@ -216,7 +220,7 @@ class PretrainTask:
             if q.grad is not None:
                 key = (q.grad.device_mesh, q.grad.placements) if isinstance(q.grad, DTensor) else None
                 groups.setdefault(key, []).append(q.grad)
-        sq = torch.zeros((), dtype=torch.float32)
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
         for grads in groups.values():
             norm = torch.nn.utils.get_total_norm(grads)
             sq += (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2)

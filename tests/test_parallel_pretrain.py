@@ -78,7 +78,6 @@ def test_interleaved_pipeline_matches_single_process(shards, reference, tmp_path
     assert_same_curve(train(cfg, tmp_path, 2), reference[4])
 
 
-@pytest.mark.slow
 def test_3d_tp2_pp2_dp2_on_8_ranks(shards, reference, tmp_path):
     assert_same_curve(train(config(shards, tp=2, pp=2), tmp_path, 8), reference[2])
 
