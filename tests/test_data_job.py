@@ -24,6 +24,7 @@ def real_config() -> C.DataJobConfig:
         corpora.wiki_summaries_file()
         corpora.debian_root(corpora.PYTHON_DOC_PACKAGE)
         corpora.debian_root("fortunes-zh")
+        corpora.debian_copyright_files()
     except corpora.CorpusMissing as err:
         pytest.skip(str(err))
     cfg = C.DataJobConfig(inputs=[
@@ -114,3 +115,17 @@ def test_rerun_skips_finished_tasks(tmp_path):
     job.run_in_process(stages, tmp_path)
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert np.all([s.pending_ranks(tmp_path) == [] for s in stages])
+
+
+def test_an_existing_tokenizer_is_loaded_not_trained(tmp_path):
+    from puyu.data_pipeline import tokenize
+    from puyu.launcher.stage import TaskContext
+
+    source = tmp_path / "given.json"
+    given = tokenize.train_tokenizer(["hello world 你好世界"] * 20, 300, 2, source)
+    cfg = C.DataJobConfig(inputs=[C.InputSpec(kind="jsonl", path="/unused")],
+                          tokenizer=C.TokenizerConfig(path=str(source)))
+    ctx = TaskContext(tmp_path / "run", tmp_path / "run" / layout.TOKENIZER)
+    result = job.tokenizer_stage(ctx, cfg)
+    assert result["source"] == str(source) and result["vocab_size"] == given.get_vocab_size()
+    assert (ctx.stage_dir / "tokenizer.json").read_bytes() == source.read_bytes()
