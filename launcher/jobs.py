@@ -127,7 +127,8 @@ JOB_KINDS: dict[str, JobSpec] = {
     "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.jobs:pipeline_stages",
                         report="puyu.launcher.jobs:pipeline_report"),
     "data": JobSpec(DataJob, stages="puyu.launcher.jobs:data_stages", report="puyu.launcher.jobs:data_report"),
-    "pretrain": JobSpec(PretrainJobConfig, stages="puyu.parallel.pretrain:pretrain_stages"),
+    "pretrain": JobSpec(PretrainJobConfig, stages="puyu.parallel.pretrain:pretrain_stages",
+                        report="puyu.parallel.pretrain:write_report"),
     "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
     "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),
 }

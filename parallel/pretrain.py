@@ -269,3 +269,12 @@ def pretrain_report(run_dir: Path, result: dict) -> str:
     lines += [f"| {r['step']} | {r['loss']:.4f} | {r['grad_norm']:.3f} | {r['lr']:.2e} | {r['tokens_per_s']:.0f} |"
               for r in shown]
     return "\n".join(lines)
+
+
+def write_report(cfg: PretrainJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
+    """``pretrain/report.md`` for ``puyu job=pretrain``."""
+    from puyu.launcher.atomic import atomic_write_text
+
+    path = run_dir / "pretrain" / "report.md"
+    atomic_write_text(path, "# Pretraining\n\n" + pretrain_report(run_dir, results["pretrain"][0]) + "\n")
+    return path
