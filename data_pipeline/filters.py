@@ -9,12 +9,12 @@ exclusion sink is attached, written there with its reason.
 """
 from __future__ import annotations
 
-import collections
 import re
 import unicodedata
 from typing import Optional
 
 from puyu.data_pipeline import config as C
+from puyu.data_pipeline import repetition
 from puyu.data_pipeline.document import Document, Step
 
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")  # words, and each punctuation mark on its own
@@ -192,30 +192,6 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent n-gram, if it occurs more than once."""
-    counts = collections.Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
-    if not counts:
-        return 0
-    gram, count = counts.most_common(1)[0]
-    return len(gram) * count if count > 1 else 0
-
-
-def _repeated_ngram_chars(words: list[str], n: int) -> int:
-    """Characters in n-grams that repeat an earlier one, skipping over each repeat (Gopher)."""
-    seen: set[str] = set()
-    chars, i = 0, 0
-    while i < len(words) - n + 1:
-        gram = "".join(words[i:i + n])
-        if gram in seen:
-            chars += len(gram)
-            i += n
-        else:
-            seen.add(gram)
-            i += 1
-    return chars
-
-
 class GopherRepetitionFilter(Filter):
     name = "gopher_repetition"
 
@@ -239,12 +215,12 @@ class GopherRepetitionFilter(Filter):
             return "dup_line_frac"
         if chars / len(text) > cfg.dup_line_char_frac:
             return "dup_line_char_frac"
-        words = words_of(text)
+        ids, lengths = repetition.encode_words(words_of(text))
         for n, frac in sorted(cfg.top_n_grams.items(), key=lambda kv: int(kv[0])):
-            if _top_ngram_chars(words, int(n)) / len(text) > frac:
+            if repetition.top_ngram_chars(ids, lengths, int(n)) / len(text) > frac:
                 return f"top_{n}_gram"
         for n, frac in sorted(cfg.dup_n_grams.items(), key=lambda kv: int(kv[0])):
-            if _repeated_ngram_chars(words, int(n)) / len(text) > frac:
+            if repetition.repeated_ngram_chars(ids, lengths, int(n)) / len(text) > frac:
                 return f"duplicated_{n}_n_grams"
         return None
 

@@ -1,9 +1,14 @@
 """Filters: each rule fires on the case it is for, names its reason, and leaves good text alone."""
 from __future__ import annotations
 
+import collections
+import itertools
+import json
+
 import pytest
 
 from puyu.data_pipeline import config as C
+from puyu.data_pipeline import corpora, repetition
 from puyu.data_pipeline import filters as F
 from puyu.data_pipeline.document import Document
 
@@ -112,3 +117,41 @@ def test_dropped_docs_go_to_the_exclusion_sink_with_reason():
     step = F.LengthFilter(C.LengthConfig(min_chars=100), sink)
     assert list(step.run([doc("tiny")])) == []
     assert sink.got == [("d", "length/too_short")] and step.stats.dropped["too_short"] == 1
+
+
+def _top_ngram_chars_reference(words: list[str], n: int) -> int:
+    counts = collections.Counter(" ".join(words[i:i + n]) for i in range(len(words) - n + 1))
+    if not counts:
+        return 0
+    gram, count = counts.most_common(1)[0]
+    return len(gram) * count if count > 1 else 0
+
+
+def _repeated_ngram_chars_reference(words: list[str], n: int) -> int:
+    seen: set[tuple[str, ...]] = set()
+    chars, i = 0, 0
+    while i < len(words) - n + 1:
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            chars += sum(map(len, gram))
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return chars
+
+
+def test_compiled_ngram_statistics_equal_the_string_versions():
+    texts = [GOOD, GOOD + " big sale " * 40, "a b a b a b c", "", "x", "one two one two three one two"]
+    try:
+        texts += [a["extract"] for a in itertools.islice(
+            json.loads(corpora.wiki_summaries_file().read_text()).values(), 300)]
+    except corpora.CorpusMissing:
+        pass  # the synthetic cases still run
+    for text in texts:
+        words = F.words_of(text)
+        ids, lengths = repetition.encode_words(words)
+        for n in (2, 3, 4):
+            assert repetition.top_ngram_chars(ids, lengths, n) == _top_ngram_chars_reference(words, n), (text, n)
+        for n in range(5, 11):
+            assert repetition.repeated_ngram_chars(ids, lengths, n) == _repeated_ngram_chars_reference(words, n)
