@@ -1,0 +1,147 @@
+"""Configuration of serving: sampling, the runtime, engine builds and the batch-inference job.
+
+Plain dataclasses with OmegaConf-friendly field types, so ``puyu job=infer``/``job=build_engine`` can
+store them in Hydra's ConfigStore and a misspelt key fails at composition. Validation raises
+``ServingError`` with one line naming the offending field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from puyu.launcher.config import JobConfig
+
+
+class ServingError(ValueError):
+    """A bad request, config or engine: the message names the field, file or tensor at fault."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` is greedy (top_k/top_p are then ignored).
+
+    ``logprobs``/``prompt_logprobs`` return the model's own log-probability of each chosen/prompt token
+    (from the raw logits, before penalties and temperature: what evaluation scores with).
+    """
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0: all tokens
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL-style: logits of seen tokens divided (>0) / multiplied (<0)
+    stop: list[str] = dataclasses.field(default_factory=list)
+    ignore_eos: bool = False
+    seed: Optional[int] = None  # per-request generator; None: drawn from the runtime's seed and request index
+    logprobs: bool = False
+    prompt_logprobs: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ServingError(f"sampling: {message} (got {dataclasses.asdict(self)})")
+
+    @classmethod
+    def from_dict(cls, values: dict, base: Optional["SamplingParams"] = None) -> "SamplingParams":
+        """``base`` with the keys of ``values`` replaced; an unknown key is an error naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ServingError(f"sampling: unknown key(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("stop"), str):
+            values["stop"] = [values["stop"]]
+        params = dataclasses.replace(base or cls(), **values)
+        params.validate()
+        return params
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """The runtime's memory and batching limits.
+
+    KV memory is fixed up front: ``kv_cache_mb`` (or ``num_blocks`` when > 0) of ``block_size``-token
+    blocks; the scheduler never uses more. ``max_num_batched_tokens`` caps the tokens of one forward pass
+    (long prompts are prefilled in chunks of at most that many).
+    """
+
+    block_size: int = 16
+    num_blocks: int = 0  # > 0 overrides kv_cache_mb
+    kv_cache_mb: int = 256
+    kv_dtype: str = "fp"  # fp (the weights' dtype) | int8 (per token and head scales)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 512
+    prefix_caching: bool = True
+    max_model_len: int = 0  # 0: the model's max_seq_len
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.kv_dtype not in ("fp", "int8"):
+            raise ServingError(f"runtime.kv_dtype must be fp or int8, got {self.kv_dtype!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ServingError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """How an engine is built: ``quant`` none|w8|w4 (weight-only), ``kv`` fp|int8 (the runtime default)."""
+
+    quant: str = "none"
+    kv: str = "fp"
+    group_size: int = 128  # w4 groups along the input dimension
+    awq: bool = True  # activation-aware per-input-channel scales for w4/w8
+    calib_file: str = ""  # real text, one document per line or a wiki-summaries JSON; "" = the wiki summaries
+    calib_docs: int = 64
+    eval_docs: int = 64  # held-out documents (disjoint from calibration) for the perplexity report
+    seq_len: int = 256
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.quant not in ("none", "w8", "w4"):
+            raise ServingError(f"build.quant must be none, w8 or w4, got {self.quant!r}")
+        if self.kv not in ("fp", "int8"):
+            raise ServingError(f"build.kv must be fp or int8, got {self.kv!r}")
+        if self.group_size < 1:
+            raise ServingError(f"build.group_size must be >= 1, got {self.group_size}")
+
+
+@dataclasses.dataclass
+class BuildEngineJobConfig(JobConfig):
+    """``puyu job=build_engine checkpoint=... build.quant=w4``: checkpoint -> engine directory.
+
+    ``layout`` auto: HF ``config.json`` with ``model_type`` llama/internlm2, else puyu (then ``flavor``
+    and ``vocab_size`` give the shapes). ``out`` "" = ``<run>/build_engine/engine``.
+    """
+
+    checkpoint: str = ""
+    layout: str = "auto"  # auto | puyu | internlm2 | llama
+    flavor: str = "tiny"
+    vocab_size: int = 0  # 0: the flavor's (puyu layout only)
+    tokenizer: str = ""  # tokenizer.json copied into the engine ("" = none; prompts then are token ids)
+    out: str = ""
+    build: BuildConfig = dataclasses.field(default_factory=BuildConfig)
+
+
+@dataclasses.dataclass
+class InferJobConfig(JobConfig):
+    """``puyu job=infer engine=... input=prompts.jsonl``: sharded offline batch inference.
+
+    Each input line is ``{"prompt": str}``, ``{"messages": [{"role", "content"}...]}`` (InternLM2 chat
+    template) or ``{"prompt_token_ids": [int]}``, optionally with ``"id"`` and ``"sampling": {...}``
+    overriding ``sampling``. Output: ``<run>/infer/outputs.jsonl``, one record per input line, in order.
+    """
+
+    engine: str = ""
+    input: str = ""
+    shards: int = 4
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
