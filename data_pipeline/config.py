@@ -146,6 +146,7 @@ class TokenizerConfig:
     sample_bytes: int = 20_000_000  # text the tokenizer trains on, taken evenly from every shard
     min_frequency: int = 2
     append_eod: bool = True  # end-of-document token after every document
+    count_dropped: bool = True  # tokenize also counts tokens of dropped documents (summary: tokens per step)
 
 
 @dataclasses.dataclass

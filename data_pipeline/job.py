@@ -20,7 +20,7 @@ from puyu.data_pipeline.config import DataJobConfig
 from puyu.data_pipeline.document import Document, Step, run_steps
 from puyu.data_pipeline.filters import build_filters
 from puyu.data_pipeline.readers import InputReader
-from puyu.data_pipeline.summary import write_summary
+from puyu.data_pipeline.summary import dropped_tokens, write_summary
 from puyu.data_pipeline.writers import DocWriter, ExclusionFile, read_docs
 from puyu.launcher.stage import Stage, TaskContext
 
@@ -163,28 +163,20 @@ def tokenizer_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     return {"source": source, "vocab_size": vocab, "path": str(target)}
 
 
-def tokenize_stage(ctx: TaskContext, cfg: DataJobConfig, batch: int = 512) -> dict[str, Any]:
+def tokenize_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    """Token shards of this rank's corpus files, and (for the summary) tokens of what was dropped."""
     _announce(layout.TOKENIZE, ctx)
     tok = tokenize.Tokenizer.from_file(str(ctx.run_dir / layout.TOKENIZER / "tokenizer.json"))
     dtype = tokenize.token_dtype(tok.get_vocab_size())
     eod = [tok.token_to_id(tokenize.EOD)] if cfg.tokenizer.append_eod else []
-
-    def token_lists(path: Path) -> Iterator[list[int]]:
-        texts: list[str] = []
-        for doc in read_docs(path):
-            texts.append(doc.text)
-            if len(texts) == batch:
-                yield from (enc.ids + eod for enc in tok.encode_batch(texts))
-                texts = []
-        if texts:
-            yield from (enc.ids + eod for enc in tok.encode_batch(texts))
-
-    results = {}
+    files, numbers = {}, []
     for n, path in layout.owned(corpus_files(cfg, ctx.run_dir), ctx.rank, ctx.world_size):
-        results[f"{n:05d}"] = tokenize.write_indexed_dataset(ctx.stage_dir / "shards" / f"{n:05d}",
-                                                             token_lists(path), dtype)
-        log.info("tokenize: file %05d: %s", n, results[f"{n:05d}"])
-    return results
+        ids = (doc_ids + eod for doc_ids in tokenize.token_ids(tok, (d.text for d in read_docs(path))))
+        files[f"{n:05d}"] = tokenize.write_indexed_dataset(ctx.stage_dir / "shards" / f"{n:05d}", ids, dtype)
+        numbers.append(n)
+        log.info("tokenize: file %05d: %s", n, files[f"{n:05d}"])
+    dropped = dropped_tokens(ctx.run_dir, tok, numbers) if cfg.tokenizer.count_dropped else None
+    return {"files": files, "dropped_tokens": dropped}
 
 
 def summary_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:

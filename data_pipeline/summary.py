@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from puyu.data_pipeline import layout
+from tokenizers import Tokenizer
+
+from puyu.data_pipeline import dedup, layout
 from puyu.data_pipeline.document import StepStats
+from puyu.data_pipeline.tokenize import token_ids
+from puyu.data_pipeline.writers import read_docs
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import COMPLETIONS
 
@@ -33,6 +37,35 @@ def _merged_steps(step_lists: list[list[dict]]) -> list[StepStats]:
     return list(merged.values())
 
 
+def dropped_tokens(run_dir: Path, tok: Tokenizer, numbers: list[int]) -> dict[str, int]:
+    """Tokens (no end-of-document tokens) of the documents each step dropped, for some corpus files.
+
+    Filter drops are read back from the exclusion files, as the documents were when dropped;
+    dedup drops from the filtered corpus at the indices the clusters stage removed. The tokenize
+    stage calls this for its own files, so the cost is spread over the array.
+    """
+    counts: collections.Counter = collections.Counter()
+    for number in numbers:
+        excluded = run_dir / layout.READ_FILTER / "excluded" / f"{number:05d}.jsonl.zst"
+        if excluded.exists():
+            docs = list(read_docs(excluded))
+            for doc, ids in zip(docs, token_ids(tok, (d.text for d in docs))):
+                counts[doc.metadata["dropped_by"]] += len(ids)
+        removed = dedup.load_removals(run_dir / layout.CLUSTERS / "remove" / f"{number:05d}.npy")
+        if removed:
+            path = run_dir / layout.READ_FILTER / "out" / f"{number:05d}.jsonl.zst"
+            texts = (d.text for i, d in enumerate(read_docs(path)) if i in removed)
+            counts["dedup"] += sum(len(ids) for ids in token_ids(tok, texts))
+    return dict(counts)
+
+
+def _tokens_dropped(stats: StepStats, counts: Optional[collections.Counter]) -> Optional[int]:
+    """None where unknown: not counted, or the step dropped documents but wrote no exclusions."""
+    if counts is None:
+        return None
+    return counts.get(stats.name, 0 if not sum(stats.dropped.values()) else None)
+
+
 def build_summary(run_dir: Path, packed: Optional[dict] = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     lists = [r["steps"] for r in _results(run_dir, layout.READ_FILTER)]
@@ -40,7 +73,11 @@ def build_summary(run_dir: Path, packed: Optional[dict] = None) -> dict[str, Any
     dedup_lists = [file_steps for r in _results(run_dir, layout.DEDUP) for file_steps in r.values()]
     steps += [s for s in _merged_steps(dedup_lists) if s.name == "dedup"]
     clusters = (_results(run_dir, layout.CLUSTERS) or [None])[0]
-    token_files = [f for r in _results(run_dir, layout.TOKENIZE) for f in r.values()]
+    tokenized = _results(run_dir, layout.TOKENIZE)
+    token_files = [f for r in tokenized for f in r["files"].values()]
+    token_drops: Optional[collections.Counter] = None
+    if tokenized and all(r["dropped_tokens"] is not None for r in tokenized):
+        token_drops = sum((collections.Counter(r["dropped_tokens"]) for r in tokenized), collections.Counter())
     tokens = {"documents": sum(f["documents"] for f in token_files), "tokens": sum(f["tokens"] for f in token_files)}
     reasons = collections.Counter({f"{s.name}/{k}": v for s in steps for k, v in s.dropped.items()})
     errors = [m for s in steps for m in s.error_messages]
@@ -49,7 +86,7 @@ def build_summary(run_dir: Path, packed: Optional[dict] = None) -> dict[str, Any
     return {
         "docs_in": docs_in,
         "docs_out": docs_out,
-        "steps": [s.to_dict() for s in steps],
+        "steps": [{**s.to_dict(), "tokens_dropped": _tokens_dropped(s, token_drops)} for s in steps],
         "tokens": tokens,
         "corpus": packed,
         "dedup_clusters": clusters,
@@ -63,13 +100,14 @@ def to_markdown(summary: dict[str, Any]) -> str:
     lines = ["# Data job summary", "",
              f"Documents: {summary['docs_in']} read, {summary['docs_out']} in the corpus; "
              f"tokens: {summary['tokens']['tokens']}.", "",
-             "| step | docs in | docs out | dropped | MB in | MB out | seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| step | docs in | docs out | dropped | tokens dropped | MB in | MB out | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summary["steps"]:
-        lines.append(f"| {s['name']} | {s['docs_in']} | {s['docs_out']} | {sum(s['dropped'].values())} | "
+        tokens = "" if s["tokens_dropped"] is None else s["tokens_dropped"]
+        lines.append(f"| {s['name']} | {s['docs_in']} | {s['docs_out']} | {sum(s['dropped'].values())} | {tokens} | "
                      f"{s['bytes_in'] / 1e6:.2f} | {s['bytes_out'] / 1e6:.2f} | {s['seconds']:.1f} |")
     tok = summary["tokens"]
-    lines.append(f"| tokenize | {tok['documents']} | {tok['documents']} | 0 | | {tok['tokens']} tokens | |")
+    lines.append(f"| tokenize | {tok['documents']} | {tok['documents']} | 0 | | | {tok['tokens']} tokens out | |")
     if summary["dedup_clusters"]:
         c = summary["dedup_clusters"]
         lines += ["", f"Dedup: {c['clusters']} duplicate clusters (largest {c['largest_cluster']}), "

@@ -35,6 +35,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int, p
     return tok
 
 
+def token_ids(tok: Tokenizer, texts: Iterable[str], batch: int = 256) -> Iterator[list[int]]:
+    """Token ids of each text, encoded in batches (``encode_batch_fast``: ids only, no offsets)."""
+    pending: list[str] = []
+    for text in texts:
+        pending.append(text)
+        if len(pending) == batch:
+            yield from (enc.ids for enc in tok.encode_batch_fast(pending))
+            pending = []
+    if pending:
+        yield from (enc.ids for enc in tok.encode_batch_fast(pending))
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.int32)
 

@@ -125,7 +125,9 @@ class ExclusionFile:
         self._out = zstandard.ZstdCompressor(level=zstd_level).stream_writer(self._fh, closefd=False)
 
     def write(self, doc: Document, reason: str) -> None:
-        self._out.write(doc_to_json(doc, reason=reason).encode("utf-8", "surrogatepass") + b"\n")
+        """``reason`` is ``step/why``; the step also goes into the metadata, for per-step counts."""
+        dropped = Document(doc.id, doc.text, {**doc.metadata, "dropped_by": reason.split("/")[0]})
+        self._out.write(doc_to_json(dropped, reason=reason).encode("utf-8", "surrogatepass") + b"\n")
 
     def close(self, failed: bool = False) -> None:
         self._out.close()
