@@ -48,9 +48,15 @@ def dropped_tokens(run_dir: Path, tok: Tokenizer, numbers: list[int]) -> dict[st
     for number in numbers:
         excluded = run_dir / layout.READ_FILTER / "excluded" / f"{number:05d}.jsonl.zst"
         if excluded.exists():
-            docs = list(read_docs(excluded))
-            for doc, ids in zip(docs, token_ids(tok, (d.text for d in docs))):
-                counts[doc.metadata["dropped_by"]] += len(ids)
+            steps: collections.deque = collections.deque()  # at most one batch ahead of the token ids
+
+            def texts():
+                for doc in read_docs(excluded):
+                    steps.append(doc.metadata["dropped_by"])
+                    yield doc.text
+
+            for ids in token_ids(tok, texts()):
+                counts[steps.popleft()] += len(ids)
         removed = dedup.load_removals(run_dir / layout.CLUSTERS / "remove" / f"{number:05d}.npy")
         if removed:
             path = run_dir / layout.READ_FILTER / "out" / f"{number:05d}.jsonl.zst"
