@@ -1,0 +1,162 @@
+"""``job=build_engine``: checkpoint -> engine directory, with quantization and a build report.
+
+The report answers "what did the build cost and what did quantization cost": size on disk, build time,
+and perplexity on held-out real text (documents disjoint from the calibration ones) for the unquantized
+layout and for the built engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from puyu.launcher.atomic import atomic_write_text
+from puyu.launcher.stage import Stage, TaskContext
+from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
+from puyu.serving.engine import engine_tensors, read_checkpoint, save_engine
+from puyu.serving.engine_model import LINEARS, EngineModel
+from puyu.serving.quant import quantize_linear
+from puyu.serving.tokenizer import TextTokenizer
+
+CALIB_ROWS = 2048  # calibration input rows per linear kept for the AWQ search
+
+
+def load_texts(calib_file: str) -> list[str]:
+    """Documents of real text: a wiki-summaries JSON ({title: {extract}}), a jsonl with "text", or lines."""
+    if not calib_file:
+        from puyu.data_pipeline.corpora import wiki_summaries_file
+
+        calib_file = str(wiki_summaries_file())
+    path = Path(calib_file)
+    if not path.is_file():
+        raise ServingError(f"build.calib_file {path} not found")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return [data[k]["extract"] for k in sorted(data) if data[k].get("extract")]
+    if path.suffix == ".jsonl":
+        return [json.loads(ln)["text"] for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def split_docs(texts: list[str], tokenizer: TextTokenizer, cfg: BuildConfig) -> tuple[list[list[int]], list[list[int]]]:
+    """Calibration documents from the front, held-out evaluation documents from the back (disjoint)."""
+    if len(texts) < cfg.calib_docs + cfg.eval_docs:
+        raise ServingError(f"build: {len(texts)} documents, need calib_docs + eval_docs = {cfg.calib_docs + cfg.eval_docs}")
+    enc = lambda ts: [tokenizer.encode(t)[: cfg.seq_len] for t in ts]  # noqa: E731
+    calib = enc(texts[: cfg.calib_docs])
+    held_out = enc(texts[len(texts) - cfg.eval_docs:])
+    return [d for d in calib if len(d) > 1], [d for d in held_out if len(d) > 1]
+
+
+@torch.no_grad()
+def perplexity(model: EngineModel, docs: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over all tokens of ``docs`` (each scored from its own start)."""
+    nll, count = 0.0, 0
+    for doc in docs:
+        tokens = torch.tensor(doc)[None]
+        logits = model.forward_dense(tokens[:, :-1]).float()[0]  # [T-1, V]
+        nll += float(torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum"))
+        count += len(doc) - 1
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def calibration_inputs(model: EngineModel, docs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Inputs [rows, in_features] of every linear on the calibration documents (evenly subsampled)."""
+    model.capture = {}
+    try:
+        for doc in docs:
+            model.forward_dense(torch.tensor(doc)[None])
+        captured = {k: torch.cat(v) for k, v in model.capture.items()}
+    finally:
+        model.capture = None
+    out = {}
+    for name, x in captured.items():
+        idx = torch.linspace(0, x.shape[0] - 1, min(CALIB_ROWS, x.shape[0])).long()
+        out[name] = x[idx].float()
+    return out
+
+
+def quantize_tensors(model: EngineModel, tensors: dict, cfg: BuildConfig, calib: Optional[dict]) -> dict[str, float]:
+    """Replace every linear's ``.weight`` in ``tensors`` by its quantized parts; returns AWQ alphas."""
+    alphas = {}
+    for i in range(model.args.n_layers):
+        for name in LINEARS:
+            key = f"layers.{i}.{name}"
+            w = tensors.pop(key + ".weight")
+            parts, alphas[key] = quantize_linear(w, cfg.quant, cfg.group_size, calib[key] if calib else None)
+            tensors.update({f"{key}.{k}": v for k, v in parts.items()})
+    return alphas
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
+    """Build the engine into ``out_dir`` and write ``build_report.{json,md}`` there; returns the report."""
+    b = cfg.build
+    b.validate()
+    t0 = time.perf_counter()
+    if not cfg.checkpoint:
+        raise ServingError("build_engine: checkpoint is not set")
+    args, state = read_checkpoint(cfg.checkpoint, cfg.layout, cfg.flavor, cfg.vocab_size)
+    dtype = getattr(torch, b.dtype)
+    tensors = engine_tensors(args, state, dtype)
+    fp_model = EngineModel(args, dict(tensors))
+    tokenizer = TextTokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    if tokenizer is None and b.quant != "none" and b.awq:
+        raise ServingError("build_engine: AWQ calibration needs real text, so tokenizer must be set")
+    report: dict = {"checkpoint": str(cfg.checkpoint), "quant": b.quant, "kv": b.kv, "group_size": b.group_size,
+                    "awq": b.awq, "dtype": b.dtype, "params": args.num_params()}
+    held_out = []
+    if tokenizer is not None:
+        calib_docs, held_out = split_docs(load_texts(b.calib_file), tokenizer, b)
+        report["ppl_unquantized"] = perplexity(fp_model, held_out)
+        report["eval_tokens"] = sum(len(d) - 1 for d in held_out)
+    if b.quant != "none":
+        calib = calibration_inputs(fp_model, calib_docs) if b.awq else None
+        report["awq_alpha"] = quantize_tensors(fp_model, tensors, b, calib)
+    if tokenizer is not None:
+        report["ppl_engine"] = perplexity(EngineModel(args, tensors), held_out) if b.quant != "none" else report["ppl_unquantized"]
+        report["ppl_change"] = report["ppl_engine"] / report["ppl_unquantized"] - 1
+    source = {"checkpoint": str(cfg.checkpoint), "layout": cfg.layout}
+    save_engine(out_dir, args, tensors, dataclasses.asdict(b), source, cfg.tokenizer or None)
+    report["size_bytes"] = dir_bytes(out_dir)
+    report["build_seconds"] = time.perf_counter() - t0
+    report["engine"] = str(out_dir)
+    atomic_write_text(out_dir / "build_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(out_dir / "build_report.md", report_markdown(report))
+    return report
+
+
+def report_markdown(r: dict) -> str:
+    lines = ["# Engine build", "", f"Checkpoint `{r['checkpoint']}` -> `{r['engine']}`", "",
+             "| quant | kv | size on disk | build time | params | held-out ppl before | after | change |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    ppl = (f"{r['ppl_unquantized']:.3f} | {r['ppl_engine']:.3f} | {100 * r['ppl_change']:+.2f}%"
+           if "ppl_unquantized" in r else "n/a (no tokenizer) | | ")
+    lines.append(f"| {r['quant']} | {r['kv']} | {r['size_bytes'] / 2**20:.2f} MiB | {r['build_seconds']:.1f} s | "
+                 f"{r['params']:,} | {ppl} |")
+    if "eval_tokens" in r:
+        lines += ["", f"Perplexity over {r['eval_tokens']} held-out tokens (documents disjoint from calibration)."]
+    return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class BuildEngineTask:
+    cfg: BuildEngineJobConfig
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        out = Path(self.cfg.out) if self.cfg.out else ctx.stage_dir / "engine"
+        r = build_engine(self.cfg, out)
+        return {k: r[k] for k in ("engine", "size_bytes", "build_seconds", "ppl_unquantized", "ppl_engine") if k in r}
+
+
+def build_engine_stages(cfg: BuildEngineJobConfig) -> list[Stage]:
+    return [Stage("build_engine", BuildEngineTask(cfg))]

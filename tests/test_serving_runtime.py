@@ -1,0 +1,157 @@
+"""The runtime against the model's reference generation, and its sampling options.
+
+Real prompts: Wikipedia lead sections through a byte-level BPE trained on them; a random tiny model
+with that vocabulary (equality of greedy decoding does not need a trained model).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from puyu.model import Transformer, generate, get_flavor
+from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
+from puyu.serving.llm import LLM
+from puyu.serving.tokenizer import chat_prompt
+from puyu.serving.toy import make_tokenizer, wiki_texts
+
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def texts():
+    return wiki_texts()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(texts, tmp_path_factory):
+    return make_tokenizer(texts[:2000], tmp_path_factory.mktemp("tok") / "tokenizer.json", vocab_size=1024)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return Transformer(get_flavor("tiny", vocab_size=tokenizer.tok.get_vocab_size())).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(texts, tokenizer):
+    """Real prompts of mixed lengths; half share a long common prefix (a system prompt) for prefix caching."""
+    system = "You are a helpful assistant that answers questions about history and science. " * 3
+    out = []
+    for i, t in enumerate(texts[3000:3024]):
+        words = t.split()[: 5 + (i * 7) % 60]
+        out.append((system if i % 2 else "") + " ".join(words))
+    return [tokenizer.encode(p) for p in out]
+
+
+def reference(model, prompt, n=MAX_TOKENS):
+    return generate(model, torch.tensor([prompt]), n)[0, len(prompt):].tolist()
+
+
+def test_greedy_equals_reference_with_paging_prefix_caching_and_chunked_prefill(model, prompts):
+    cfg = RuntimeConfig(block_size=8, num_blocks=64, max_num_batched_tokens=48, max_num_seqs=8)
+    llm = LLM.from_model(model, runtime=cfg)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert max(len(p) for p in prompts) > cfg.max_num_batched_tokens  # some prompts are prefilled in chunks
+    assert llm.stats["prefix_cache_block_hits"] > 0
+    assert llm.stats["kv_peak_blocks"] <= cfg.num_blocks
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        assert o.error is None and o.finish_reason == "length"
+        assert o.token_ids == reference(model, p), f"prompt {i} ({len(p)} tokens) differs from the reference"
+    # and the same requests again: now every shared block comes from the cache of the first run's blocks
+    again = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+
+
+def test_prompt_and_output_logprobs_are_the_models(model, prompts):
+    llm = LLM.from_model(model, runtime=RuntimeConfig(block_size=4, num_blocks=64, max_num_batched_tokens=16))
+    p = prompts[5]
+    out = llm.generate([p], SamplingParams(max_tokens=4, logprobs=True, prompt_logprobs=True, ignore_eos=True))[0]
+    full = torch.tensor([p + out.token_ids])
+    ref = torch.log_softmax(model(full)[0].float(), -1)  # [T, V]
+    want_prompt = [ref[j - 1, p[j]].item() for j in range(1, len(p))]
+    want_out = [ref[len(p) - 1 + j, t].item() for j, t in enumerate(out.token_ids)]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    assert out.prompt_logprobs[1:] == pytest.approx(want_prompt, abs=1e-4)
+    assert out.logprobs == pytest.approx(want_out, abs=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batching(model, prompts):
+    sp = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=7,
+                        ignore_eos=True)
+    alone = LLM.from_model(model).generate([prompts[3]], sp)[0].token_ids
+    small_cache = RuntimeConfig(block_size=4, num_blocks=64, max_num_batched_tokens=16)
+    batched = LLM.from_model(model, runtime=small_cache).generate(prompts[:8], sp)
+    assert all(o.error is None for o in batched)
+    assert batched[3].token_ids == alone
+    other_seed = LLM.from_model(model).generate([prompts[3]], dataclasses.replace(sp, seed=8))[0].token_ids
+    assert other_seed != alone
+    # top_k=1 sampling is greedy whatever the temperature
+    top1 = LLM.from_model(model).generate([prompts[3]], SamplingParams(max_tokens=8, temperature=2.0, top_k=1,
+                                                                      ignore_eos=True))[0].token_ids
+    assert top1 == reference(model, prompts[3], 8)
+
+
+def test_repetition_penalty_discourages_repeats(model, prompts):
+    plain = LLM.from_model(model).generate([prompts[1]], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
+    penal = LLM.from_model(model).generate([prompts[1]], SamplingParams(max_tokens=24, ignore_eos=True,
+                                                                       repetition_penalty=5.0))[0].token_ids
+    assert len(set(penal)) > len(set(plain))
+
+
+def test_stop_strings_max_tokens_and_eos(model, tokenizer, prompts):
+    llm = LLM.from_model(model, tokenizer)
+    free = llm.generate([prompts[2]], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert len(free.token_ids) == 16 and free.finish_reason == "length"
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop.strip()
+    cut = llm.generate([prompts[2]], SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+    assert len(cut.token_ids) < 16
+    # EOS ends generation: make the model's first choice the EOS id
+    first = free.token_ids[0]
+    eos_llm = LLM.from_model(model, tokenizer)
+    eos_llm.eos_id = first
+    out = eos_llm.generate([prompts[2]], SamplingParams(max_tokens=16))[0]
+    assert out.token_ids == [first] and out.finish_reason == "stop" and out.text == ""
+
+
+def test_invalid_requests_get_errors_and_the_rest_goes_on(model, tokenizer, prompts):
+    llm = LLM.from_model(model, tokenizer, RuntimeConfig(block_size=16, num_blocks=8))
+    too_long = list(range(1, 100)) * 3
+    outs = llm.generate([prompts[0], [], too_long, prompts[1], [5000]],
+                        [SamplingParams(max_tokens=4), SamplingParams(), SamplingParams(max_tokens=4),
+                         SamplingParams(max_tokens=4, ignore_eos=True), SamplingParams()])
+    assert outs[0].error is None and outs[3].error is None and len(outs[3].token_ids) == 4
+    assert "empty prompt" in outs[1].error
+    assert "exceed" in outs[2].error
+    assert "outside the vocabulary" in outs[4].error
+    with pytest.raises(ServingError, match="top_p"):
+        SamplingParams.from_dict({"top_p": 0})
+    with pytest.raises(ServingError, match="unknown key"):
+        SamplingParams.from_dict({"temprature": 1.0})
+
+
+def test_int8_kv_cache_stays_close(model, prompts):
+    cfg = RuntimeConfig(block_size=8, num_blocks=64, kv_dtype="int8")
+    llm = LLM.from_model(model, runtime=cfg)
+    fp_bytes = LLM.from_model(model, runtime=RuntimeConfig(block_size=8, num_blocks=64)).cache.nbytes()
+    assert llm.cache.nbytes() < 0.4 * fp_bytes
+    p = prompts[4]
+    out = llm.generate([p], SamplingParams(max_tokens=1, prompt_logprobs=True, ignore_eos=True))[0]
+    exact = LLM.from_model(model).generate([p], SamplingParams(max_tokens=1, prompt_logprobs=True, ignore_eos=True))[0]
+    diff = max(abs(a - b) for a, b in zip(out.prompt_logprobs[1:], exact.prompt_logprobs[1:]))
+    assert 0 < diff < 0.05
+
+
+def test_chat_template_is_internlm2(model, tokenizer):
+    text = chat_prompt([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    llm = LLM.from_model(model, tokenizer)
+    outs = llm.chat([[{"role": "user", "content": "Hi"}], [{"role": "robot", "content": "x"}]],
+                    SamplingParams(max_tokens=3, ignore_eos=True))
+    assert outs[0].prompt_token_ids == tokenizer.encode(chat_prompt([{"role": "user", "content": "Hi"}]))
+    assert "messages[0]" in outs[1].error
