@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -22,6 +21,7 @@ from puyu.data_pipeline.filters import build_filters
 from puyu.data_pipeline.readers import InputReader
 from puyu.data_pipeline.summary import dropped_tokens, write_summary
 from puyu.data_pipeline.writers import DocWriter, ExclusionFile, read_docs
+from puyu.launcher.atomic import atomic_write_bytes
 from puyu.launcher.stage import Stage, TaskContext
 
 log = logging.getLogger("puyu.data_pipeline.job")
@@ -150,15 +150,17 @@ def tokenizer_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     start = _announce(layout.TOKENIZER, ctx)
     target = ctx.stage_dir / "tokenizer.json"
     if cfg.tokenizer.path:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cfg.tokenizer.path, target)
+        atomic_write_bytes(target, Path(cfg.tokenizer.path).read_bytes())
         source = cfg.tokenizer.path
     else:
         files = [p for _, p in corpus_files(cfg, ctx.run_dir)]
         tokenize.train_tokenizer(_sample_texts(files, cfg.tokenizer.sample_bytes), cfg.tokenizer.vocab_size,
                                  cfg.tokenizer.min_frequency, target)
         source = "trained"
-    vocab = tokenize.Tokenizer.from_file(str(target)).get_vocab_size()
+    tok = tokenize.Tokenizer.from_file(str(target))
+    if cfg.tokenizer.append_eod and tok.token_to_id(tokenize.EOD) is None:
+        raise ValueError(f"tokenizer {source}: no {tokenize.EOD} token; add it or set tokenizer.append_eod=false")
+    vocab = tok.get_vocab_size()
     log.info("tokenizer: %s, vocab %d (%.1fs)", source, vocab, time.perf_counter() - start)
     return {"source": source, "vocab_size": vocab, "path": str(target)}
 

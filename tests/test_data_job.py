@@ -132,3 +132,17 @@ def test_an_existing_tokenizer_is_loaded_not_trained(tmp_path):
     result = job.tokenizer_stage(ctx, cfg)
     assert result["source"] == str(source) and result["vocab_size"] == given.get_vocab_size()
     assert (ctx.stage_dir / "tokenizer.json").read_bytes() == source.read_bytes()
+
+
+def test_a_tokenizer_without_end_of_document_token_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from puyu.launcher.stage import TaskContext
+
+    bare = Tokenizer(models.BPE())
+    bare.pre_tokenizer = pre_tokenizers.ByteLevel()
+    bare.save(str(tmp_path / "bare.json"))
+    cfg = C.DataJobConfig(inputs=[C.InputSpec(kind="jsonl", path="/unused")],
+                          tokenizer=C.TokenizerConfig(path=str(tmp_path / "bare.json")))
+    with pytest.raises(ValueError, match="no <\\|endoftext\\|> token; add it or set tokenizer.append_eod=false"):
+        job.tokenizer_stage(TaskContext(tmp_path / "run", tmp_path / "run" / layout.TOKENIZER), cfg)
