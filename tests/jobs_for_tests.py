@@ -83,3 +83,17 @@ class StepCounter(Checkpointable):
         state["checkpoints"] += 1
         self._save(ctx, state)
         return DelayedSubmission(self, ctx)
+
+
+def hanging_pretrain_task(cfg, hang_rank: int, hang_s: float):
+    """A pretraining task whose rank ``hang_rank`` stalls in its second step (a hung GPU, say)."""
+    from puyu.parallel.pretrain import PretrainTask
+
+    class HangingPretrain(PretrainTask):
+        def _forward_backward(self, stages, schedule, micro, dims, coords):
+            self.steps_run = getattr(self, "steps_run", 0) + 1
+            if self.steps_run == 2 and dist_env().rank == hang_rank:
+                time.sleep(hang_s)
+            return super()._forward_backward(stages, schedule, micro, dims, coords)
+
+    return HangingPretrain(cfg)
