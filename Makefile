@@ -6,7 +6,7 @@ DATA    := .data
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test cluster-up cluster-down clean
+.PHONY: install data demo test bench cluster-up cluster-down clean
 
 install: $(INSTALLED)
 
@@ -38,6 +38,13 @@ test: data
 	bash tests/cluster/start_cluster.sh
 	PUYU_REQUIRE_SLURM=1 PUYU_DATA_DIR=$(CURDIR)/$(DATA) $(BIN)/python -m pytest $(PYTEST_ARGS); \
 	  status=$$?; bash tests/cluster/stop_cluster.sh; exit $$status
+
+# Each stage against its peer (figures go to docs/benchmarks.md by hand, with the command).
+bench: data
+	$(BIN)/pip install -q --no-build-isolation -e '.[bench]'
+	$(BIN)/python benchmarks/bench_minhash.py
+	$(BIN)/python benchmarks/bench_ops.py
+	$(BIN)/python benchmarks/bench_pretrain.py
 
 clean:
 	rm -rf $(VENV) $(DATA) build *.egg-info

@@ -84,10 +84,15 @@ setup(
         "megatron-core==0.16.1",
         "deepspeed==0.19.8",
         "safetensors>=0.4",
+        "tokenizers==0.23.3",
+        "scipy>=1.13",
+        "tensorboard>=2.17",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0"],
+        # the peers the benchmarks measure against, in the same process run
+        "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "ruff"],
     },
     entry_points={"console_scripts": ["puyu = puyu.launcher.cli:main"]},
     **fused_ops_extension(),
