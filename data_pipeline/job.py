@@ -239,11 +239,3 @@ def build_data_stages(cfg: Any) -> list[Stage]:
                Stage(layout.TOKENIZE, functools.partial(tokenize_stage, cfg=cfg), n),
                Stage(layout.SUMMARY, functools.partial(summary_stage, cfg=cfg), 1)]
     return stages
-
-
-def run_in_process(stages: list[Stage], run_dir: Path) -> None:
-    """Run every pending task of every stage here, in order, writing markers as the launcher does."""
-    for stage in stages:
-        for ctx in stage.contexts(Path(run_dir)):
-            if not ctx.is_done():
-                ctx.mark_done(stage.fn(ctx))

@@ -14,6 +14,14 @@ from puyu.launcher.distributed import dist_env
 from puyu.launcher.stage import TaskContext
 
 
+def run_inline(stages, run_dir) -> dict:
+    """Every pending task of every stage in this process, markers and all, as ``cluster=inline`` does."""
+    from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
+    from puyu.launcher.pipeline import Pipeline
+
+    return Pipeline(stages, run_dir, ClusterConfig(kind=ClusterKind.inline), LauncherConfig()).run()
+
+
 def echo(ctx: TaskContext) -> dict:
     """Return who ran: the shard and the torch.distributed-style process ranks."""
     env = dist_env()

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import zstandard
 
+from jobs_for_tests import run_inline
 from puyu.data_pipeline import config as C
 from puyu.data_pipeline import corpora, job, layout
 from puyu.data_pipeline.writers import read_docs
+
 
 
 def real_config() -> C.DataJobConfig:
@@ -56,7 +58,7 @@ def test_data_job_end_to_end_then_kill_and_rerun(tmp_path):
     stages = job.build_data_stages(cfg)
     assert [s.shards for s in stages] == [4, 4, 4, 1, 4, 1, 4, 1]
     clean = tmp_path / "clean"
-    job.run_in_process(pickle.loads(pickle.dumps(stages)), clean)
+    run_inline(pickle.loads(pickle.dumps(stages)), clean)
 
     summary = json.loads((clean / layout.SUMMARY / "summary.json").read_text())
     dataset = IndexedDataset(str(clean / layout.SUMMARY / "corpus"))
@@ -101,7 +103,7 @@ def test_data_job_end_to_end_then_kill_and_rerun(tmp_path):
     proc.wait()
     assert not (out_dir / "00001.jsonl.zst").exists()  # nothing half-written under a final name
     assert list(out_dir.glob(".00001.*.tmp"))
-    job.run_in_process(stages, killed)
+    run_inline(stages, killed)
     assert not list(out_dir.glob(".00001.*.tmp"))
     clean_files, killed_files = data_files(clean), data_files(killed)
     assert clean_files.keys() == killed_files.keys()
@@ -113,9 +115,9 @@ def test_rerun_skips_finished_tasks(tmp_path):
     cfg.inputs = cfg.inputs[:1]
     cfg.inputs[0].max_docs = 400
     stages = job.build_data_stages(cfg)
-    job.run_in_process(stages, tmp_path)
+    run_inline(stages, tmp_path)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    job.run_in_process(stages, tmp_path)
+    run_inline(stages, tmp_path)
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert np.all([s.pending_ranks(tmp_path) == [] for s in stages])
 

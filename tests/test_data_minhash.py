@@ -11,9 +11,11 @@ from datasketch import MinHash
 from datasketch.lsh import _optimal_param
 from scipy import sparse
 
+from jobs_for_tests import run_inline
 from puyu.data_pipeline import config as C
 from puyu.data_pipeline import corpora, dedup, job, layout, minhash
 from puyu.data_pipeline.writers import read_docs
+
 
 ZH = ["我们的数据处理流程会读取文本，过滤低质量内容，然后去除重复的文档。",
       "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "中文 and English 混合 text 测试 一下",
@@ -74,7 +76,7 @@ def test_near_dedup_quality_on_debian_copyright(tmp_path):
                           filters=filters)
     stages = [s for s in job.build_data_stages(cfg)
               if s.name in (layout.READ_FILTER, layout.SIGNATURES, layout.BUCKETS, layout.CLUSTERS)]
-    job.run_in_process(stages, tmp_path)
+    run_inline(stages, tmp_path)
 
     docs = [((n << 32) | i, d.text) for n, p in layout.numbered_files(tmp_path / layout.READ_FILTER / "out", ".jsonl.zst")
             for i, d in enumerate(read_docs(p))]
