@@ -31,8 +31,14 @@ def _fwd_bwd(fn, inputs, grads):
     torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
 
 
+def _matmuls_only(h, w):
+    """The three matmuls any linear + cross-entropy forward+backward must run: the floor both share."""
+    logits = h @ w.T  # [N, V]
+    return logits @ w, logits.T @ h
+
+
 def _cases(dtype):
-    """(name, fused fn, reference fn, inputs) at 1.8b-like shapes: 8k tokens of hidden 2048."""
+    """(name, shape, fused fn, reference fn, inputs, floor fn or None) at 1.8b-like shapes."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -42,35 +48,41 @@ def _cases(dtype):
     cos, sin = angles.cos(), angles.sin()
     target = torch.randint(0, VOCAB, (CE_TOKENS,), generator=g)
     yield ("rms_norm", "x [8192, 2048]", lambda x, w: ops.rms_norm(x, w, 1e-5),
-           lambda x, w: ops.rms_norm_reference(x, w, 1e-5), [rand(8192, 2048), rand(2048)])
+           lambda x, w: ops.rms_norm_reference(x, w, 1e-5), [rand(8192, 2048), rand(2048)], None)
     yield ("rope", "q [4, 1024, 16, 128], k [4, 1024, 8, 128]", lambda q, k: ops.apply_rope(q, k, cos, sin),
-           lambda q, k: ops.rope_reference(q, k, cos, sin), [rand(4, 1024, 16, 128), rand(4, 1024, 8, 128)])
-    yield ("swiglu", "gate, up [4096, 8192]", ops.swiglu, ops.swiglu_reference, [rand(4096, 8192), rand(4096, 8192)])
+           lambda q, k: ops.rope_reference(q, k, cos, sin), [rand(4, 1024, 16, 128), rand(4, 1024, 8, 128)], None)
+    yield ("swiglu", "gate, up [4096, 8192]", ops.swiglu, ops.swiglu_reference, [rand(4096, 8192), rand(4096, 8192)],
+           None)
     if dtype == torch.float32:
         yield ("cross_entropy", f"hidden [{CE_TOKENS}, {CE_DIM}], vocab {VOCAB}",
                lambda h, w: ops.linear_cross_entropy(h, w, target),
                lambda h, w: ops.linear_cross_entropy_reference(h, w, target),
-               [rand(CE_TOKENS, CE_DIM) * 0.1, rand(VOCAB, CE_DIM) * 0.1])
+               [rand(CE_TOKENS, CE_DIM) * 0.1, rand(VOCAB, CE_DIM) * 0.1], _matmuls_only)
 
 
 def time_ops(repeat: int) -> list[float]:
     ratios = []
     for dtype in (torch.float32, torch.bfloat16):
-        for name, shape, fused, reference, inputs in _cases(dtype):
+        for name, shape, fused, reference, inputs, floor in _cases(dtype):
             with torch.no_grad():
                 outs = reference(*inputs)
             grads = tuple(torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,)))
-            times = {"fused": [], "reference": []}
+            times = {"fused": [], "reference": [], "floor": []}
+            runs = [("fused", lambda: _fwd_bwd(fused, inputs, grads)),
+                    ("reference", lambda: _fwd_bwd(reference, inputs, grads))]
+            if floor is not None:
+                runs.append(("floor", lambda: floor(*inputs)))
             for i in range(repeat + 1):
-                for label, fn in (("fused", fused), ("reference", reference)):
+                for label, run in runs:
                     start = time.perf_counter()
-                    _fwd_bwd(fn, inputs, grads)
+                    run()
                     if i:  # the first round is warm-up
                         times[label].append(time.perf_counter() - start)
             f, r = statistics.median(times["fused"]), statistics.median(times["reference"])
             ratios.append(r / f)
+            extra = f", the 3 matmuls alone {statistics.median(times['floor']) * 1e3:.1f} ms" if floor else ""
             print(f"{name} {str(dtype).removeprefix('torch.')} {shape}: fused {f * 1e3:.1f} ms, "
-                  f"reference {r * 1e3:.1f} ms -> {r / f:.2f}x (goal {SPEED_GOAL}x)", flush=True)
+                  f"reference {r * 1e3:.1f} ms{extra} -> {r / f:.2f}x (goal {SPEED_GOAL}x)", flush=True)
     return ratios
 
 
