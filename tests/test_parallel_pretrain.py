@@ -144,3 +144,19 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout_naming_the_rank(shards,
     with pytest.raises(StageFailed, match=r"rank 0/2: a collective timed out after 5 s"):
         Pipeline([Stage("pretrain", task)], tmp_path, ClusterConfig(kind=ClusterKind.local, tasks_per_node=2,
                                                                     time_min=10), LauncherConfig(poll_s=0.5)).run()
+
+
+def test_export_after_sharded_training_is_the_single_process_model(shards, tmp_path):
+    """PP2 training exports one single-device safetensors model equal to the one a single process trains."""
+    from puyu.model import Transformer, load_model
+
+    exported = {}
+    for name, layout, tasks in (("single", {}, 1), ("pp2", {"pp": 2}, 2)):
+        cfg = config(shards, steps=3, **layout)
+        cfg.train.export = True
+        train(cfg, tmp_path / name, tasks)
+        model = load_model(Transformer(cfg.model.args()), tmp_path / name / "pretrain" / "model")
+        exported[name] = model.state_dict()
+    assert exported["single"].keys() == exported["pp2"].keys()
+    for key, value in exported["single"].items():
+        torch.testing.assert_close(exported["pp2"][key], value, rtol=1e-4, atol=1e-6, msg=key)
