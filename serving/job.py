@@ -84,6 +84,8 @@ class InferTask:
                 records[i] = {"index": i, "error": str(exc)}
                 continue
             prompts.append(prompt), params.append(p), ids.append(req_id), where.append(i)
+        print(f"infer task {ctx.rank}/{ctx.world_size}: lines {mine.start}-{mine.stop - 1}, {len(prompts)} requests, "
+              f"{len(mine) - len(prompts)} invalid; generating", flush=True)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params) if prompts else []
         seconds = time.perf_counter() - t0
