@@ -69,18 +69,47 @@ def _state(parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]
     return {"model": model_sd, "optim": optim_sd}
 
 
-def save(root: Path, step: int, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
-         extra: dict[str, Any], keep: int = 2) -> Path:
-    """Write a checkpoint of every rank's shards; ``extra`` (JSON: step, consumed samples...) goes in the record."""
-    path = step_dir(root, step)
-    dcp.save(_state(parts, optimizers), checkpoint_id=str(path))
-    _barrier()
-    if _rank() == 0:
-        atomic_write_text(path / COMPLETE, json.dumps({"step": step, **extra}, sort_keys=True) + "\n")
-        _prune(Path(root), keep)
-    _barrier()
-    log.info("checkpoint step %d saved to %s", step, path)
-    return path
+class Checkpointer:
+    """Saves this rank's shards every so often; with ``async_save`` the writing overlaps training.
+
+    An async save returns once the state is staged (copied) in memory and writes in a background
+    thread over its own gloo group; its completion record is written when the next save starts or
+    :meth:`wait` is called, after every rank's write finished. Either way the record comes last.
+    """
+
+    def __init__(self, root: Path, keep: int = 2, async_save: bool = False):
+        self.root, self.keep, self.async_save = Path(root), keep, async_save
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._pending: Optional[tuple[Any, Path, dict]] = None
+
+    def save(self, step: int, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
+             extra: dict[str, Any]) -> Path:
+        """Checkpoint ``step``; ``extra`` (JSON: consumed samples...) goes into the completion record."""
+        self.wait()
+        path, record = step_dir(self.root, step), {"step": step, **extra}
+        state = _state(parts, optimizers)
+        if self.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(path), process_group=self._group), path, record)
+        else:
+            dcp.save(state, checkpoint_id=str(path))
+            self._complete(path, record)
+        return path
+
+    def wait(self) -> None:
+        """Finish the async save in flight, if any, and record it complete."""
+        if self._pending is not None:
+            future, path, record = self._pending
+            self._pending = None
+            future.result()
+            self._complete(path, record)
+
+    def _complete(self, path: Path, record: dict) -> None:
+        _barrier()
+        if _rank() == 0:
+            atomic_write_text(path / COMPLETE, json.dumps(record, sort_keys=True) + "\n")
+            _prune(self.root, self.keep)
+        _barrier()
+        log.info("checkpoint step %d saved to %s", record["step"], path)
 
 
 def load(path: Path, parts: list[torch.nn.Module], optimizers: Optional[list[torch.optim.Optimizer]]) -> dict:

@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 25
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True  # write checkpoints in the background while training goes on
     nan_policy: str = "stop"  # stop: fail naming the step | skip: drop that step's update
     collective_timeout_s: int = 600
     peak_tflops: Optional[float] = None  # per device, for MFU (e.g. 989 for H100/H200 bf16 dense)

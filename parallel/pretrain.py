@@ -110,6 +110,7 @@ class PretrainTask:
         params = [q for s in stages for q in s.parameters()]
         optimizers = [self._optimizer(s) for s in stages]  # one per stage: checkpoints merge them by name
         ckpt_root = ctx.stage_dir / "checkpoints"
+        checkpointer = checkpoint.Checkpointer(ckpt_root, t.keep_checkpoints, t.async_checkpoint)
         start_step, consumed = 0, 0
         latest = checkpoint.latest_complete(ckpt_root)
         if latest is not None:
@@ -123,7 +124,7 @@ class PretrainTask:
         last_loss = float("nan")
         for step in range(start_step, t.steps):
             if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
-                self._stop_for_requeue(ckpt_root, step, stages, optimizers, batches, env, previous_handler)
+                self._stop_for_requeue(checkpointer, step, stages, optimizers, batches, env, previous_handler)
             lr = cfg.optim.lr_at(step, t.steps)
             for group in (g for opt in optimizers for g in opt.param_groups):
                 group["lr"] = lr
@@ -152,8 +153,8 @@ class PretrainTask:
                              "tokens_per_s": tokens_per_s, "mfu": mfu(tokens_per_s, flops, t.peak_tflops,
                                                                     dims.world_size)})
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-                checkpoint.save(ckpt_root, step + 1, stages, optimizers,
-                                {"consumed_samples": batches.consumed_samples}, t.keep_checkpoints)
+                checkpointer.save(step + 1, stages, optimizers, {"consumed_samples": batches.consumed_samples})
+        checkpointer.wait()
         if metrics:
             metrics.close()
         return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe()}
@@ -233,10 +234,10 @@ class PretrainTask:
                 torch._foreach_mul_(grads, coef)
         return norm
 
-    def _stop_for_requeue(self, ckpt_root, step, stages, optimizers, batches, env, previous_handler) -> None:
+    def _stop_for_requeue(self, checkpointer, step, stages, optimizers, batches, env, previous_handler) -> None:
         log.warning("rank %d: time limit or preemption signalled; checkpointing step %d and requeueing", env.rank, step)
-        checkpoint.save(ckpt_root, step, stages, optimizers, {"consumed_samples": batches.consumed_samples},
-                        self.cfg.train.keep_checkpoints)
+        checkpointer.save(step, stages, optimizers, {"consumed_samples": batches.consumed_samples})
+        checkpointer.wait()
         if env.rank == 0 and callable(previous_handler):
             previous_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
         time.sleep(300)  # other ranks: wait for the requeue to end the job
