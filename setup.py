@@ -40,7 +40,7 @@ def fused_ops_extension() -> dict:
     except ImportError:
         return {}
     sources = ["csrc/bindings.cpp", *sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc/cpu").glob("*.cpp"))]
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++20", "-fno-trapping-math"]  # no FP traps: lets loops vectorise
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no FP traps: lets loops vectorise
     cpuinfo = Path("/proc/cpuinfo")
     host_flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
     if {"avx2", "fma"} <= host_flags:  # puyu.model.ops refuses this build on a CPU without AVX2
@@ -48,7 +48,7 @@ def fused_ops_extension() -> dict:
     with_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
     if with_cuda:
         sources += sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc/cuda").glob("*.cu"))
-        ext_cls, extra = cpp_extension.CUDAExtension, {"nvcc": ["-O3", "-std=c++20"]}
+        ext_cls, extra = cpp_extension.CUDAExtension, {"nvcc": ["-O3"]}
         cxx_flags.append("-DWITH_CUDA")
         extra["nvcc"].append("-DWITH_CUDA")
     else:
