@@ -166,3 +166,22 @@ def test_ctrl_c_cancels_the_pipelines_jobs(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     wait_for(lambda: squeue_state(job_id) == "", 30, "the job to leave the queue")
+
+
+def test_preempted_job_checkpoints_and_requeues(tmp_path):
+    # the whole cluster runs a checkpointable job in the preemptible partition; a job in "high"
+    # takes it over: Slurm signals the low job, which checkpoints, requeues, and later finishes
+    pipeline = Pipeline([Stage("train", J.StepCounter(steps=40, step_s=0.5))], tmp_path,
+                        slurm(partition="low", exclusive=True), LauncherConfig(poll_s=0.5))
+    thread, outcome = start_in_thread(pipeline)
+    state_path = tmp_path / "train" / "state-0.json"
+    wait_for(lambda: state_path.exists() and json.loads(state_path.read_text())["step"] >= 3, 60, "step 3")
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N", "4", "--exclusive", "-o", "/dev/null",
+                           "--wrap", "sleep 2"], capture_output=True, text=True, check=True).stdout.strip()
+    thread.join(240)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    state = outcome["results"]["train"][0]
+    assert state["step"] == 40 and state["checkpoints"] >= 1, state
+    assert len(state["starts"]) >= 2 and state["starts"][1]["step"] > 0, state
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", high, "-o", "State"], capture_output=True, text=True)
+    assert out.stdout.split()[0] == "COMPLETED", out.stdout
