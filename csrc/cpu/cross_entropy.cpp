@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 
 #include <limits>
+#include <type_traits>
 
 #include "../fused_ops.h"
 #include "common.h"
@@ -29,13 +30,31 @@ void ce_chunk_kernel(scalar_t* lp, const int64_t* tp, acc_t* loss, int64_t C, in
       acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
       for (int64_t j = 0; j < V; ++j) m = std::max(m, static_cast<acc_t>(x[j]));
+      const acc_t x_target = static_cast<acc_t>(x[t]);
       acc_t s = 0;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // Full-precision logits: keep exp(x - m) in place, so the gradient pass is a multiply.
+        if (with_grad) {
+#pragma omp simd reduction(+ : s)
+          for (int64_t j = 0; j < V; ++j) {
+            x[j] = cpu::vexp(x[j] - m);
+            s += x[j];
+          }
+          const acc_t factor = scale / s;
+#pragma omp simd
+          for (int64_t j = 0; j < V; ++j) x[j] *= factor;
+          x[t] -= scale;
+          loss[i] = m + std::log(s) - x_target;
+          continue;
+        }
+      }
 #pragma omp simd reduction(+ : s)
       for (int64_t j = 0; j < V; ++j) s += cpu::vexp(static_cast<acc_t>(x[j]) - m);
       const acc_t lse = m + std::log(s);
-      loss[i] = lse - static_cast<acc_t>(x[t]);
+      loss[i] = lse - x_target;
       if (!with_grad) continue;
-      const acc_t p_target = cpu::vexp(static_cast<acc_t>(x[t]) - lse);
+      // Low-precision logits: recompute exp from the unrounded logits rather than store it rounded.
+      const acc_t p_target = cpu::vexp(x_target - lse);
 #pragma omp simd
       for (int64_t j = 0; j < V; ++j) x[j] = static_cast<scalar_t>(cpu::vexp(static_cast<acc_t>(x[j]) - lse) * scale);
       x[t] = static_cast<scalar_t>((p_target - acc_t(1)) * scale);
