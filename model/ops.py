@@ -203,11 +203,10 @@ def _ce_chunk_torch(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_rows, use_ext):
+    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_rows, use_ext, with_grad):
         n_tokens = hidden.shape[0]
         n_valid = int((target != ignore_index).sum())
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         kernel = _ext.ce_chunk if use_ext else _ce_chunk_torch
         opmath = _opmath(hidden.dtype)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
@@ -235,7 +234,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() needs no [V, D] copy
             grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -261,6 +260,9 @@ def linear_cross_entropy(
         rows = CE_CHUNK_BYTES // (4 * weight.shape[0])
         chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
     use_ext = _use_ext(True, hidden)
+    # Decided here: inside forward grad mode is off, so evaluation would otherwise pay for gradients.
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(
-        hidden.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, reduction, chunk_rows, use_ext
+        hidden.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, reduction, chunk_rows, use_ext,
+        with_grad,
     )

@@ -102,6 +102,25 @@ def test_linear_cross_entropy_matches_reference(dtype, reduction, n_tokens, voca
 
 
 @pytest.mark.parametrize("use_ext", [False, pytest.param(True, marks=needs_ext)])
+def test_linear_cross_entropy_under_no_grad(monkeypatch, use_ext):
+    """Evaluation: no gradient work (the kernel is asked for none) and the same loss."""
+    hidden, weight = torch.randn(20, 16, requires_grad=True), torch.randn(300, 16, requires_grad=True)
+    target = torch.randint(0, 300, (20,))
+    kernel = ops._ext.ce_chunk if use_ext else ops._ce_chunk_torch
+    asked = []
+    spy = lambda *a: asked.append(a[-1]) or kernel(*a)  # noqa: E731
+    monkeypatch.setattr(ops, "_ce_chunk_torch", spy)
+    if use_ext:
+        monkeypatch.setattr(ops._ext, "ce_chunk", spy)
+    else:
+        monkeypatch.setattr(ops, "_use_ext", lambda fused, t: False)
+    with torch.no_grad():
+        loss = ops.linear_cross_entropy(hidden, weight, target, chunk_rows=8)
+    assert asked == [False, False, False] and loss.grad_fn is None
+    torch.testing.assert_close(loss, ops.linear_cross_entropy_reference(hidden, weight, target).detach())
+
+
+@pytest.mark.parametrize("use_ext", [False, pytest.param(True, marks=needs_ext)])
 def test_cross_entropy_chunk_kernel_contract(use_ext):
     """The per-chunk kernel (extension or torch) leaves grad_scale * (softmax - onehot) in the logits."""
     logits = torch.randn(6, 50, dtype=torch.float64)
