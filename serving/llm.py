@@ -18,7 +18,7 @@ from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.engine import Engine, engine_tensors, load_engine
-from puyu.serving.engine_model import EngineModel, PagedBatch
+from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.kv_cache import PagedKVCache
 from puyu.serving.sampling import sample_rows
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
@@ -177,26 +177,39 @@ class LLM:
     def _batch(self, chunks: list[Chunk], logits_rows: list[list[int]]) -> PagedBatch:
         """Flatten the step's chunks into one ragged batch (see ``PagedBatch``)."""
         bs = self.cfg.block_size
-        tokens, positions, slots, seq_of, off_of, logits_index = [], [], [], [], [], []
+        tokens, positions, slots, logits_index, starts = [], [], [], [], []
+        for c, rows in zip(chunks, logits_rows):
+            base = len(tokens)
+            starts.append(base)
+            pos = range(c.start, c.start + c.n)
+            tokens += c.seq.tokens[c.start:c.start + c.n]
+            positions += pos
+            slots += [c.seq.block_table[p // bs] * bs + p % bs for p in pos]
+            logits_index += [base + p - c.start for p in rows]
+        decode = [b for b, c in enumerate(chunks) if c.n == 1]
+        prefill = [b for b, c in enumerate(chunks) if c.n > 1]
+        groups = [self._group([chunks[b] for b in members], [starts[b] for b in members])
+                  for members in (decode, prefill) if members]
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        return PagedBatch(t(tokens), t(positions), t(slots), groups, t(logits_index))
+
+    def _group(self, chunks: list[Chunk], starts: list[int]) -> AttentionGroup:
+        bs = self.cfg.block_size
         tmax = max(c.n for c in chunks)
         mb = max(-(-(c.start + c.n) // bs) for c in chunks)
         qidx = torch.zeros(len(chunks), tmax, dtype=torch.long)
         qpos = torch.full((len(chunks), tmax), -1, dtype=torch.long)
         tables = torch.zeros(len(chunks), mb, dtype=torch.long)
-        for b, (c, rows) in enumerate(zip(chunks, logits_rows)):
-            seq, base = c.seq, len(tokens)
-            pos = range(c.start, c.start + c.n)
-            tokens += seq.tokens[c.start:c.start + c.n]
-            positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
-            seq_of += [b] * c.n
-            off_of += range(c.n)
-            logits_index += [base + p - c.start for p in rows]
+        token_index, seq_of, off_of = [], [], []
+        for b, (c, base) in enumerate(zip(chunks, starts)):
             qidx[b, : c.n] = torch.arange(base, base + c.n)
             qpos[b, : c.n] = torch.arange(c.start, c.start + c.n)
-            tables[b, : len(seq.block_table)] = torch.tensor(seq.block_table)
+            tables[b, : len(c.seq.block_table)] = torch.tensor(c.seq.block_table)
+            token_index += range(base, base + c.n)
+            seq_of += [b] * c.n
+            off_of += range(c.n)
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return PagedBatch(t(tokens), t(positions), t(slots), tables, qidx, qpos, t(seq_of), t(off_of), t(logits_index))
+        return AttentionGroup(tables, qidx, qpos, t(token_index), t(seq_of), t(off_of))
 
     def _after_step(self, sched: Scheduler, chunks: list[Chunk], logits_rows: list[list[int]], logits: torch.Tensor,
                     outputs: list[Optional[RequestOutput]]) -> int:
