@@ -20,18 +20,22 @@ from puyu.model.config import ModelArgs
 
 
 class PagedKVCache:
-    """Keys/values [L, num_blocks, block_size, Hk, d] in the model dtype, or int8 with one fp32 scale per
-    token and head (symmetric, absmax) when ``kv_dtype == "int8"``."""
+    """Keys/values [L, Hk, num_blocks, block_size, d] in the model dtype, or int8 with one fp32 scale per
+    token and head (symmetric, absmax) when ``kv_dtype == "int8"``.
+
+    Heads lead so that gathering a batch's blocks gives [Hk, B, S, d] contiguous: attention then runs
+    as batched matmuls over (Hk, B) without another copy of the keys and values.
+    """
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, kv_dtype: str = "fp"):
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         self.int8 = kv_dtype == "int8"
-        shape = (args.n_layers, num_blocks, block_size, args.n_kv_heads, args.head_dim)
+        shape = (args.n_layers, args.n_kv_heads, num_blocks, block_size, args.head_dim)
         store = torch.int8 if self.int8 else dtype
         self.k = torch.zeros(shape, dtype=store)
         self.v = torch.zeros(shape, dtype=store)
         if self.int8:
-            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)  # [L, nb, bs, Hk]
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)  # [L, Hk, nb, bs]
             self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
 
     @staticmethod
@@ -48,25 +52,27 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v [N, Hk, d] at flat slots [N]."""
-        flat_k = self.k[layer].view(-1, *self.k.shape[3:])  # [nb * bs, Hk, d]
-        flat_v = self.v[layer].view(-1, *self.v.shape[3:])
-        if not self.int8:
-            flat_k[slots], flat_v[slots] = k.to(self.dtype), v.to(self.dtype)
-            return
-        for t, flat, scale in ((k, flat_k, self.k_scale), (v, flat_v, self.v_scale)):
-            s = (t.float().abs().amax(dim=-1) / 127.0).clamp(min=1e-8)  # [N, Hk]
-            flat[slots] = torch.round(t.float() / s[..., None]).clamp(-127, 127).to(torch.int8)
-            scale[layer].view(-1, scale.shape[-1])[slots] = s
+        Hk, d = self.k.shape[1], self.k.shape[-1]
+        for t, store, scale in ((k, self.k, "k_scale"), (v, self.v, "v_scale")):
+            flat = store[layer].view(Hk, -1, d)  # [Hk, nb * bs, d]
+            t = t.transpose(0, 1)  # [Hk, N, d]
+            if not self.int8:
+                flat.index_copy_(1, slots, t.to(self.dtype))
+                continue
+            s = (t.float().abs().amax(dim=-1) / 127.0).clamp(min=1e-8)  # [Hk, N]
+            flat.index_copy_(1, slots, torch.round(t.float() / s[..., None]).clamp(-127, 127).to(torch.int8))
+            getattr(self, scale)[layer].view(Hk, -1).index_copy_(1, slots, s)
 
     def gather(self, layer: int, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, Hk, max_blocks * block_size, d] of the blocks in block_tables [B, max_blocks]."""
+        """Keys and values [Hk, B, max_blocks * block_size, d] of the blocks in block_tables [B, max_blocks]."""
         B = block_tables.shape[0]
+        flat_tables = block_tables.reshape(-1)
         out = []
         for store, scale in ((self.k, "k_scale"), (self.v, "v_scale")):
-            t = store[layer][block_tables]  # [B, mb, bs, Hk, d]
+            t = store[layer].index_select(1, flat_tables)  # [Hk, B * mb, bs, d]
             if self.int8:
-                t = t.to(self.dtype) * getattr(self, scale)[layer][block_tables][..., None].to(self.dtype)
-            out.append(t.reshape(B, -1, t.shape[-2], t.shape[-1]).transpose(1, 2))
+                t = t.to(self.dtype) * getattr(self, scale)[layer].index_select(1, flat_tables)[..., None].to(self.dtype)
+            out.append(t.view(t.shape[0], B, -1, t.shape[-1]))
         return out[0], out[1]
 
 

@@ -25,6 +25,7 @@ from puyu.serving.scheduler import Chunk, Scheduler, Sequence
 from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt
 
 Prompt = Union[str, list[int]]
+DECODE_BUCKET = 64  # decode sequences per attention group
 
 
 @dataclasses.dataclass
@@ -186,10 +187,12 @@ class LLM:
             positions += pos
             slots += [c.seq.block_table[p // bs] * bs + p % bs for p in pos]
             logits_index += [base + p - c.start for p in rows]
-        decode = [b for b, c in enumerate(chunks) if c.n == 1]
+        # decode rows by context length, in buckets, so few are padded far beyond their own length
+        decode = sorted((b for b, c in enumerate(chunks) if c.n == 1), key=lambda b: chunks[b].start)
+        buckets = [decode[i:i + DECODE_BUCKET] for i in range(0, len(decode), DECODE_BUCKET)]
         prefill = [b for b, c in enumerate(chunks) if c.n > 1]
         groups = [self._group([chunks[b] for b in members], [starts[b] for b in members])
-                  for members in (decode, prefill) if members]
+                  for members in buckets + [prefill] if members]
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return PagedBatch(t(tokens), t(positions), t(slots), groups, t(logits_index))
 
