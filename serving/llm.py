@@ -197,22 +197,21 @@ class LLM:
         return PagedBatch(t(tokens), t(positions), t(slots), groups, t(logits_index))
 
     def _group(self, chunks: list[Chunk], starts: list[int]) -> AttentionGroup:
+        """Padded per-sequence views of some of the step's chunks (built as lists: one tensor each)."""
         bs = self.cfg.block_size
         tmax = max(c.n for c in chunks)
         mb = max(-(-(c.start + c.n) // bs) for c in chunks)
-        qidx = torch.zeros(len(chunks), tmax, dtype=torch.long)
-        qpos = torch.full((len(chunks), tmax), -1, dtype=torch.long)
-        tables = torch.zeros(len(chunks), mb, dtype=torch.long)
-        token_index, seq_of, off_of = [], [], []
+        qidx, qpos, tables, token_index, seq_of, off_of = [], [], [], [], [], []
         for b, (c, base) in enumerate(zip(chunks, starts)):
-            qidx[b, : c.n] = torch.arange(base, base + c.n)
-            qpos[b, : c.n] = torch.arange(c.start, c.start + c.n)
-            tables[b, : len(c.seq.block_table)] = torch.tensor(c.seq.block_table)
+            pad = tmax - c.n
+            qidx.append(list(range(base, base + c.n)) + [0] * pad)
+            qpos.append(list(range(c.start, c.start + c.n)) + [-1] * pad)
+            tables.append(c.seq.block_table + [0] * (mb - len(c.seq.block_table)))
             token_index += range(base, base + c.n)
             seq_of += [b] * c.n
             off_of += range(c.n)
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return AttentionGroup(tables, qidx, qpos, t(token_index), t(seq_of), t(off_of))
+        return AttentionGroup(t(tables), t(qidx), t(qpos), t(token_index), t(seq_of), t(off_of))
 
     def _after_step(self, sched: Scheduler, chunks: list[Chunk], logits_rows: list[list[int]], logits: torch.Tensor,
                     outputs: list[Optional[RequestOutput]]) -> int:
