@@ -111,3 +111,19 @@ def test_bad_job_config_is_one_clear_line(engine, tmp_path):
         build_infer_stages(InferJobConfig(kind="infer"))
     with pytest.raises(ServingError, match="not found"):
         build_infer_stages(InferJobConfig(kind="infer", engine=str(engine), input=str(tmp_path / "nope.jsonl")))
+
+
+def test_job_configs_are_omegaconf_structured_configs():
+    from omegaconf import OmegaConf
+
+    from puyu.serving.config import BuildEngineJobConfig
+
+    conf = OmegaConf.merge(OmegaConf.structured(InferJobConfig(kind="infer")),
+                           OmegaConf.from_dotlist(["sampling.temperature=0.5", "runtime.kv_dtype=int8", "shards=8"]))
+    cfg = OmegaConf.to_object(conf)
+    assert isinstance(cfg.sampling, SamplingParams) and cfg.sampling.temperature == 0.5 and cfg.shards == 8
+    build = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BuildEngineJobConfig(kind="build_engine")),
+                                                OmegaConf.from_dotlist(["build.quant=w4"])))
+    assert build.build.quant == "w4"
+    with pytest.raises(Exception, match="temprature"):
+        OmegaConf.merge(OmegaConf.structured(InferJobConfig(kind="infer")), OmegaConf.from_dotlist(["sampling.temprature=1"]))
