@@ -83,7 +83,10 @@ class InferTask:
             except ServingError as exc:
                 records[i] = {"index": i, "error": str(exc)}
                 continue
-            prompts.append(prompt), params.append(p), ids.append(req_id), where.append(i)
+            prompts.append(prompt)
+            params.append(p)
+            ids.append(req_id)
+            where.append(i)
         print(f"infer task {ctx.rank}/{ctx.world_size}: lines {mine.start}-{mine.stop - 1}, {len(prompts)} requests, "
               f"{len(mine) - len(prompts)} invalid; generating", flush=True)
         t0 = time.perf_counter()

@@ -116,7 +116,8 @@ class LLM:
             try:
                 prompts.append(chat_prompt(conv))
             except ServingError as exc:
-                prompts.append(""), errors.setdefault(i, str(exc))
+                prompts.append("")  # served as an empty prompt's error, then replaced below
+                errors[i] = str(exc)
         params = [dataclasses.replace(p, stop=list(p.stop) + [IM_END]) for p in params]
         outs = self.generate(prompts, params)
         for i, msg in errors.items():
