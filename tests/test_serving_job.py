@@ -127,3 +127,34 @@ def test_job_configs_are_omegaconf_structured_configs():
     assert build.build.quant == "w4"
     with pytest.raises(Exception, match="temprature"):
         OmegaConf.merge(OmegaConf.structured(InferJobConfig(kind="infer")), OmegaConf.from_dotlist(["sampling.temprature=1"]))
+
+
+@pytest.fixture(params=["local", "slurm"])
+def array_kind(request):
+    if request.param == "slurm":
+        request.getfixturevalue("slurm_cluster")  # skips (or fails under make test) without the cluster
+    return ClusterKind(request.param)
+
+
+@pytest.mark.slow
+def test_thousand_real_prompts_as_a_4_way_array_then_rerun_of_a_lost_task(engine, tmp_path, array_kind):
+    texts = wiki_texts()[6000:7100]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": " ".join(t.split()[: 5 + i % 40])}) + "\n"
+                            for i, t in enumerate(texts)))
+    cfg = config(engine, path)
+    cluster = ClusterConfig(kind=array_kind, time_min=20, signal_delay_s=30)
+    run_dir = tmp_path / "run"
+    results = Pipeline(build_infer_stages(cfg), run_dir, cluster, LauncherConfig(poll_s=1.0)).run()
+    assert len(results["infer"]) == 4 and all(r["tokens_per_s"] > 0 for r in results["infer"])
+    first = (run_dir / "infer" / "outputs.jsonl").read_bytes()
+    records = [json.loads(ln) for ln in first.decode().splitlines()]
+    assert [r["id"] for r in records] == list(range(len(texts))) and not any("error" in r for r in records)
+    # task 2 lost (its part and marker gone, as after a node failure) and the merge redone: only it reruns
+    (run_dir / "infer" / "parts" / "00002.jsonl").unlink()
+    (run_dir / "infer" / "completions" / "00002").unlink()
+    (run_dir / "infer_merge" / "completions" / "00000").unlink()
+    kept = {r: (run_dir / "infer" / "parts" / f"{r:05d}.jsonl").stat().st_mtime_ns for r in (0, 1, 3)}
+    Pipeline(build_infer_stages(cfg), run_dir, cluster, LauncherConfig(poll_s=1.0)).run()
+    assert {r: (run_dir / "infer" / "parts" / f"{r:05d}.jsonl").stat().st_mtime_ns for r in (0, 1, 3)} == kept
+    assert (run_dir / "infer" / "outputs.jsonl").read_bytes() == first
