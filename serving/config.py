@@ -75,7 +75,7 @@ class RuntimeConfig:
     block_size: int = 16
     num_blocks: int = 0  # > 0 overrides kv_cache_mb
     kv_cache_mb: int = 256
-    kv_dtype: str = "fp"  # fp (the weights' dtype) | int8 (per token and head scales)
+    kv_dtype: str = "fp"  # fp: the engine's build.kv (the weights' dtype unless built int8) | int8: per token and head scales
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
     prefix_caching: bool = True

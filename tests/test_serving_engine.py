@@ -10,7 +10,7 @@ import torch
 from puyu.launcher.stage import TaskContext
 from puyu.model import Transformer, export_llama, generate, get_flavor, save_model
 from puyu.serving.build import build_engine, build_engine_stages
-from puyu.serving.config import BuildConfig, BuildEngineJobConfig, SamplingParams, ServingError
+from puyu.serving.config import BuildConfig, BuildEngineJobConfig, RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.engine import load_engine
 from puyu.serving.llm import LLM
 from puyu.serving.quant import awq_search, dequantize, quantize
@@ -143,3 +143,14 @@ def test_quantized_perplexity_on_held_out_text_for_a_trained_model(tmp_path):
     assert reports["w4"]["size_bytes"] < reports["w8"]["size_bytes"]
     out = LLM(tmp_path / "w4").generate(["The history of"], SamplingParams(max_tokens=8))[0]
     assert out.error is None and out.text is not None
+
+
+def test_build_kv_int8_is_the_runtime_default(model, checkpoints, tmp_path):
+    build(checkpoints / "puyu", tmp_path / "e", kv="int8")
+    llm = LLM(tmp_path / "e")
+    assert llm.kv_dtype == "int8" and llm.cache.k.dtype == torch.int8
+    build(checkpoints / "puyu", tmp_path / "fp")  # an fp build: the runtime config can still ask for int8
+    assert LLM(tmp_path / "fp").cache.k.dtype == torch.float32
+    assert LLM(tmp_path / "fp", runtime=RuntimeConfig(kv_dtype="int8")).cache.k.dtype == torch.int8
+    out = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert out.error is None and len(out.token_ids) == 3
