@@ -70,6 +70,8 @@ class LLM:
             raise ServingError(f"runtime: kv_cache_mb={self.cfg.kv_cache_mb} holds no {self.block_bytes}-byte block")
         self.cache = PagedKVCache(self.args, self.num_blocks, bs, engine.dtype, self.kv_dtype)
         self.max_model_len = min(self.cfg.max_model_len or engine.max_seq_len, engine.max_seq_len)
+        # one scheduler for the runtime's life, so cached prefix blocks outlive a generate() call
+        self.scheduler = Scheduler(self.cfg, self.num_blocks)
         self.stats: dict = {}
 
     @classmethod
@@ -137,22 +139,27 @@ class LLM:
                  ) -> list[RequestOutput]:
         params = self._params(sampling, len(prompts))
         outputs: list[Optional[RequestOutput]] = [None] * len(prompts)
-        sched = Scheduler(self.cfg, self.num_blocks)
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            try:
-                sched.add(self._sequence(i, prompt, p))
-            except ServingError as exc:
-                outputs[i] = RequestOutput(i, error=str(exc))
+        sched = self.scheduler
+        sched.reset_counters()
         t0, steps, out_tokens = time.perf_counter(), 0, 0
-        while sched.has_work():
-            chunks = sched.schedule()
-            if not chunks:
-                raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
-            logits_rows = self._logits_rows(chunks)
-            batch = self._batch(chunks, logits_rows)
-            logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
-            steps += 1
-            out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                try:
+                    sched.add(self._sequence(i, prompt, p))
+                except ServingError as exc:
+                    outputs[i] = RequestOutput(i, error=str(exc))
+            while sched.has_work():
+                chunks = sched.schedule()
+                if not chunks:
+                    raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
+                logits_rows = self._logits_rows(chunks)
+                batch = self._batch(chunks, logits_rows)
+                logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
+                steps += 1
+                out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
+        except BaseException:
+            sched.abort_all()
+            raise
         elapsed = time.perf_counter() - t0
         self.stats = {"requests": len(prompts), "steps": steps, "output_tokens": out_tokens,
                       "seconds": elapsed, "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,

@@ -73,6 +73,19 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
 
+    def reset_counters(self) -> None:
+        """Start the statistics of a new ``generate`` call (cached blocks are kept)."""
+        self.preemptions = 0
+        self.allocator.prefix_hits = 0
+        self.allocator.peak_used = self.allocator.num_used
+
+    def abort_all(self) -> None:
+        """Drop every unfinished sequence (a failed ``generate`` must not leak into the next one)."""
+        for seq in self.running:
+            self.allocator.release(seq.block_table)
+        self.running.clear()
+        self.waiting.clear()
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 

@@ -60,9 +60,11 @@ def test_greedy_equals_reference_with_paging_prefix_caching_and_chunked_prefill(
     for i, (p, o) in enumerate(zip(prompts, outs)):
         assert o.error is None and o.finish_reason == "length"
         assert o.token_ids == reference(model, p), f"prompt {i} ({len(p)} tokens) differs from the reference"
-    # and the same requests again: now every shared block comes from the cache of the first run's blocks
+    # and the same requests again: cached blocks of the first call serve the second
+    first_hits = llm.stats["prefix_cache_block_hits"]
     again = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    assert llm.stats["prefix_cache_block_hits"] > first_hits
 
 
 def test_prompt_and_output_logprobs_are_the_models(model, prompts):
@@ -155,3 +157,14 @@ def test_chat_template_is_internlm2(model, tokenizer):
                     SamplingParams(max_tokens=3, ignore_eos=True))
     assert outs[0].prompt_token_ids == tokenizer.encode(chat_prompt([{"role": "user", "content": "Hi"}]))
     assert "messages[0]" in outs[1].error
+
+
+def test_a_failed_generate_leaves_the_runtime_usable(model, prompts, monkeypatch):
+    llm = LLM.from_model(model, runtime=RuntimeConfig(block_size=8, num_blocks=64))
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    with monkeypatch.context() as m:
+        m.setattr(llm.model, "forward_paged", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompts[:4], sp)
+    assert not llm.scheduler.has_work() and llm.scheduler.allocator.num_free == 64
+    assert [o.token_ids for o in llm.generate(prompts[:2], sp)] == [reference(model, p, 4) for p in prompts[:2]]
