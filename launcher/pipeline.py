@@ -159,8 +159,22 @@ class Pipeline:
                  ",".join(sub.job_ids()[:4]) + ("…" if len(jobs) > 4 else ""), self.run_dir / stage.name / "logs")
         return sub
 
+    def _alive(self, sub: Submitted) -> bool:
+        """Whether any job of the stage still runs or will run again.
+
+        submitit calls a job done once a result file exists, but a task of a multi-process job that
+        failed while its job was being requeued (its peer killed first) leaves one behind; Slurm's
+        own state decides whether the job is really over.
+        """
+        if not all(j.done() for j in sub.jobs):
+            return True
+        if sub.cluster.kind is not ClusterKind.slurm:
+            return False
+        states = slurm.sacct_states(sub.job_ids())
+        return any(states.get(j) in slurm.ALIVE_STATES for j in sub.job_ids())
+
     def _wait(self, sub: Submitted) -> None:
-        while not all(j.done() for j in sub.jobs):
+        while self._alive(sub):
             time.sleep(self.launcher.poll_s)
         _check_done(sub)
         missing = sorted(set(sub.ranks) & set(sub.stage.pending_ranks(self.run_dir)))

@@ -7,6 +7,11 @@ import subprocess
 from puyu.launcher.errors import PuyuError
 
 
+# States of a job that is not over: it runs, waits, or was requeued and will run again.
+ALIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING", "CONFIGURING",
+                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
+
+
 def _run(cmd: list[str]) -> str:
     if shutil.which(cmd[0]) is None:
         raise PuyuError(f"{cmd[0]} not found: cluster=slurm needs the Slurm client commands on PATH")
