@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from puyu.data_pipeline.config import DataJobConfig
-from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.config import JobConfig
 from puyu.launcher.distributed import dist_env
 from puyu.launcher.stage import Stage, TaskContext
+from puyu.launcher.chain import PipelineJobConfig
 from puyu.parallel.config import PretrainJobConfig
+from puyu.serving.config import BuildEngineJobConfig, InferJobConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,46 +90,14 @@ def data_report(cfg: DataJob, run_dir: Path, results: dict[str, list]) -> Path:
     return run_dir / "summary" / "summary.md"
 
 
-# --------------------------------------------------------------------------- pipeline
-@dataclasses.dataclass
-class PipelineJobConfig(JobConfig):
-    """The main job: every stage of the chain that exists, in order (grows with each stage)."""
-
-    data: DataJobConfig = dataclasses.field(default_factory=DataJobConfig)
-    # trains on the data stage's corpus (its data.paths are filled in from the run directory)
-    pretrain: PretrainJobConfig = dataclasses.field(default_factory=lambda: PretrainJobConfig(kind="pretrain"))
-    pretrain_cluster: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {tasks_per_node: 2}
-
-
-def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
-    from puyu.parallel.pretrain import pretrain_stages
-
-    return (data_stages(DataJob(kind="data", data=cfg.data))
-            + pretrain_stages(cfg.pretrain, corpus_in_run="summary/corpus", cluster=cfg.pretrain_cluster))
-
-
-def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
-    """``report.md`` in the run directory: what each part of the chain produced, with links."""
-    data_summary = (run_dir / "summary" / "summary.md").read_text()
-    lines = ["# puyu pipeline report", "", f"Run directory: `{run_dir}`", "",
-             "| stage | shards |", "|---|---|"]
-    lines += [f"| {stage} | {len(shard_results)} |" for stage, shard_results in results.items()]
-    lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
-    if "pretrain" in results:
-        from puyu.parallel.pretrain import pretrain_report
-
-        lines += ["", "## Pretraining", "", pretrain_report(run_dir, results["pretrain"][0])]
-    path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
 JOB_KINDS: dict[str, JobSpec] = {
-    "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.jobs:pipeline_stages",
-                        report="puyu.launcher.jobs:pipeline_report"),
+    "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.chain:pipeline_stages",
+                        report="puyu.launcher.chain:pipeline_report"),
     "data": JobSpec(DataJob, stages="puyu.launcher.jobs:data_stages", report="puyu.launcher.jobs:data_report"),
     "pretrain": JobSpec(PretrainJobConfig, stages="puyu.parallel.pretrain:pretrain_stages",
                         report="puyu.parallel.pretrain:write_report"),
+    "build_engine": JobSpec(BuildEngineJobConfig, stages="puyu.serving.build:build_engine_stages"),
+    "infer": JobSpec(InferJobConfig, stages="puyu.serving.job:build_infer_stages"),
     "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
     "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),
 }

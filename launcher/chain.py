@@ -1,0 +1,123 @@
+"""The main job, ``puyu job=pipeline``: every stage of the chain that exists, in one run directory.
+
+data (read → filter → dedup → tokenize) → pretrain (on that corpus) → build_engine (from the
+exported model and the data stage's tokenizer) → prompts (opening words of corpus documents) → infer (batch
+generation, sharded). Later stages learn where earlier ones left their outputs only at run time
+(``<run>/<stage>/...``), so their configs name paths *inside the run* and :class:`InRun` resolves
+them when the task starts.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from puyu.data_pipeline.config import DataJobConfig
+from puyu.launcher.atomic import atomic_open, atomic_write_text
+from puyu.launcher.config import JobConfig
+from puyu.launcher.stage import Stage, TaskContext
+from puyu.parallel.config import PretrainJobConfig
+from puyu.serving.config import BuildEngineJobConfig, InferJobConfig
+
+
+@dataclasses.dataclass
+class PipelineJobConfig(JobConfig):
+    """The main job: every stage of the chain that exists, in order (grows with each stage)."""
+
+    data: DataJobConfig = dataclasses.field(default_factory=DataJobConfig)
+    # trains on the data stage's corpus (its data.paths are filled in from the run directory)
+    pretrain: PretrainJobConfig = dataclasses.field(default_factory=lambda: PretrainJobConfig(kind="pretrain"))
+    pretrain_cluster: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {tasks_per_node: 2}
+    # the engine is built from the pretrained model; checkpoint/tokenizer/out are filled in
+    engine: BuildEngineJobConfig = dataclasses.field(default_factory=lambda: BuildEngineJobConfig(kind="build_engine"))
+    prompts: int = 64  # batch inference over the opening words of this many corpus documents
+    prompt_words: int = 12
+    infer: InferJobConfig = dataclasses.field(default_factory=lambda: InferJobConfig(kind="infer"))
+
+
+@dataclasses.dataclass
+class InRun:
+    """A stage function built from ``cfg`` once the fields in ``paths`` point into this run."""
+
+    task_cls: type
+    cfg: Any
+    paths: dict[str, str]  # config field -> path relative to the run directory
+
+    def __call__(self, ctx: TaskContext) -> Any:
+        cfg = copy.deepcopy(self.cfg)
+        for field, rel in self.paths.items():
+            setattr(cfg, field, str(ctx.run_dir / rel))
+        return self.task_cls(cfg)(ctx)
+
+
+@dataclasses.dataclass
+class PromptsFromCorpus:
+    """``prompts/prompts.jsonl``: the opening words of the last documents of the deduplicated corpus."""
+
+    count: int
+    words: int
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        from puyu.data_pipeline.writers import read_docs
+
+        files = sorted((ctx.run_dir / "minhash_filter" / "out").glob("*"))
+        docs = [d for f in files for d in read_docs(f)][-self.count:]
+        out = ctx.stage_dir / "prompts.jsonl"
+        with atomic_open(out, "w", encoding="utf-8") as fh:
+            for d in docs:
+                prompt = " ".join(d.text.split()[: self.words])
+                fh.write(json.dumps({"id": d.id, "prompt": prompt}, ensure_ascii=False) + "\n")
+        return {"prompts": len(docs), "file": str(out)}
+
+
+def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
+    from puyu.data_pipeline.job import build_data_stages
+    from puyu.parallel.pretrain import pretrain_stages
+    from puyu.serving.build import BuildEngineTask
+    from puyu.serving.job import InferMergeTask, InferTask
+
+    infer_paths = {"engine": "build_engine/engine", "input": "prompts/prompts.jsonl"}
+    return (build_data_stages(cfg.data)
+            + pretrain_stages(cfg.pretrain, corpus_in_run="summary/corpus", cluster=cfg.pretrain_cluster)
+            + [Stage("build_engine", InRun(BuildEngineTask, cfg.engine, {
+                       "checkpoint": "pretrain/model", "tokenizer": "tokenizer/tokenizer.json",
+                       "out": "build_engine/engine"})),
+               Stage("prompts", PromptsFromCorpus(cfg.prompts, cfg.prompt_words)),
+               Stage("infer", InRun(InferTask, cfg.infer, infer_paths), shards=cfg.infer.shards),
+               Stage("infer_merge", InRun(InferMergeTask, cfg.infer, infer_paths))])
+
+
+def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
+    build = (run_dir / "build_engine" / "engine" / "build_report.md").read_text()
+    tasks = results["infer"]
+    tokens = sum(t["output_tokens"] for t in tasks)
+    lines = ["## Serving", "", ("\n" + build).replace("\n# ", "\n### ").strip(), "",
+             f"### Batch inference: {sum(t['requests'] for t in tasks)} prompts, {len(tasks)} tasks, "
+             f"{tokens} output tokens", "", "| task | requests | errors | output tokens | tokens/s |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {i} | {t['requests']} | {t['errors']} | {t['output_tokens']} | {t['tokens_per_s']:.0f} |"
+              for i, t in enumerate(tasks)]
+    outputs = run_dir / "infer" / "outputs.jsonl"
+    prompts = (run_dir / "prompts" / "prompts.jsonl").read_text().splitlines()
+    lines += ["", f"Outputs: `{outputs}`. The first three:", ""]
+    for record in map(json.loads, outputs.read_text().splitlines()[:3]):
+        prompt = json.loads(prompts[record["index"]])["prompt"]
+        lines.append(f"- `{prompt}` → `{record.get('text', record.get('error', ''))}`")
+    return lines
+
+
+def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
+    """``report.md`` in the run directory: what each part of the chain produced, with links."""
+    from puyu.parallel.pretrain import pretrain_report
+
+    data_summary = (run_dir / "summary" / "summary.md").read_text()
+    lines = ["# puyu pipeline report", "", f"Run directory: `{run_dir}`", "", "| stage | shards |", "|---|---|"]
+    lines += [f"| {stage} | {len(shard_results)} |" for stage, shard_results in results.items()]
+    lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
+    lines += ["", "## Pretraining", "", pretrain_report(run_dir, results["pretrain"][0])]
+    lines += ["", *_serving_section(run_dir, results)]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
