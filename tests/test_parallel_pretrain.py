@@ -160,3 +160,11 @@ def test_export_after_sharded_training_is_the_single_process_model(shards, tmp_p
     assert exported["single"].keys() == exported["pp2"].keys()
     for key, value in exported["single"].items():
         torch.testing.assert_close(exported["pp2"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_activation_checkpointing_keeps_the_curve(shards, reference, tmp_path):
+    assert_same_curve(train(config(shards, activation_checkpointing=True), tmp_path, 2), reference[2])
+
+
+def test_compiled_blocks_keep_the_curve(shards, reference, tmp_path):
+    assert_same_curve(train(config(shards, compile=True), tmp_path, 1), reference[2])
