@@ -8,7 +8,6 @@ Hydra's multi-line report, and before anything is submitted.
 from __future__ import annotations
 
 import difflib
-import logging
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ from puyu.launcher.errors import PuyuError
 from puyu.launcher.jobs import JOB_KINDS
 from puyu.launcher.pipeline import Pipeline
 
-log = logging.getLogger("puyu")
 HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
 
 

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from omegaconf import DictConfig
+from submitit.core.utils import JobPaths
 
 from puyu.launcher import slurm
 from puyu.launcher.errors import PuyuError
@@ -36,7 +37,8 @@ def stage_status(run_dir: Path) -> list[dict]:
     for name, sub in latest.items():
         done = len(list((run_dir / name / COMPLETIONS).glob("[0-9]*")))
         job_states = {j: states.get(j, "UNKNOWN" if sub["cluster"] == "slurm" else "-") for j in sub["job_ids"]}
-        failed = [f"{sub['log_dir']}/{j}/{j}_0_log.err" for j, st in job_states.items() if st in FAILED_STATES]
+        failed = [str(JobPaths(Path(sub["log_dir"]) / "%j", job_id=j, task_id=0).stderr)
+                  for j, st in job_states.items() if st in FAILED_STATES]
         summary = ", ".join(f"{n} {st}" for st, n in sorted(Counter(job_states.values()).items()))
         rows.append({"stage": name, "done": done, "shards": sub["shards"], "states": summary, "failed_logs": failed})
     return rows

@@ -10,7 +10,6 @@ the batches an uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import types
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +19,6 @@ import torch
 from puyu.launcher.errors import PuyuError
 from puyu.parallel.config import PretrainDataConfig
 
-log = logging.getLogger("puyu.data")
 
 
 def resolve_prefixes(paths: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import math
 import signal
@@ -258,8 +259,6 @@ def pretrain_stages(cfg: PretrainJobConfig, corpus_in_run: str = "", cluster: di
 
 def pretrain_report(run_dir: Path, result: dict) -> str:
     """Markdown: the run's final numbers and its loss curve (from metrics.jsonl)."""
-    import json
-
     records = [json.loads(ln) for ln in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     every = max(1, len(records) // 10)
     shown = records[::every] + ([records[-1]] if (len(records) - 1) % every else [])

@@ -4,7 +4,8 @@ Public API: ``LLM``/``RequestOutput`` (the runtime), ``SamplingParams``/``Runtim
 and the runtime are told), ``build_engine``/``load_engine`` (engine directories),
 ``puyu.serving.job`` (``job=infer``/``job=build_engine`` stages) and ``puyu.serving.server`` (HTTP).
 """
-from puyu.serving.build import build_engine
+import importlib
+
 from puyu.serving.config import (
     BuildConfig,
     BuildEngineJobConfig,
@@ -13,8 +14,17 @@ from puyu.serving.config import (
     SamplingParams,
     ServingError,
 )
-from puyu.serving.engine import load_engine
-from puyu.serving.llm import LLM, RequestOutput
+
+# The runtime pulls in torch; the configs above do not. The ``puyu`` command imports the configs to
+# register them, so the runtime is imported only when first used.
+_LAZY = {"LLM": "puyu.serving.llm", "RequestOutput": "puyu.serving.llm",
+         "build_engine": "puyu.serving.build", "load_engine": "puyu.serving.engine"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'puyu.serving' has no attribute {name!r}")
 
 __all__ = [
     "LLM",
