@@ -87,11 +87,13 @@ setup(
         "tokenizers==0.23.3",
         "scipy>=1.13",
         "tensorboard>=2.17",
+        "matplotlib>=3.9",  # the evaluation report's plot
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0"],
         # the peers the benchmarks measure against, in the same process run
-        "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18"],
+        "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18",
+                  "lm-eval[hf]==0.4.13"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "ruff"],
     },
     entry_points={"console_scripts": ["puyu = puyu.launcher.cli:main"]},

