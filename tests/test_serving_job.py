@@ -5,6 +5,7 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -158,3 +159,75 @@ def test_thousand_real_prompts_as_a_4_way_array_then_rerun_of_a_lost_task(engine
     Pipeline(build_infer_stages(cfg), run_dir, cluster, LauncherConfig(poll_s=1.0)).run()
     assert {r: (run_dir / "infer" / "parts" / f"{r:05d}.jsonl").stat().st_mtime_ns for r in (0, 1, 3)} == kept
     assert (run_dir / "infer" / "outputs.jsonl").read_bytes() == first
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    end = time.time() + timeout_s
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def test_slurm_array_task_killed_mid_run_then_rerun_redoes_only_it(engine, tmp_path, slurm_cluster):
+    """Issue 6: 1,100 real prompts as a 4-way ``puyu job=infer cluster=slurm`` array; one array task is
+    killed while it generates, the run fails naming it, rerunning the same ``run=`` resubmits only that
+    task, and the outputs equal an uninterrupted run's byte for byte, every line once, in order."""
+    texts = wiki_texts()[6000:7100]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": " ".join(t.split()[: 5 + i % 40])}) + "\n"
+                            for i, t in enumerate(texts)))
+    run_dir = tmp_path / "run"
+    job = dict(shards=4, sampling=dict(max_tokens=16, ignore_eos=True),
+               runtime=dict(block_size=8, num_blocks=1024, max_num_batched_tokens=512, threads=1))
+    args = [sys.executable, "-m", "puyu.launcher", "job=infer", "cluster=slurm", "cluster.time_min=10",
+            "launcher.poll_s=0.5", f"run={run_dir}", f"job.engine={engine}", f"job.input={path}",
+            "job.shards=4", "job.sampling.max_tokens=16", "job.sampling.ignore_eos=true", "job.runtime.block_size=8",
+            "job.runtime.num_blocks=1024", "job.runtime.max_num_batched_tokens=512", "job.runtime.threads=1"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        launch = run_dir / "launch.json"
+        sub = _wait_for(lambda: launch.exists() and json.loads(launch.read_text())["submissions"], 60, "submission")[0]
+        assert sub["stage"] == "infer" and sub["ranks"] == [0, 1, 2, 3]
+        victim = sub["job_ids"][2]
+        log = run_dir / "infer" / "logs" / victim / f"{victim}_0_log.out"
+        _wait_for(lambda: log.exists() and "generating" in log.read_text(), 120, f"task {victim} to generate")
+        # SIGKILL to the task's step: it dies at once inside LLM.generate, as under the OOM killer or a
+        # node crash (cancelling the job instead sends SIGTERM, which submitit ignores, and SIGKILL only
+        # KillWait seconds later: time enough for this task to finish)
+        subprocess.run(["scancel", "--signal=KILL", f"{victim}.0"], check=True)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 1, stderr[-2000:]
+    assert f"stage 'infer' task {victim} (shard 2)" in stderr and f"{victim}_0_log.err" in stderr, stderr[-2000:]
+    parts, marks = run_dir / "infer" / "parts", run_dir / "infer" / "completions"
+    assert not (parts / "00002.jsonl").exists() and not (marks / "00002").exists(), "task 2 finished before the kill"
+    assert not (run_dir / "infer" / "outputs.jsonl").exists()
+    kept = {r: ((parts / f"{r:05d}.jsonl").stat().st_mtime_ns, (marks / f"{r:05d}").stat().st_mtime_ns)
+            for r in (0, 1, 3)}
+
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    subs = json.loads(launch.read_text())["submissions"]
+    assert [(s["stage"], s["ranks"]) for s in subs] == [("infer", [0, 1, 2, 3]), ("infer_merge", [0]),
+                                                        ("infer", [2]), ("infer_merge", [0])]
+    assert {r: ((parts / f"{r:05d}.jsonl").stat().st_mtime_ns, (marks / f"{r:05d}").stat().st_mtime_ns)
+            for r in (0, 1, 3)} == kept
+    out = (run_dir / "infer" / "outputs.jsonl").read_bytes()
+    records = [json.loads(ln) for ln in out.decode().splitlines()]
+    assert [r["id"] for r in records] == list(range(len(texts))) and not any("error" in r for r in records)
+    assert all(len(r["token_ids"]) == 16 for r in records)
+
+    # an uninterrupted run of the same job (inline: the same task code, same threads) gives the same bytes
+    cfg = InferJobConfig(kind="infer", engine=str(engine), input=str(path), shards=job["shards"],
+                         sampling=SamplingParams(**job["sampling"]), runtime=RuntimeConfig(**job["runtime"]))
+    threads = torch.get_num_threads()
+    try:
+        run_in_process(build_infer_stages(cfg), tmp_path / "clean")
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "clean" / "infer" / "outputs.jsonl").read_bytes() == out
