@@ -1,0 +1,270 @@
+"""Predictions for items: log-likelihood scoring and greedy generation over the serving runtime.
+
+``predict(dataset, items, llm, cfg)`` is what one evaluation task runs. It sends every request of the task
+to the runtime in one ``generate`` call (continuous batching keeps the batch full) and returns JSON-able
+records, one per scored unit (an mc variant, a question, a problem, a document); ``metrics.score`` turns
+them into numbers.
+
+Log-likelihoods follow lm-eval's ``loglikelihood`` exactly, so the two agree on the same model: trailing
+whitespace of the context moves to the continuation, the continuation's tokens are those of
+``encode(context + continuation)`` after the first ``len(encode(context))`` ("Answer:" + " A" is tokenized
+as one string, as the model saw text in training), an empty context is conditioned on the EOS token, and an
+input longer than the model is cut from the left. The runtime scores a prompt with
+``SamplingParams(prompt_logprobs=True)``: ``prompt_logprobs[i] = log p(token i | tokens < i)``.
+
+Multiple-choice prediction rules (all three are recorded; ``correct`` uses the first):
+- ``pred`` (lm-eval ``acc``): argmax of the continuation's summed log-probability;
+- ``pred_norm`` (lm-eval ``acc_norm``-like): argmax of that sum divided by the continuation's UTF-8 bytes
+  (lm-eval divides by the characters of the bare choice; for MMLU's equal-length letters all are ``acc``);
+- ``pred_nll`` (OpenCompass PPL-style): argmin of the mean NLL per continuation token.
+Ties go to the first option, as ``numpy.argmax`` does.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Protocol
+
+from puyu.evaluation.circular import MODES, expand, num_variants
+from puyu.evaluation.config import InferenceConfig
+from puyu.evaluation.items import Dataset, EvalError, Item
+from puyu.evaluation.metrics import answer_matches, extract_answer
+from puyu.evaluation.templates import render
+
+CHARS_PER_TOKEN = 4.0  # rough, for cost estimates only
+SANDBOX_COST = 500.0  # a program run in the sandbox, in token-equivalents
+
+__all__ = ["InferenceConfig", "LogLikelihood", "Rolling", "Generation", "Scorer", "RuntimeScorer", "encode_pair",
+           "loglikelihood", "loglikelihood_rolling", "generate_until", "validate", "predict", "estimate_cost"]
+
+
+class LogLikelihood(NamedTuple):
+    logprob: float  # sum over the continuation's tokens
+    is_greedy: Optional[bool]  # every continuation token is the argmax (None: not asked for)
+    n_tokens: int
+
+
+class Rolling(NamedTuple):
+    logprob: float  # sum over every token of the text
+    n_tokens: int
+
+
+class Generation(NamedTuple):
+    text: str
+    error: Optional[str] = None
+
+
+class Scorer(Protocol):
+    """What predictions need from a model; ``RuntimeScorer`` serves it from ``puyu.serving.LLM``."""
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], greedy: bool = False) -> list[LogLikelihood]: ...
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[Rolling]: ...
+
+    def generate(self, contexts: list[str], stop: list[str], max_tokens: int) -> list[Generation]: ...
+
+
+def encode_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair`` for causal models (``context`` non-empty)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole = encode(context + continuation)
+    context_enc = encode(context)
+    return context_enc, whole[len(context_enc):]
+
+
+class RuntimeScorer:
+    """The ``Scorer`` over an ``LLM``: every call is one ``generate`` over all its requests."""
+
+    def __init__(self, llm):
+        if llm.tokenizer is None:
+            raise EvalError("the engine has no tokenizer.json: evaluation needs text prompts")
+        self.llm = llm
+        self.max_len = llm.max_model_len
+
+    def _run(self, prompts: list[list[int]], params) -> list:
+        outs = self.llm.generate(prompts, params)
+        for i, out in enumerate(outs):
+            if out.error:
+                raise EvalError(f"runtime refused request {i} ({len(prompts[i])} tokens): {out.error}")
+        return outs
+
+    def _pair_tokens(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        encode = self.llm.tokenizer.encode
+        if context:
+            return encode_pair(encode, context, continuation)
+        cont = encode(continuation)
+        return ([self.llm.eos_id], cont) if cont[:1] != [self.llm.eos_id] else (cont[:1], cont[1:])
+
+    def loglikelihood(self, pairs: list[tuple[str, str]], greedy: bool = False) -> list[LogLikelihood]:
+        from puyu.serving import SamplingParams
+
+        limit = self.max_len - 1  # the runtime wants room for one generated token
+        encoded = [self._pair_tokens(c, x) for c, x in pairs]
+        for i, (_, cont) in enumerate(encoded):
+            if not cont or len(cont) >= limit:
+                raise EvalError(f"loglikelihood pair {i}: continuation of {len(cont)} tokens "
+                                f"(needs 1..{limit - 1} for model length {self.max_len})")
+        outs = self._run([(ctx + cont)[-limit:] for ctx, cont in encoded],
+                         SamplingParams(max_tokens=1, prompt_logprobs=True))
+        sums = [sum(o.prompt_logprobs[-len(cont):]) for o, (_, cont) in zip(outs, encoded)]
+        greedy_flags: list[Optional[bool]] = [None] * len(pairs)
+        if greedy:  # greedy decoding from the context reproduces the continuation iff it is the argmax path
+            gen = self._run([ctx[-(self.max_len - len(cont)):] for ctx, cont in encoded],
+                            [SamplingParams(max_tokens=len(cont), ignore_eos=True) for _, cont in encoded])
+            greedy_flags = [o.token_ids == cont for o, (_, cont) in zip(gen, encoded)]
+        return [LogLikelihood(s, g, len(cont)) for s, g, (_, cont) in zip(sums, greedy_flags, encoded)]
+
+    def loglikelihood_rolling(self, texts: list[str]) -> list[Rolling]:
+        """Every token of each text scored once, after an EOS, in windows of the model length: a window
+        scores the tokens after the previous one's with as much preceding context as fits (lm-eval's
+        disjoint rolling windows)."""
+        from puyu.serving import SamplingParams
+
+        width = self.max_len - 1
+        windows, owner, scored = [], [], []
+        for t, text in enumerate(texts):
+            seq = [self.llm.eos_id] + self.llm.tokenizer.encode(text)
+            pos = 1  # next token to score
+            while pos < len(seq):
+                end = min(pos + width - 1, len(seq))
+                windows.append(seq[max(0, end - width):end])
+                owner.append(t)
+                scored.append(end - pos)
+                pos = end
+        outs = self._run(windows, SamplingParams(max_tokens=1, prompt_logprobs=True))
+        totals = [[0.0, 0] for _ in texts]
+        for o, t, n in zip(outs, owner, scored):
+            totals[t][0] += sum(o.prompt_logprobs[-n:])
+            totals[t][1] += n
+        return [Rolling(lp, n) for lp, n in totals]
+
+    def generate(self, contexts: list[str], stop: list[str], max_tokens: int) -> list[Generation]:
+        """Greedy continuations, cut at the first stop string; a context too long keeps its last tokens."""
+        from puyu.serving import SamplingParams
+
+        if max_tokens >= self.max_len:
+            raise EvalError(f"eval.infer.max_tokens={max_tokens} leaves no room for a prompt (model length {self.max_len})")
+        room = self.max_len - max_tokens
+        prompts = [self.llm.tokenizer.encode(c)[-room:] for c in contexts]
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_tokens, stop=list(stop)))
+        return [Generation(o.text or "", o.error) for o in outs]
+
+
+def _scorer(llm) -> Scorer:
+    return llm if hasattr(llm, "loglikelihood") else RuntimeScorer(llm)
+
+
+def loglikelihood(llm, pairs: list[tuple[str, str]], greedy: bool = False) -> list[LogLikelihood]:
+    """Summed log-probability of each continuation given its context (lm-eval's rule); ``greedy`` also
+    says whether greedy decoding would produce the continuation (one more, generating, runtime call)."""
+    return _scorer(llm).loglikelihood(pairs, greedy)
+
+
+def loglikelihood_rolling(llm, texts: list[str]) -> list[Rolling]:
+    return _scorer(llm).loglikelihood_rolling(texts)
+
+
+def generate_until(llm, contexts: list[str], stop: list[str], max_tokens: int) -> list[Generation]:
+    return _scorer(llm).generate(contexts, stop, max_tokens)
+
+
+# ---- one task's predictions ------------------------------------------------------------------------------
+def validate(cfg: InferenceConfig) -> None:
+    checks = [
+        (cfg.circular in MODES, "circular", f"must be one of {', '.join(MODES)}"),
+        (isinstance(cfg.num_fewshot, int) and cfg.num_fewshot >= -1, "num_fewshot", "must be an integer >= -1"),
+        (isinstance(cfg.max_tokens, int) and cfg.max_tokens >= 1, "max_tokens", "must be an integer >= 1"),
+        (cfg.code_timeout_s > 0, "code_timeout_s", "must be > 0"),
+    ]
+    for ok, key, what in checks:
+        if not ok:
+            raise EvalError(f"eval.infer.{key} {what}, got {getattr(cfg, key)!r}")
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # first of equal maxima
+
+
+def predict_mc(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
+    variants = expand(items, cfg.circular)
+    prompts = [render(dataset, v.item, cfg.num_fewshot) for v in variants]
+    lls = scorer.loglikelihood([(p.context, c) for p in prompts for c in p.continuations])
+    records, at = [], 0
+    for v, p in zip(variants, prompts):
+        mine, at = lls[at:at + len(p.continuations)], at + len(p.continuations)
+        logprobs = [ll.logprob for ll in mine]
+        pred = _argmax(logprobs)
+        records.append({
+            "id": v.variant_id, "origin_id": v.origin_id, "variant": v.variant_index, "gold": v.item.answer,
+            "pred": pred,
+            "pred_norm": _argmax([lp / len(c.encode()) for lp, c in zip(logprobs, p.continuations)]),
+            "pred_nll": _argmax([ll.logprob / ll.n_tokens for ll in mine]),
+            "correct": pred == v.item.answer, "logprobs": logprobs, "tokens": [ll.n_tokens for ll in mine],
+        })
+    return records
+
+
+def predict_gen(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
+    prompts = [render(dataset, item, cfg.num_fewshot) for item in items]
+    outs = scorer.generate([p.context for p in prompts], prompts[0].stop if prompts else [], cfg.max_tokens)
+    records = []
+    for item, out in zip(items, outs):
+        extracted = extract_answer(out.text, item.answer)
+        record = {"id": item.id, "prediction": out.text, "extracted": extracted, "gold": item.answer,
+                  "correct": answer_matches(extracted, item.answer)}
+        records.append({**record, "error": out.error} if out.error else record)
+    return records
+
+
+def predict_code(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
+    """Greedy completions, each run against the problem's tests in the sandbox right here in the task."""
+    from puyu.evaluation.humaneval import check_completion
+
+    prompts = [render(dataset, item) for item in items]
+    outs = scorer.generate([p.context for p in prompts], prompts[0].stop if prompts else [], cfg.max_tokens)
+    records = []
+    for item, out in zip(items, outs):
+        problem = item.meta["problem"]
+        if out.error:
+            result = {"passed": False, "status": "error", "detail": out.error}
+        else:
+            result = check_completion(problem, out.text, cfg.code_timeout_s)
+        records.append({"id": item.id, "task_id": problem.get("task_id"), "completion": out.text,
+                        "passed": bool(result["passed"]), "status": result["status"], "detail": result.get("detail", "")})
+    return records
+
+
+def predict_bpb(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
+    rolled = scorer.loglikelihood_rolling([item.question for item in items])
+    return [{"id": item.id, "nll": -r.logprob, "tokens": r.n_tokens, "bytes": len(item.question.encode())}
+            for item, r in zip(items, rolled)]
+
+
+PREDICT = {"mc": predict_mc, "gen": predict_gen, "code": predict_code, "bpb": predict_bpb}
+
+
+def predict(dataset: Dataset, items: list[Item], llm, cfg: InferenceConfig) -> list[dict]:
+    """Records for ``items`` (a slice of ``dataset.items``) from ``llm`` (an ``LLM`` or any ``Scorer``).
+
+    mc, one per variant: id ("<item id>@<variant>"), origin_id, variant, gold, pred, pred_norm, pred_nll,
+    correct, logprobs (per option), tokens (per option); gen: id, prediction, extracted, gold, correct
+    [, error]; code: id, task_id, completion, passed, status, detail; bpb: id, nll (nats), tokens, bytes.
+    """
+    validate(cfg)
+    if not items:
+        return []
+    return PREDICT[dataset.kind](dataset, items, _scorer(llm), cfg)
+
+
+def estimate_cost(dataset: Dataset, item: Item, cfg: InferenceConfig) -> float:
+    """Roughly the tokens the item makes the model process: prompt tokens × options × variants for mc,
+    prompt + ``max_tokens`` for generation (+ a sandbox run for code), the document for bpb."""
+    validate(cfg)
+    prompt_tokens = len(render(dataset, item, cfg.num_fewshot).context) / CHARS_PER_TOKEN + 1
+    if dataset.kind == "mc":
+        return prompt_tokens * len(item.choices) * num_variants(len(item.choices), cfg.circular)
+    if dataset.kind == "gen":
+        return prompt_tokens + cfg.max_tokens
+    if dataset.kind == "code":
+        return prompt_tokens + cfg.max_tokens + SANDBOX_COST
+    return prompt_tokens
