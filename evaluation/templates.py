@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional
 
 from puyu.evaluation.datasets import LETTERS
 from puyu.evaluation.items import Dataset, EvalError, Item
@@ -38,7 +37,7 @@ def mc_question(item: Item) -> str:
     return "\n".join(lines) + "\nAnswer:"
 
 
-def mc_description(subject: Optional[str]) -> str:
+def mc_description(subject: str | None) -> str:
     about = f" about {subject}" if subject else ""
     return f"The following are multiple choice questions (with answers){about}.\n\n"
 

@@ -6,7 +6,6 @@ import math
 from collections import Counter
 
 import pytest
-
 from puyu.evaluation.circular import circular_metrics, expand, num_variants, orders
 from puyu.evaluation.datasets import MMLU_FEWSHOT, load_dataset, spread_subset
 from puyu.evaluation.items import Dataset, EvalError, Item

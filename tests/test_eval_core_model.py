@@ -8,7 +8,6 @@ import types
 
 import pytest
 import torch
-
 from puyu.evaluation.config import InferenceConfig
 from puyu.evaluation.datasets import load_dataset
 from puyu.evaluation.inferencers import (
