@@ -46,36 +46,45 @@ class EngineLinear:
         return F.linear(x, dequantize(self.quant, self.dtype))
 
 
-def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g: int) -> torch.Tensor:
-    """Attention of q [B, T, Hq, d] over keys/values [Hk, B, S, d] where mask [B, T, S] allows.
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, g: int) -> torch.Tensor:
+    """Attention of one query per sequence, q [b, Hq, d], over keys/values [Hk, b, S, d]; ``bias``
+    [Hk * b, 1, S] is 0 where a key may be seen and -inf where not.
 
-    Plain batched matmuls with the g query heads of a KV head stacked as extra query rows, so keys and
-    values are never repeated per query head nor copied again; on CPU this is several times faster than
-    SDPA's flash kernel for the one-query-per-sequence shape of decoding. Padded query rows (all
-    masked) give NaN and are never read.
+    Plain batched matmuls with the g query heads of a KV head stacked as g query rows, so keys and
+    values are never repeated per query head nor copied again, and the mask is added inside the score
+    matmul (``baddbmm``); on CPU this is several times faster than SDPA's flash kernel for decoding.
     """
-    B, T, Hq, d = q.shape
+    b, Hq, d = q.shape
     Hk, S = keys.shape[0], keys.shape[2]
-    qg = q.view(B, T, Hk, g, d).permute(2, 0, 3, 1, 4).reshape(Hk, B, g * T, d)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(1.0 / math.sqrt(d))  # [Hk, B, g T, S]
-    blocked = ~mask[:, None].expand(B, g, T, S).reshape(B, g * T, S)
-    probs = scores.masked_fill_(blocked, float("-inf")).softmax(dim=-1)
-    out = torch.matmul(probs, values)  # [Hk, B, g T, d]
-    return out.view(Hk, B, g, T, d).permute(1, 3, 0, 2, 4).reshape(B, T, Hq, d)
+    qg = q.reshape(b, Hk, g, d).transpose(0, 1).reshape(Hk * b, g, d)
+    scores = torch.baddbmm(bias, qg, keys.view(Hk * b, S, d).transpose(1, 2), alpha=1.0 / math.sqrt(d))
+    out = torch.bmm(scores.softmax(dim=-1), values.view(Hk * b, S, d))  # [Hk b, g, d]
+    return out.view(Hk, b, g, d).transpose(0, 1).reshape(b, Hq, d)
 
 
 @dataclasses.dataclass
 class AttentionGroup:
-    """Sequences whose attention is computed together: the decode group (one query each, matmul
-    attention) or the prefill group (chunks of several queries, SDPA). Keeping them apart means decode
-    rows are never padded to a prefill chunk's length."""
+    """Sequences whose attention is computed together; their tokens are the flat batch's rows
+    ``[start, stop)``, sequence after sequence.
 
-    block_tables: torch.Tensor  # [b, max_blocks] int64 (padded with 0; masked by position)
-    query_index: torch.Tensor  # [b, T] int64 flat index of each sequence's i-th new token (pad: 0)
-    query_positions: torch.Tensor  # [b, T] int64 position of that token (pad: -1, attends to nothing)
-    token_index: torch.Tensor  # [n] int64 flat indices of the group's tokens
-    seq_of_token: torch.Tensor  # [n] int64 row in the group
-    offset_of_token: torch.Tensor  # [n] int64 query slot in that row
+    - ``decode``: one query each (a decode step); keys/values gathered from the cache through
+      ``block_tables``, ``context`` [b] keys each (the query's position + 1).
+    - ``fresh``: prompt chunks from position 0: attention within the chunk only (causal), from the
+      step's own keys/values, right-padded to the longest chunk; nothing is read from the cache.
+    - ``cached``: chunks after tokens already in the cache (chunked prefill, prefix-cache hits):
+      keys/values gathered from the cache, ``query_positions`` [b, T] masks them (pad: -1).
+    For ``fresh``/``cached``, ``query_index`` [b, T] gives each padded query slot's flat row (pad: the
+    group's first row) and ``real`` [n] the slots of ``[b * T]`` holding the group's tokens, in order.
+    """
+
+    kind: str
+    start: int
+    stop: int
+    block_tables: Optional[torch.Tensor] = None  # [b, max_blocks] int64 (padded with 0; masked by position)
+    context: Optional[torch.Tensor] = None  # [b] int64 (decode)
+    query_index: Optional[torch.Tensor] = None  # [b, T] int64
+    real: Optional[torch.Tensor] = None  # [n] int64
+    query_positions: Optional[torch.Tensor] = None  # [b, T] int64 (cached)
 
 
 @dataclasses.dataclass
@@ -85,7 +94,7 @@ class PagedBatch:
     tokens: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64, position of each token in its sequence
     slots: torch.Tensor  # [N] int64, cache slot (block * block_size + offset) each token's K/V goes to
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # covering the N rows
     logits_index: torch.Tensor  # [M] int64 flat rows whose logits are wanted
 
 
@@ -118,15 +127,16 @@ class EngineModel:
             self.capture.setdefault(f"layers.{i}.{name}", []).append(x.reshape(-1, x.shape[-1]).detach())
         return self.layers[i][name](x)
 
-    def _qkv(self, i: int, x: torch.Tensor, positions: torch.Tensor):
-        """x [B, T, D], positions [B, T] -> q [B, T, Hq, d], k and v [B, T, Hk, d] with RoPE applied."""
+    def _qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, D], RoPE tables at the tokens' positions [B, T, d/2] -> q [B, T, Hq, d], k and v
+        [B, T, Hk, d] with RoPE applied."""
         a = self.args
         B, T, _ = x.shape
         h = ops.rms_norm(x, self.layers[i]["attention_norm"], a.norm_eps, fused=a.fused_ops)
         qkv = self._linear(i, "wqkv", h)  # [B, T, (Hq + 2 Hk) d], q | k | v
         q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         q, k, v = (t.view(B, T, -1, a.head_dim) for t in (q, k, v))
-        q, k = ops.apply_rope(q, k, self.rope_cos[positions], self.rope_sin[positions], fused=a.fused_ops)
+        q, k = ops.apply_rope(q, k, cos, sin, fused=a.fused_ops)
         return q, k, v
 
     def _ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -143,9 +153,10 @@ class EngineModel:
         """Causal logits [B, T, V] for tokens [B, T] (T <= max_seq_len)."""
         B, T = tokens.shape
         positions = torch.arange(T).expand(B, T)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings[tokens]  # [B, T, D]
         for i in range(self.args.n_layers):
-            q, k, v = self._qkv(i, h, positions)
+            q, k, v = self._qkv(i, h, cos, sin)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=self.args.n_groups > 1)
             h = h + self._linear(i, "wo", out.transpose(1, 2).reshape(B, T, -1))
@@ -156,25 +167,41 @@ class EngineModel:
     def forward_paged(self, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
         """Logits [M, V] for ``batch.logits_index``; writes the batch's keys/values into ``cache``."""
         a = self.args
-        N = batch.tokens.shape[0]
-        masks = []
+        N, g = batch.tokens.shape[0], a.n_groups
+        masks = []  # per group, computed once for all layers
         for grp in batch.groups:
-            key_pos = torch.arange(grp.block_tables.shape[1] * cache.block_size)  # [S]
-            masks.append(key_pos[None, None, :] <= grp.query_positions[:, :, None])  # [b, T, S]
+            if grp.kind == "decode":
+                S = grp.block_tables.shape[1] * cache.block_size
+                hidden = torch.arange(S)[None, :] >= grp.context[:, None]  # [b, S]
+                bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
+                masks.append(bias[None].expand(a.n_kv_heads, -1, -1).reshape(-1, 1, S))  # [Hk b, 1, S]
+            elif grp.kind == "cached":
+                key_pos = torch.arange(grp.block_tables.shape[1] * cache.block_size)  # [S]
+                masks.append((key_pos[None, None, :] <= grp.query_positions[:, :, None])[:, None])  # [b, 1, T, S]
+            else:
+                masks.append(None)
+        cos, sin = self.rope_cos[batch.positions][None], self.rope_sin[batch.positions][None]
         h = self.tok_embeddings[batch.tokens][None]  # [1, N, D]
         for i in range(a.n_layers):
-            q, k, v = self._qkv(i, h, batch.positions[None])  # [1, N, H, d]
-            cache.write(i, batch.slots, k[0], v[0])
+            q, k, v = self._qkv(i, h, cos, sin)  # [1, N, H, d]
+            q, k, v = q[0], k[0], v[0]
+            cache.write(i, batch.slots, k, v)
             out = torch.empty(N, a.n_heads, a.head_dim, dtype=q.dtype)
             for grp, mask in zip(batch.groups, masks):
-                keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
-                qg = q[0][grp.query_index]  # [b, T, Hq, d]
-                if qg.shape[1] == 1:
-                    o = grouped_attention(qg, keys, values, mask, a.n_groups)
+                if grp.kind == "decode":
+                    keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
+                    out[grp.start:grp.stop] = decode_attention(q[grp.start:grp.stop], keys, values, mask, g)
+                    continue
+                qi = grp.query_index
+                b, T = qi.shape
+                if grp.kind == "fresh":  # causal within the chunk; right padding is never seen by real rows
+                    o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), k[qi].transpose(1, 2), v[qi].transpose(1, 2),
+                                                       is_causal=True, enable_gqa=g > 1)
                 else:
-                    o = F.scaled_dot_product_attention(qg.transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
-                                                       attn_mask=mask[:, None], enable_gqa=a.n_groups > 1).transpose(1, 2)
-                out[grp.token_index] = o[grp.seq_of_token, grp.offset_of_token]  # [n, Hq, d]
-            h = h + self._linear(i, "wo", out.reshape(1, N, -1))
+                    keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
+                    o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+                                                       attn_mask=mask, enable_gqa=g > 1)
+                out[grp.start:grp.stop] = o.transpose(1, 2).reshape(b * T, a.n_heads, a.head_dim)[grp.real]
+            h = h + self._linear(i, "wo", out.view(1, N, -1))
             h = self._ffn(i, h)
         return self._head(h[0][batch.logits_index])  # [M, V]

@@ -25,7 +25,7 @@ from puyu.serving.scheduler import Chunk, Scheduler, Sequence
 from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt
 
 Prompt = Union[str, list[int]]
-DECODE_BUCKET = 64  # decode sequences per attention group
+DECODE_BUCKET = 32  # decode sequences per attention group (smaller: less padding; 16-32 measured best)
 
 
 @dataclasses.dataclass
@@ -152,8 +152,9 @@ class LLM:
                 chunks = sched.schedule()
                 if not chunks:
                     raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
+                chunks, n_decode, n_fresh = self._order(chunks)
                 logits_rows = self._logits_rows(chunks)
-                batch = self._batch(chunks, logits_rows)
+                batch = self._batch(chunks, logits_rows, n_decode, n_fresh)
                 logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
                 steps += 1
                 out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
@@ -183,72 +184,120 @@ class LLM:
             rows.append(r)
         return rows
 
-    def _batch(self, chunks: list[Chunk], logits_rows: list[list[int]]) -> PagedBatch:
-        """Flatten the step's chunks into one ragged batch (see ``PagedBatch``)."""
+    @staticmethod
+    def _order(chunks: list[Chunk]) -> tuple[list[Chunk], int, int]:
+        """The step's chunks as the batch lays them out: decode tokens by context length, then prompt
+        chunks from position 0 by length, then chunks after cached tokens; with the two counts."""
+        decode = sorted((c for c in chunks if c.n == 1), key=lambda c: c.start)
+        fresh = sorted((c for c in chunks if c.n > 1 and c.start == 0), key=lambda c: c.n)
+        cached = [c for c in chunks if c.n > 1 and c.start > 0]
+        return decode + fresh + cached, len(decode), len(fresh)
+
+    def _batch(self, chunks: list[Chunk], logits_rows: list[list[int]], n_decode: int, n_fresh: int) -> PagedBatch:
+        """Flatten the step's chunks (in ``_order``'s order) into one ragged batch (see ``PagedBatch``)."""
         bs = self.cfg.block_size
-        tokens, positions, slots, logits_index, starts = [], [], [], [], []
-        for c, rows in zip(chunks, logits_rows):
+        dec = chunks[:n_decode]
+        tokens = [c.seq.tokens[c.start] for c in dec]
+        positions = [c.start for c in dec]
+        slots = [c.seq.block_table[p // bs] * bs + p % bs for c, p in zip(dec, positions)]
+        logits_index = [i for i, rows in enumerate(logits_rows[:n_decode]) if rows]
+        starts = list(range(n_decode))
+        for c, rows in zip(chunks[n_decode:], logits_rows[n_decode:]):
             base = len(tokens)
             starts.append(base)
             pos = range(c.start, c.start + c.n)
             tokens += c.seq.tokens[c.start:c.start + c.n]
             positions += pos
-            slots += [c.seq.block_table[p // bs] * bs + p % bs for p in pos]
+            table = c.seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in pos]
             logits_index += [base + p - c.start for p in rows]
-        # decode rows by context length, in buckets, so few are padded far beyond their own length
-        decode = sorted((b for b, c in enumerate(chunks) if c.n == 1), key=lambda b: chunks[b].start)
-        buckets = [decode[i:i + DECODE_BUCKET] for i in range(0, len(decode), DECODE_BUCKET)]
-        prefill = [b for b, c in enumerate(chunks) if c.n > 1]
-        groups = [self._group([chunks[b] for b in members], [starts[b] for b in members])
-                  for members in buckets + [prefill] if members]
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        groups = []
+        for i in range(0, n_decode, DECODE_BUCKET):  # by context length, so few are padded far beyond their own
+            members = dec[i:i + DECODE_BUCKET]
+            mb = members[-1].start // bs + 1
+            tables = [c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members]
+            groups.append(AttentionGroup("decode", i, i + len(members), block_tables=t(tables),
+                                         context=t([c.start + 1 for c in members])))
+        fresh = chunks[n_decode:n_decode + n_fresh]
+        bucket: list[Chunk] = []
+        real = 0
+        first = n_decode
+        for j, c in enumerate(fresh):  # ascending length: cap the padding of each group at 25%
+            if bucket and c.n * (len(bucket) + 1) > 1.25 * (real + c.n):
+                groups.append(self._padded_group("fresh", bucket, starts[first]))
+                bucket, real, first = [], 0, n_decode + j
+            bucket.append(c)
+            real += c.n
+        if bucket:
+            groups.append(self._padded_group("fresh", bucket, starts[first]))
+        if len(chunks) > n_decode + n_fresh:
+            groups.append(self._padded_group("cached", chunks[n_decode + n_fresh:], starts[n_decode + n_fresh]))
         return PagedBatch(t(tokens), t(positions), t(slots), groups, t(logits_index))
 
-    def _group(self, chunks: list[Chunk], starts: list[int]) -> AttentionGroup:
-        """Padded per-sequence views of some of the step's chunks (built as lists: one tensor each)."""
+    def _padded_group(self, kind: str, chunks: list[Chunk], start: int) -> AttentionGroup:
+        """A ``fresh`` or ``cached`` group of chunks whose tokens are the batch rows from ``start`` on."""
         bs = self.cfg.block_size
-        tmax = max(c.n for c in chunks)
-        mb = max(-(-(c.start + c.n) // bs) for c in chunks)
-        qidx, qpos, tables, token_index, seq_of, off_of = [], [], [], [], [], []
-        for b, (c, base) in enumerate(zip(chunks, starts)):
-            pad = tmax - c.n
-            qidx.append(list(range(base, base + c.n)) + [0] * pad)
-            qpos.append(list(range(c.start, c.start + c.n)) + [-1] * pad)
-            tables.append(c.seq.block_table + [0] * (mb - len(c.seq.block_table)))
-            token_index += range(base, base + c.n)
-            seq_of += [b] * c.n
-            off_of += range(c.n)
+        T = max(c.n for c in chunks)
+        qidx, real, qpos, tables = [], [], [], []
+        base = start
+        for b, c in enumerate(chunks):
+            pad = T - c.n
+            qidx.append(list(range(base, base + c.n)) + [start] * pad)
+            real += range(b * T, b * T + c.n)
+            base += c.n
+            if kind == "cached":
+                qpos.append(list(range(c.start, c.start + c.n)) + [-1] * pad)
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return AttentionGroup(t(tables), t(qidx), t(qpos), t(token_index), t(seq_of), t(off_of))
+        grp = AttentionGroup(kind, start, base, query_index=t(qidx), real=t(real))
+        if kind == "cached":
+            mb = max(-(-(c.start + c.n) // bs) for c in chunks)
+            grp.block_tables = t([c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in chunks])
+            grp.query_positions = t(qpos)
+        return grp
 
     def _after_step(self, sched: Scheduler, chunks: list[Chunk], logits_rows: list[list[int]], logits: torch.Tensor,
                     outputs: list[Optional[RequestOutput]]) -> int:
-        """Record prompt logprobs, sample for completed chunks, finish sequences; returns tokens generated."""
-        logp = None
+        """Record prompt logprobs, sample for completed chunks, finish sequences; returns tokens generated.
+
+        A log-probability is the chosen logit minus its row's logsumexp, picked for the wanted (row,
+        token) pairs in one indexing op: the [M, V] log-softmax is never materialised."""
+        lse = None
         if any(c.seq.params.logprobs or c.seq.wants_prompt_logprobs for c in chunks):
-            logp = torch.log_softmax(logits, dim=-1)  # [M, V]
+            lse = torch.logsumexp(logits, dim=-1)  # [M]
         row, sampled = 0, []
+        pick_rows, pick_tokens, pick_seqs = [], [], []  # prompt logprobs of this step, in order
         for c, rows in zip(chunks, logits_rows):
             seq = c.seq
             sched.computed(c)
-            for p in rows:
-                if seq.wants_prompt_logprobs and p + 1 < len(seq.prompt):
-                    if not seq.prompt_logprobs:
-                        seq.prompt_logprobs.append(None)
-                    if len(seq.prompt_logprobs) == p + 1:
-                        seq.prompt_logprobs.append(float(logp[row, seq.prompt[p + 1]]))
-                row += 1
+            if rows and seq.wants_prompt_logprobs:
+                if not seq.prompt_logprobs:
+                    seq.prompt_logprobs.append(None)
+                prompt, have = seq.prompt, len(seq.prompt_logprobs)
+                for j, p in enumerate(rows):  # positions p whose logits predict prompt[p + 1]
+                    if p + 1 < len(prompt) and p + 1 >= have:
+                        pick_rows.append(row + j)
+                        pick_tokens.append(prompt[p + 1])
+                        pick_seqs.append(seq)
+            row += len(rows)
             if c.completes:
                 sampled.append((seq, row - 1))
+        if pick_rows:
+            r, tk = torch.tensor(pick_rows), torch.tensor(pick_tokens)
+            for seq, lp in zip(pick_seqs, (logits[r, tk] - lse[r]).tolist()):
+                seq.prompt_logprobs.append(lp)
         if not sampled:
             return 0
         seqs = [s for s, _ in sampled]
         idx = torch.tensor([r for _, r in sampled])
         new = sample_rows(logits[idx], [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
+        want = [j for j, s in enumerate(seqs) if s.params.logprobs]
+        if want:
+            r, tk = idx[want], torch.tensor([new[j] for j in want])
+            for j, lp in zip(want, (logits[r, tk] - lse[r]).tolist()):
+                seqs[j].logprobs.append(lp)
         for (seq, r), tok in zip(sampled, new):
-            seq.output.append(tok)
-            if seq.params.logprobs:
-                seq.logprobs.append(float(logp[r, tok]))
+            seq.append(tok)
             reason = self._finish_reason(seq, tok)
             if reason:
                 seq.finish_reason = reason

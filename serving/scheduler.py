@@ -36,14 +36,18 @@ class Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None
     text: Optional[str] = None  # the output text cut at a stop string, once one appeared
+    tokens: list[int] = dataclasses.field(init=False)  # prompt + output, kept up to date by append()
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt) + self.output
+
+    def append(self, token: int) -> None:
+        self.output.append(token)
+        self.tokens.append(token)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        return len(self.tokens)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -137,15 +137,22 @@ def test_invalid_requests_get_errors_and_the_rest_goes_on(model, tokenizer, prom
 
 
 def test_int8_kv_cache_stays_close(model, prompts):
-    cfg = RuntimeConfig(block_size=8, num_blocks=64, kv_dtype="int8")
+    # a prompt chunk attends to its own keys in full precision; what comes from the cache (earlier
+    # chunks of a long prompt, every decode step) is int8: prefill in chunks of 16 to read it
+    cfg = RuntimeConfig(block_size=8, num_blocks=64, kv_dtype="int8", max_num_batched_tokens=16)
     llm = LLM.from_model(model, runtime=cfg)
     fp_bytes = LLM.from_model(model, runtime=RuntimeConfig(block_size=8, num_blocks=64)).cache.nbytes()
     assert llm.cache.nbytes() < 0.4 * fp_bytes
     p = prompts[4]
-    out = llm.generate([p], SamplingParams(max_tokens=1, prompt_logprobs=True, ignore_eos=True))[0]
-    exact = LLM.from_model(model).generate([p], SamplingParams(max_tokens=1, prompt_logprobs=True, ignore_eos=True))[0]
+    assert len(p) > 32
+    sp = SamplingParams(max_tokens=6, logprobs=True, prompt_logprobs=True, ignore_eos=True)
+    out = llm.generate([p], sp)[0]
+    exact = LLM.from_model(model).generate([p], sp)[0]
     diff = max(abs(a - b) for a, b in zip(out.prompt_logprobs[1:], exact.prompt_logprobs[1:]))
     assert 0 < diff < 0.05
+    assert out.prompt_logprobs[1:16] == exact.prompt_logprobs[1:16]  # the first chunk reads no cache
+    assert out.token_ids == exact.token_ids
+    assert 0 < max(abs(a - b) for a, b in zip(out.logprobs, exact.logprobs)) < 0.05
 
 
 def test_chat_template_is_internlm2(model, tokenizer):
