@@ -28,6 +28,21 @@ Prompt = Union[str, list[int]]
 DECODE_BUCKET = 32  # decode sequences per attention group (smaller: less padding; 16-32 measured best)
 
 
+def pick_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 256) -> list[float]:
+    """``log_softmax(logits)[rows, tokens]``, with the log-softmax computed only over the rows asked for
+    and ``chunk`` rows at a time (its [rows, V] result is never held whole for a large vocabulary)."""
+    r, tk = torch.tensor(rows), torch.tensor(tokens)
+    need, r = torch.unique(r, return_inverse=True)
+    if need.shape[0] < logits.shape[0]:
+        logits = logits[need]
+    out = torch.empty(len(rows))
+    for s in range(0, logits.shape[0], chunk):
+        sel = ((r >= s) & (r < s + chunk)).nonzero()[:, 0]
+        if sel.numel():
+            out[sel] = torch.log_softmax(logits[s:s + chunk], dim=-1)[r[sel] - s, tk[sel]]
+    return out.tolist()
+
+
 @dataclasses.dataclass
 class RequestOutput:
     index: int
@@ -260,11 +275,7 @@ class LLM:
                     outputs: list[Optional[RequestOutput]]) -> int:
         """Record prompt logprobs, sample for completed chunks, finish sequences; returns tokens generated.
 
-        A log-probability is the chosen logit minus its row's logsumexp, picked for the wanted (row,
-        token) pairs in one indexing op: the [M, V] log-softmax is never materialised."""
-        lse = None
-        if any(c.seq.params.logprobs or c.seq.wants_prompt_logprobs for c in chunks):
-            lse = torch.logsumexp(logits, dim=-1)  # [M]
+        Log-probabilities are picked for all wanted (row, token) pairs at once (``pick_logprobs``)."""
         row, sampled = 0, []
         pick_rows, pick_tokens, pick_seqs = [], [], []  # prompt logprobs of this step, in order
         for c, rows in zip(chunks, logits_rows):
@@ -283,8 +294,7 @@ class LLM:
             if c.completes:
                 sampled.append((seq, row - 1))
         if pick_rows:
-            r, tk = torch.tensor(pick_rows), torch.tensor(pick_tokens)
-            for seq, lp in zip(pick_seqs, (logits[r, tk] - lse[r]).tolist()):
+            for seq, lp in zip(pick_seqs, pick_logprobs(logits, pick_rows, pick_tokens)):
                 seq.prompt_logprobs.append(lp)
         if not sampled:
             return 0
@@ -293,8 +303,7 @@ class LLM:
         new = sample_rows(logits[idx], [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
         want = [j for j, s in enumerate(seqs) if s.params.logprobs]
         if want:
-            r, tk = idx[want], torch.tensor([new[j] for j in want])
-            for j, lp in zip(want, (logits[r, tk] - lse[r]).tolist()):
+            for j, lp in zip(want, pick_logprobs(logits, [sampled[j][1] for j in want], [new[j] for j in want])):
                 seqs[j].logprobs.append(lp)
         for (seq, r), tok in zip(sampled, new):
             seq.append(tok)
