@@ -35,10 +35,10 @@ def orders(n: int, mode: str) -> list[tuple[int, ...]]:
         return [tuple((j + k) % n for j in range(n)) for k in range(n)]
     if mode == "all_possible":
         if n > MAX_ALL_POSSIBLE:
-            raise EvalError(f"eval.infer.circular=all_possible: {n} options give {n}! variants "
+            raise EvalError(f"job.infer.circular=all_possible: {n} options give {n}! variants "
                             f"(at most {MAX_ALL_POSSIBLE} options); use circular")
         return list(itertools.permutations(range(n)))
-    raise EvalError(f"eval.infer.circular must be one of {', '.join(MODES)}, got {mode!r}")
+    raise EvalError(f"job.infer.circular must be one of {', '.join(MODES)}, got {mode!r}")
 
 
 def num_variants(n: int, mode: str) -> int:

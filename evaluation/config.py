@@ -21,14 +21,14 @@ class InferenceConfig:
     num_fewshot: int = -1  # -1: each dataset's default
     max_tokens: int = 256  # generation datasets
     code_timeout_s: float = 10.0  # HumanEval: per program, in the sandbox
-    bpb_docs: int = 64  # held-out documents for bits per byte
 
 
 @dataclasses.dataclass
 class EvalJobConfig(JobConfig):
     """``puyu job=eval job.models=[a,b] job.datasets=[mmlu,gsm8k,humaneval] cluster=slurm``.
 
-    A model is a name in ``model_paths`` or an engine directory (``job=build_engine`` output); with
+    A model is a name in ``model_paths``, ``name:/path/to/engine`` or an engine directory (a
+    ``job=build_engine`` output); with
     ``models`` empty every entry of ``model_paths`` is evaluated. Datasets are built-in names or keys of
     ``custom_datasets`` (``{path: rows.jsonl, kind: mc|gen}``). ``reuse`` names an earlier eval run: its
     finished tasks with the same key (model checksum, dataset items, inference settings) are copied, not

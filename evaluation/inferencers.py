@@ -156,7 +156,7 @@ class RuntimeScorer:
         from puyu.serving import SamplingParams
 
         if max_tokens >= self.max_len:
-            raise EvalError(f"eval.infer.max_tokens={max_tokens} leaves no room for a prompt (model length {self.max_len})")
+            raise EvalError(f"job.infer.max_tokens={max_tokens} leaves no room for a prompt (model length {self.max_len})")
         room = self.max_len - max_tokens
         prompts = [self.llm.tokenizer.encode(c)[-room:] for c in contexts]
         outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_tokens, stop=list(stop)))
@@ -191,7 +191,7 @@ def validate(cfg: InferenceConfig) -> None:
     ]
     for ok, key, what in checks:
         if not ok:
-            raise EvalError(f"eval.infer.{key} {what}, got {getattr(cfg, key)!r}")
+            raise EvalError(f"job.infer.{key} {what}, got {getattr(cfg, key)!r}")
 
 
 def _argmax(values: list[float]) -> int:
@@ -231,17 +231,16 @@ def predict_gen(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Infere
 
 def predict_code(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
     """Greedy completions, each run against the problem's tests in the sandbox right here in the task."""
-    from puyu.evaluation.humaneval import check_completion
+    from puyu.evaluation.humaneval import check_many
 
     prompts = [render(dataset, item) for item in items]
     outs = scorer.generate([p.context for p in prompts], prompts[0].stop if prompts else [], cfg.max_tokens)
+    ran = iter(check_many([(item.meta["problem"], out.text) for item, out in zip(items, outs) if not out.error],
+                          timeout_s=cfg.code_timeout_s))
     records = []
     for item, out in zip(items, outs):
         problem = item.meta["problem"]
-        if out.error:
-            result = {"passed": False, "status": "error", "detail": out.error}
-        else:
-            result = check_completion(problem, out.text, cfg.code_timeout_s)
+        result = {"passed": False, "status": "error", "detail": out.error} if out.error else next(ran)
         records.append({"id": item.id, "task_id": problem.get("task_id"), "completion": out.text,
                         "passed": bool(result["passed"]), "status": result["status"], "detail": result.get("detail", "")})
     return records

@@ -8,6 +8,7 @@ import math
 import re
 
 from puyu.evaluation.circular import circular_metrics
+from puyu.evaluation.humaneval import pass_at_k  # noqa: F401  (the one estimator, re-exported)
 from puyu.evaluation.items import KINDS, EvalError
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
@@ -61,16 +62,6 @@ def answer_matches(extracted: str | None, gold: str) -> bool:
     if is_number(gold):
         return extracted == normalize_number(gold)
     return extracted == " ".join(gold.split()).lower()
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021): 1 - C(n-c, k) / C(n, k),
-    computed as a product so large n does not overflow."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise EvalError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def _pct(flags: list) -> float:

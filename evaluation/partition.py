@@ -45,14 +45,21 @@ class TaskSpec:
 
 
 def resolve_models(cfg: EvalJobConfig, in_run: dict[str, str] | None = None) -> list[ModelSpec]:
-    """``cfg.models`` as named specs; ``in_run`` adds names whose engines a pipeline builds in the run."""
+    """``cfg.models`` as named specs; ``in_run`` adds names whose engines a pipeline builds in the run.
+
+    An entry is a name in ``model_paths``, ``name:/path/to/engine``, or an engine directory (named by the
+    shortest tail of its path that tells it apart from the other entries).
+    """
     in_run = dict(in_run or {})
     names = list(cfg.models) or list(cfg.model_paths) + list(in_run)
     if not names:
         raise EvalError("job.models is empty and job.model_paths names no model: nothing to evaluate")
     specs = []
     for entry in names:
-        if entry in in_run:
+        name, sep, path = entry.partition(":")
+        if sep and name.isidentifier() and path:  # "name:/path/to/engine" names an engine on the command line
+            specs.append(ModelSpec(name, str(Path(path).absolute())))
+        elif entry in in_run:
             specs.append(ModelSpec(entry, in_run[entry], in_run=True))
         elif entry in cfg.model_paths:
             specs.append(ModelSpec(entry, str(Path(cfg.model_paths[entry]).absolute())))

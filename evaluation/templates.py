@@ -67,7 +67,7 @@ def fewshot_for(dataset: Dataset, item: Item, k: int) -> list[Item]:
     subject = item.meta.get("subject")
     pool = [s for s in dataset.fewshot if s.meta.get("subject") == subject] if subject else dataset.fewshot
     if k > len(pool):
-        raise EvalError(f"eval.infer.num_fewshot={k}: dataset {dataset.name!r} has only {len(pool)} few-shot "
+        raise EvalError(f"job.infer.num_fewshot={k}: dataset {dataset.name!r} has only {len(pool)} few-shot "
                         f"examples{f' for subject {subject!r}' if subject else ''}")
     return pool[:k]
 

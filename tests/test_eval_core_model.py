@@ -3,8 +3,6 @@ forward, lm-eval's tokenization rule, PPL predictions, generation records and th
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -150,30 +148,28 @@ def test_generation_records_and_answer_extraction(llm):
     assert len(llm.tokenizer.encode(outs[1].text)) <= 8
 
 
-def test_code_records_come_from_the_sandbox_check(monkeypatch):
-    calls = []
-
-    def check_completion(problem, completion, timeout_s):
-        calls.append((problem["task_id"], completion, timeout_s))
-        return {"passed": completion.strip() == "return 1", "status": "passed", "detail": ""}
-
-    monkeypatch.setitem(sys.modules, "puyu.evaluation.humaneval", types.SimpleNamespace(check_completion=check_completion))
-    problem = {"task_id": "T/0", "prompt": "def f():\n", "test": "", "entry_point": "f"}
+def test_code_records_come_from_the_sandbox_check():
+    """Completions run against the problem's tests in the real sandbox, in the task."""
+    problem = {"task_id": "T/0", "prompt": "def f():\n", "test": "def check(candidate):\n    assert candidate() == 1\n",
+               "entry_point": "f", "canonical_solution": "    return 1\n"}
     ds = Dataset("humaneval", "code", [Item("humaneval/0", problem["prompt"], meta={"problem": problem})])
-    records = predict(ds, ds.items, AlwaysA("    return 1\n"), InferenceConfig(code_timeout_s=3.0))
+    records = predict(ds, ds.items, AlwaysA("    return 1\n"), InferenceConfig(code_timeout_s=5.0))
     assert records == [{"id": "humaneval/0", "task_id": "T/0", "completion": "    return 1\n", "passed": True,
                         "status": "passed", "detail": ""}]
-    assert calls == [("T/0", "    return 1\n", 3.0)] and score("code", records) == {"pass@1": 100.0}
+    assert score("code", records) == {"pass@1": 100.0}
+    wrong = predict(ds, ds.items, AlwaysA("    return 2\n"), InferenceConfig(code_timeout_s=5.0))
+    assert wrong[0]["passed"] is False and wrong[0]["status"] == "failed"
+    assert score("code", wrong) == {"pass@1": 0.0}
 
 
 def test_bpb_records_and_config_errors():
     items = [Item("w/0", "héllo"), Item("w/1", "abc")]
     records = predict(Dataset("w", "bpb", items), items, AlwaysA(), InferenceConfig())
     assert records[0] == {"id": "w/0", "nll": 5.0, "tokens": 5, "bytes": 6}
-    for key, value, what in [("circular", "rot", "eval.infer.circular must be one of"),
-                             ("num_fewshot", -2, "eval.infer.num_fewshot must be an integer >= -1"),
-                             ("max_tokens", 0, "eval.infer.max_tokens must be an integer >= 1"),
-                             ("code_timeout_s", 0, "eval.infer.code_timeout_s must be > 0")]:
+    for key, value, what in [("circular", "rot", "job.infer.circular must be one of"),
+                             ("num_fewshot", -2, "job.infer.num_fewshot must be an integer >= -1"),
+                             ("max_tokens", 0, "job.infer.max_tokens must be an integer >= 1"),
+                             ("code_timeout_s", 0, "job.infer.code_timeout_s must be > 0")]:
         with pytest.raises(EvalError, match=what):
             predict(Dataset("w", "bpb", items), items, AlwaysA(), InferenceConfig(**{key: value}))
 

@@ -56,6 +56,9 @@ def test_models_resolve_by_name_or_engine_directory_and_unknown_names_fail_in_on
         (tmp_path / name / "manifest.json").write_text("{}")
     cfg = _cfg(models=[str(tmp_path / "one/engine"), str(tmp_path / "two/engine")])
     assert [m.name for m in resolve_models(cfg)] == ["one_engine", "two_engine"]
+    cfg = _cfg(models=[f"first:{tmp_path / 'one/engine'}", "base"], model_paths={"base": str(tmp_path / "two/engine")})
+    assert [(m.name, m.path) for m in resolve_models(cfg)] == [("first", str(tmp_path / "one/engine")),
+                                                                ("base", str(tmp_path / "two/engine"))]
     cfg = _cfg(model_paths={"base": str(tmp_path / "one/engine")})
     assert [(m.name, m.in_run) for m in resolve_models(cfg, {"pretrained": "build_engine/engine"})] == [
         ("base", False), ("pretrained", True)]
