@@ -87,7 +87,7 @@ def test_mmlu_prompt_is_lm_evals_format():
                          "What is 2+2?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:")
     assert p.continuations == [" A", " B", " C", " D"]
     assert render(ds, item, 0).context.endswith("about math.\n\nWhat is 2+2?\nA. 4\nB. 5\nC. 6\nD. 7\nAnswer:")
-    with pytest.raises(EvalError, match="eval.infer.num_fewshot=2: dataset 'm' has only 1 few-shot examples"):
+    with pytest.raises(EvalError, match="job.infer.num_fewshot=2: dataset 'm' has only 1 few-shot examples"):
         render(ds, item, 2)
 
 
@@ -117,7 +117,7 @@ def test_circular_expansion_remaps_the_answer():
     every = expand([item], "all_possible")
     assert len(every) == 24 == num_variants(4, "all_possible") and len({tuple(v.item.choices) for v in every}) == 24
     assert len(expand([item], "none")) == 1 and orders(3, "circular")[1] == (1, 2, 0)
-    with pytest.raises(EvalError, match="eval.infer.circular must be one of none, circular, all_possible"):
+    with pytest.raises(EvalError, match="job.infer.circular must be one of none, circular, all_possible"):
         expand([item], "rotate")
 
 
