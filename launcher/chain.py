@@ -2,7 +2,7 @@
 
 data (read → filter → dedup → tokenize) → pretrain (on that corpus) → build_engine (from the
 exported model and the data stage's tokenizer) → prompts (opening words of corpus documents) → infer (batch
-generation, sharded). Later stages learn where earlier ones left their outputs only at run time
+generation, sharded) → eval (benchmarks on that engine, an array of tasks) → eval_summary. Later stages learn where earlier ones left their outputs only at run time
 (``<run>/<stage>/...``), so their configs name paths *inside the run* and :class:`InRun` resolves
 them when the task starts.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from puyu.data_pipeline.config import DataJobConfig
+from puyu.evaluation.config import EvalJobConfig
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.config import JobConfig
 from puyu.launcher.stage import Stage, TaskContext
@@ -35,6 +36,11 @@ class PipelineJobConfig(JobConfig):
     prompts: int = 64  # batch inference over the opening words of this many corpus documents
     prompt_words: int = 12
     infer: InferJobConfig = dataclasses.field(default_factory=lambda: InferJobConfig(kind="infer"))
+    # benchmarks on the built engine, named "pretrained" (job.eval.model_paths may add more models)
+    eval: EvalJobConfig = dataclasses.field(default_factory=lambda: EvalJobConfig(kind="eval"))
+
+
+PIPELINE_MODEL = "pretrained"  # the eval stage's name for the engine this pipeline builds
 
 
 @dataclasses.dataclass
@@ -74,6 +80,7 @@ class PromptsFromCorpus:
 
 def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
     from puyu.data_pipeline.job import build_data_stages
+    from puyu.evaluation.job import eval_stages
     from puyu.parallel.pretrain import pretrain_stages
     from puyu.serving.build import BuildEngineTask
     from puyu.serving.job import InferMergeTask, InferTask
@@ -86,7 +93,8 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
                        "out": "build_engine/engine"})),
                Stage("prompts", PromptsFromCorpus(cfg.prompts, cfg.prompt_words)),
                Stage("infer", InRun(InferTask, cfg.infer, infer_paths), shards=cfg.infer.shards),
-               Stage("infer_merge", InRun(InferMergeTask, cfg.infer, infer_paths))])
+               Stage("infer_merge", InRun(InferMergeTask, cfg.infer, infer_paths))]
+            + eval_stages(cfg.eval, in_run_models={PIPELINE_MODEL: "build_engine/engine"}))
 
 
 def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
@@ -118,6 +126,9 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
     lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
     lines += ["", "## Pretraining", "", pretrain_report(run_dir, results["pretrain"][0])]
     lines += ["", *_serving_section(run_dir, results)]
+    evaluation = Path(results["eval_summary"][0]["report"]).read_text()
+    lines += ["", "## Evaluation", "", ("\n" + evaluation).replace("\n# ", "\n### ").strip(),
+              "", f"Report files: `{run_dir / 'eval_summary'}`"]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
