@@ -45,6 +45,8 @@ bench: data
 	$(BIN)/python benchmarks/bench_minhash.py
 	$(BIN)/python benchmarks/bench_ops.py
 	$(BIN)/python benchmarks/bench_pretrain.py
+	$(BIN)/python benchmarks/bench_serving.py
+	$(BIN)/python benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) $(DATA) build *.egg-info
