@@ -21,29 +21,66 @@ import torch.nn.functional as F
 from puyu.model import ops
 from puyu.model.config import ModelArgs
 from puyu.serving.kv_cache import PagedKVCache
-from puyu.serving.quant import dequantize
 
 Tensors = dict[str, torch.Tensor]
 LINEARS = ("wqkv", "wo", "w13", "w2")
 QUANT_PARTS = ("qweight", "scales", "zeros", "in_features", "act_scale")
 
 
-class EngineLinear:
-    """``y = x W^T`` from a dense weight, or from a weight-only quantized one dequantized on use
-    (inputs divided by the AWQ ``act_scale`` first)."""
+class Scratch:
+    """One reusable buffer for dequantized weights: a quantized linear expands its weight into it on each
+    call, so the float weight never stays resident and no fresh (page-faulting) allocation is made per
+    call. Shared by the linears of one ``EngineModel``, which is therefore not reentrant (nor is its
+    KV cache)."""
 
-    def __init__(self, tensors: Tensors, dtype: torch.dtype):
+    def __init__(self):
+        self.buf: Optional[torch.Tensor] = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype:
+            self.buf = torch.empty(n, dtype=dtype)
+        return self.buf[:n].view(shape)
+
+
+class EngineLinear:
+    """``y = x W^T`` from a dense weight, or from a weight-only quantized one expanded on use (inputs
+    divided by the AWQ ``act_scale`` first).
+
+    w8: ``(x q^T) * scales`` — the per-output-channel scale is applied to the [N, O] output instead of the
+    [O, I] weight, so a call costs one int8 -> float copy of the weight into the scratch buffer plus the
+    matmul (equal to ``x (q * scales)^T`` in exact arithmetic; within float rounding here).
+    w4: the codes unpacked into the scratch buffer and dequantized there in place (the same operations
+    as ``quant.dequantize_w4``, so the same weight bit for bit).
+    """
+
+    def __init__(self, tensors: Tensors, dtype: torch.dtype, scratch: Optional[Scratch] = None):
         self.weight = tensors.get("weight")
         self.quant = {k: v for k, v in tensors.items() if k in QUANT_PARTS}
         self.act_scale = self.quant.pop("act_scale", None)
         self.dtype = dtype
+        self.scratch = scratch or Scratch()
+        if self.weight is None:
+            self.scales = self.quant["scales"].to(dtype)  # [O] (w8) or [O, G] (w4)
+            if "zeros" in self.quant:
+                self.zeros = self.quant["zeros"].to(dtype)
+                self.in_features = int(self.quant["in_features"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight)
         if self.act_scale is not None:
             x = x / self.act_scale.to(x.dtype)
-        return F.linear(x, dequantize(self.quant, self.dtype))
+        packed = self.quant["qweight"]
+        if "zeros" not in self.quant:  # w8
+            w = self.scratch.take(tuple(packed.shape), self.dtype).copy_(packed)
+            return F.linear(x, w).mul_(self.scales)
+        O, G = self.scales.shape
+        w = self.scratch.take((O, packed.shape[1], 2), self.dtype)
+        w[..., 0].copy_(packed & 0xF)
+        w[..., 1].copy_(packed >> 4)
+        w = w.view(O, G, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None]).view(O, -1)
+        return F.linear(x, w[:, :self.in_features])
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, g: int) -> torch.Tensor:
@@ -109,12 +146,13 @@ class EngineModel:
         self.output = tensors["output.weight"] if "output.weight" in tensors else self.tok_embeddings
         self.rope_cos, self.rope_sin = tensors["rope.cos"], tensors["rope.sin"]  # [max_seq_len, d/2] fp32
         self.layers = []
+        scratch = Scratch()  # for quantized linears
         for i in range(args.n_layers):
             p = f"layers.{i}."
             layer = {"attention_norm": tensors[p + "attention_norm.weight"], "ffn_norm": tensors[p + "ffn_norm.weight"]}
             for name in LINEARS:
                 parts = {k[len(p + name) + 1:]: v for k, v in tensors.items() if k.startswith(p + name + ".")}
-                layer[name] = EngineLinear(parts, self.dtype)
+                layer[name] = EngineLinear(parts, self.dtype, scratch)
             self.layers.append(layer)
         self.capture: Optional[dict[str, list[torch.Tensor]]] = None  # AWQ calibration: linear inputs
 
