@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import re
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from puyu.agents.actions import (ActionExecutor, ActionResult, Action, Calculato
 from puyu.agents.agent import ANSWER, MAX_TURNS, MODEL_ERROR, TRUNCATED, Agent
 from puyu.agents.config import AgentJobConfig
 from puyu.agents.job import AgentTask, build_agent_stages, summarize
-from puyu.agents.protocol import (ACTION_END, ACTION_START, IM_END, INTERPRETER, PLUGIN, InternLM2Protocol,
-                                  ReActProtocol)
+from puyu.agents.protocol import ACTION_END, ACTION_START, INTERPRETER, PLUGIN, InternLM2Protocol, ReActProtocol
+from puyu.agents.scripted import ScriptedPolicy, answer_from_observation, last_observation
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.pipeline import Pipeline
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
@@ -25,65 +24,13 @@ def run_in_process(stages, run_dir):
     return Pipeline(stages, run_dir, ClusterConfig(kind=ClusterKind.inline), LauncherConfig()).run()
 
 
-# --------------------------------------------------------------------------- a scripted policy
-@dataclasses.dataclass
-class Out:
-    text: str
-    finish_reason: str = "stop"
-    token_ids: list = dataclasses.field(default_factory=lambda: [1, 2, 3])
-    prompt_token_ids: list = dataclasses.field(default_factory=lambda: [1])
-    error: str | None = None
-
-
-def task_of(prompt: str) -> str:
-    return prompt.split("<|im_start|>user\n", 1)[1].split(IM_END, 1)[0]
-
-
-def last_observation(prompt: str) -> str:
-    prompt = prompt.split("<|im_start|>user\n", 1)[1]  # past the system prompt (ReAct's explains the format)
-    found = re.findall(r"environment name=<\|[a-z]+\|>\n(.*?)<\|im_end\|>|Observation: (.*?)\n", prompt, re.S)
-    return [a or b for a, b in found][-1]
-
-
-@dataclasses.dataclass
-class ScriptedPolicy:
-    """Stands in for ``LLM``: the reply to a prompt is ``script[task][turn]`` (a string, or a function of the
-    prompt), cut at the first stop string as the runtime cuts it. Records every ``generate`` batch."""
-
-    script: dict
-    calls: list = dataclasses.field(default_factory=list)
-
-    def generate(self, prompts, sampling):
-        self.calls.append(len(prompts))
-        outs = []
-        for prompt, params in zip(prompts, sampling):
-            task = task_of(prompt)
-            if task == "too long":
-                outs.append(Out("", error="prompt exceeds the model length"))
-                continue
-            convo = prompt.split("<|im_start|>user\n", 1)[1]
-            turn = convo.count("<|im_start|>assistant\n") - 1 + convo.count("Observation:")
-            replies = self.script[task]
-            reply = replies[min(turn, len(replies) - 1)]
-            text = reply(prompt) if callable(reply) else reply
-            reason = "stop"
-            if text.endswith("[LENGTH]"):
-                text, reason = text[:-len("[LENGTH]")], "length"
-            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-            outs.append(Out(text[:cut] if cut >= 0 else text, reason))
-        return outs
-
-
+# --------------------------------------------------------------------------- scripted replies
 def plugin(name, params) -> str:
     return f"Let me use {name}.{ACTION_START}{PLUGIN}\n{json.dumps({'name': name, 'parameters': params})}{ACTION_END}"
 
 
 def interpreter(code) -> str:
     return f"I will compute it.{ACTION_START}{INTERPRETER}\n```python\n{code}\n```{ACTION_END}"
-
-
-def answer_from_observation(prompt):
-    return f"The answer is {last_observation(prompt).strip()}."
 
 
 # --------------------------------------------------------------------------- tools
@@ -249,6 +196,20 @@ def test_react_render_and_parse():
 
 
 # --------------------------------------------------------------------------- the agent loop
+@dataclasses.dataclass
+class Refused:
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class RefuseTooLong:
+    """A model whose runtime refuses one episode's prompt, as ``LLM`` refuses one longer than the model."""
+
+    def generate(self, prompts, sampling):
+        return [Refused(error="prompt exceeds the model length" if "too long" in p else None) for p in prompts]
+
+
 def test_episodes_advance_together_with_tools_and_max_turns(executor):
     script = {
         "calc": [plugin("calculator", {"expression": "12 * 7"}), answer_from_observation],
@@ -257,11 +218,10 @@ def test_episodes_advance_together_with_tools_and_max_turns(executor):
         "loop": [plugin("calculator", {"expression": "1 + 1"})],  # never answers
         "bad": ["oops" + ACTION_START + PLUGIN + "\n{broken", "The answer is 0."],
         "cut": ["The answer is 12[LENGTH]"],
-        "too long": ["-"],
     }
-    policy = ScriptedPolicy(script)
+    policy = ScriptedPolicy(script, model=RefuseTooLong())
     agent = Agent(policy, InternLM2Protocol(tools=executor.specs()), executor, SamplingParams(max_tokens=64), max_turns=3)
-    eps = agent.run(list(script))
+    eps = agent.run(list(script) + ["too long"])
     by = {e.task: e for e in eps}
     assert policy.calls == [7, 4, 2]  # one generate call per round for every unfinished episode
     assert by["calc"].final == "The answer is 84." and by["calc"].finish_reason == ANSWER
@@ -279,9 +239,9 @@ def test_episodes_advance_together_with_tools_and_max_turns(executor):
     # the stop strings reached the model: the action was cut before <|action_end|> and put back in the history
     assert by["calc"].turns[0].text.endswith("}}") and by["calc"].history[0][0].endswith(ACTION_END)
     # sequential (Lagent-style) gives the same episodes with one call per turn
-    seq_policy = ScriptedPolicy(script)
+    seq_policy = ScriptedPolicy(script, model=RefuseTooLong())
     seq = Agent(seq_policy, InternLM2Protocol(tools=executor.specs()), executor, SamplingParams(max_tokens=64),
-                max_turns=3).run_sequential(list(script))
+                max_turns=3).run_sequential(list(script) + ["too long"])
     assert [e.to_record()["final"] for e in seq] == [e.to_record()["final"] for e in eps]
     assert all(n == 1 for n in seq_policy.calls) and len(seq_policy.calls) == sum(len(e.turns) or 1 for e in seq)
 
@@ -412,6 +372,44 @@ def test_job_on_a_tiny_engine_runs_in_order_and_a_rerun_redoes_nothing(engine, t
     run_in_process(build_agent_stages(cfg), tmp_path / "run")
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "agent").rglob("*") if p.is_file()} == mtimes
     assert traj.read_bytes() == first
+
+
+def test_scripted_policy_over_the_real_runtime(engine, tmp_path):
+    """Multi-turn episodes through the runtime: every round one generate call, the prompts grow by the
+    turn before, and the prefix cache serves the earlier turns' blocks; answers graded via the python tool."""
+    from puyu.agents.job import grade
+    from puyu.evaluation.datasets import load_dataset
+    from puyu.serving.llm import LLM
+
+    items = [it for it in load_dataset("gsm8k", limit=6).items if it.id in GSM8K_CODE]
+    llm = LLM(engine, runtime=RuntimeConfig(block_size=8, num_blocks=512, max_num_batched_tokens=256, threads=1))
+    threads = torch.get_num_threads()
+    hits = []
+    try:
+        policy = ScriptedPolicy({it.question: [interpreter(GSM8K_CODE[it.id]), answer_from_observation]
+                                 for it in items}, model=llm)
+        original = policy.generate
+
+        def generate(prompts, sampling):  # the runtime's prefix-cache hits of each round
+            outs = original(prompts, sampling)
+            hits.append(llm.stats["prefix_cache_block_hits"])
+            return outs
+
+        policy.generate = generate
+        ex = ActionExecutor(make_actions(["python"], timeout_s=5.0, memory_mb=256))
+        agent = Agent(policy, InternLM2Protocol(tools=ex.specs()), ex, SamplingParams(max_tokens=16), max_turns=3)
+        eps = agent.run([it.question for it in items])
+        ex.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert policy.calls == [3, 3] and len(hits) == 2
+    for ep, it in zip(eps, items):
+        assert ep.finish_reason == ANSWER and grade(ep.final, it.answer)[1], (ep.final, it.answer)
+        first, second = ep.turns
+        assert first.output_tokens == second.output_tokens == 16  # the runtime really generated
+        assert second.prompt_tokens > first.prompt_tokens + 20
+    # round 2: each episode's whole first prompt (but a partial last block) came from the cache
+    assert hits[1] >= sum(ep.turns[0].prompt_tokens // 8 - 1 for ep in eps)
 
 
 def test_bad_job_config_is_one_clear_line(tmp_path):
