@@ -25,7 +25,7 @@ import math
 import operator
 import re
 import time
-from typing import Any, Optional
+from typing import Any, ClassVar
 
 OK, ERROR = "ok", "error"
 MAX_OUTPUT_CHARS = 2000  # an observation longer than this is cut (the middle goes): it fills the context
@@ -53,7 +53,7 @@ _JSON_TYPES = {"string": str, "number": (int, float), "integer": int, "boolean":
                "array": list}
 
 
-def check_arguments(schema: dict, args: Any) -> Optional[str]:
+def check_arguments(schema: dict, args: Any) -> str | None:
     """Why ``args`` does not fit the JSON-schema-like ``schema`` (object with ``properties``/``required``), or
     None. Only what tool calls need: required keys, no unknown keys, the basic JSON types."""
     if not isinstance(args, dict):
@@ -84,7 +84,7 @@ class Action:
 
     name: str = ""
     description: str = ""
-    parameters: dict = {"type": "object", "properties": {}, "required": []}
+    parameters: ClassVar[dict] = {"type": "object", "properties": {}, "required": []}
     stateful: bool = False
 
     def spec(self) -> dict:
@@ -93,7 +93,7 @@ class Action:
     def run(self, **kwargs) -> str:
         raise NotImplementedError
 
-    def __call__(self, state: Optional[dict] = None, **kwargs) -> ActionResult:
+    def __call__(self, state: dict | None = None, **kwargs) -> ActionResult:
         t0 = time.perf_counter()
         problem = check_arguments(self.parameters, kwargs)
         if problem:
@@ -156,7 +156,7 @@ class PythonInterpreter(Action):
     name = "python"
     description = ("Runs Python 3 code (standard library, no network) and returns what it prints or the value "
                    "of a final expression; variables are kept between calls.")
-    parameters = {"type": "object", "properties": {"code": {"type": "string"}},
+    parameters: ClassVar[dict] = {"type": "object", "properties": {"code": {"type": "string"}},
                   "required": ["code"]}
     stateful = True
 
@@ -204,7 +204,7 @@ class Calculator(Action):
     name = "calculator"
     description = ("Evaluates arithmetic, e.g. '(3.5 + 2) * 4 / 7': + - * / // % **, pi, e, sqrt, log, exp, "
                    "sin, cos, tan, floor, ceil, abs, round, min, max, factorial.")
-    parameters = {"type": "object", "properties": {"expression": {"type": "string"}},
+    parameters: ClassVar[dict] = {"type": "object", "properties": {"expression": {"type": "string"}},
                   "required": ["expression"]}
 
     def run(self, expression: str) -> str:
@@ -292,7 +292,7 @@ class ActionExecutor:
     def specs(self) -> list[dict]:
         return [a.spec() for a in self.actions.values()]
 
-    def execute(self, call: ToolCall, state: Optional[dict] = None) -> ActionResult:
+    def execute(self, call: ToolCall, state: dict | None = None) -> ActionResult:
         t0 = time.perf_counter()
         action = self.actions.get(call.name) if isinstance(call.name, str) else None
         if action is None:
@@ -312,13 +312,13 @@ class ActionExecutor:
         return result
 
     @staticmethod
-    def _guarded(action: Action, state: Optional[dict], kwargs: dict) -> ActionResult:
+    def _guarded(action: Action, state: dict | None, kwargs: dict) -> ActionResult:
         try:
             return action(state=state, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a tool's bug is an observation, not a crash of the job
             return ActionResult(ERROR, f"{action.name} failed: {type(exc).__name__}: {exc}")
 
-    def execute_many(self, calls: list[tuple[ToolCall, Optional[dict]]]) -> list[ActionResult]:
+    def execute_many(self, calls: list[tuple[ToolCall, dict | None]]) -> list[ActionResult]:
         """``execute`` for each (call, episode state), ``workers`` at a time; results in order. Calls sharing
         one state dict (one episode) would race on it: the agent sends at most one call per episode."""
         if len(calls) <= 1 or self.workers <= 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any
 
 from puyu.agents.actions import ActionExecutor, ActionResult
 from puyu.serving.config import SamplingParams
@@ -31,13 +31,13 @@ MODEL_ERROR = "error"  # the runtime refused the request (e.g. the conversation 
 @dataclasses.dataclass
 class Turn:
     text: str  # the model's reply as generated (stop string cut)
-    finish_reason: Optional[str]  # the runtime's: stop | length
+    finish_reason: str | None  # the runtime's: stop | length
     output_tokens: int
     prompt_tokens: int
     thought: str = ""
-    call: Optional[dict] = None  # {"name", "parameters"}
-    observation: Optional[dict] = None  # {"status", "output", "seconds"}
-    parse_error: Optional[str] = None
+    call: dict | None = None  # {"name", "parameters"}
+    observation: dict | None = None  # {"status", "output", "seconds"}
+    parse_error: str | None = None
 
     def to_record(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None and v != ""}
@@ -48,11 +48,11 @@ class Episode:
     task: str
     index: int = 0
     turns: list[Turn] = dataclasses.field(default_factory=list)
-    final: Optional[str] = None
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
+    final: str | None = None
+    finish_reason: str | None = None
+    error: str | None = None
     # (stored reply, observation) pairs the protocol renders; the tools' per-episode state
-    history: list[tuple[str, Optional[str]]] = dataclasses.field(default_factory=list)
+    history: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
     state: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -81,7 +81,7 @@ class Agent:
     no seed, each (episode, turn) gets its own, so sampled episodes do not depend on how they were batched.
     """
 
-    def __init__(self, model, protocol, executor: ActionExecutor, sampling: Optional[SamplingParams] = None,
+    def __init__(self, model, protocol, executor: ActionExecutor, sampling: SamplingParams | None = None,
                  max_turns: int = 4, seed: int = 0):
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
@@ -97,11 +97,11 @@ class Agent:
             return self.sampling
         return dataclasses.replace(self.sampling, seed=(self.seed * 1_000_003 + ep.index) * 64 + len(ep.turns))
 
-    def new_episodes(self, tasks: list[str], indices: Optional[list[int]] = None) -> list[Episode]:
+    def new_episodes(self, tasks: list[str], indices: list[int] | None = None) -> list[Episode]:
         indices = list(range(len(tasks))) if indices is None else indices
         return [Episode(t, i) for t, i in zip(tasks, indices)]
 
-    def run(self, tasks: list[str], indices: Optional[list[int]] = None) -> list[Episode]:
+    def run(self, tasks: list[str], indices: list[int] | None = None) -> list[Episode]:
         """All episodes, advanced together: one ``generate`` call per round for every unfinished episode.
         ``indices`` (default 0..n-1) name the episodes in seeds, so a shard's episodes match a whole run's."""
         episodes = self.new_episodes(tasks, indices)
@@ -111,7 +111,7 @@ class Agent:
                 return episodes
             self.step(active)
 
-    def run_sequential(self, tasks: list[str], indices: Optional[list[int]] = None) -> list[Episode]:
+    def run_sequential(self, tasks: list[str], indices: list[int] | None = None) -> list[Episode]:
         """The Lagent way: one episode at a time, one model call per turn (for comparison and benchmarks)."""
         episodes = self.new_episodes(tasks, indices)
         for ep in episodes:
@@ -156,7 +156,7 @@ class Agent:
                 ep.turns[-1].observation = result.to_record()
                 self._observe(ep, text, step, result)
 
-    def _observe(self, ep: Episode, text: str, step, result: Optional[ActionResult]) -> None:
+    def _observe(self, ep: Episode, text: str, step, result: ActionResult | None) -> None:
         ep.history.append((self.protocol.reply(text, step), self.protocol.observation(step, result)))
         if len(ep.turns) >= self.max_turns:
             ep.finish_reason = MAX_TURNS

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from puyu.agents.config import AgentJobConfig
 from puyu.launcher.atomic import atomic_open, atomic_write_text
@@ -44,7 +44,7 @@ def gold_answer(answer: Any) -> str:
     return text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else text.strip()
 
 
-def parse_task(line: str, where: str) -> tuple[str, Optional[str], Any]:
+def parse_task(line: str, where: str) -> tuple[str, str | None, Any]:
     """(task text, gold answer or None, id) of one input line; raises ServingError naming ``where``."""
     try:
         row = json.loads(line)
@@ -61,7 +61,7 @@ def parse_task(line: str, where: str) -> tuple[str, Optional[str], Any]:
     return task, (gold_answer(gold) if gold is not None else None), row.get("id")
 
 
-def grade(final: Optional[str], gold: str) -> tuple[Optional[str], bool]:
+def grade(final: str | None, gold: str) -> tuple[str | None, bool]:
     from puyu.evaluation.metrics import answer_matches, extract_answer
 
     extracted = extract_answer(final or "", gold)
@@ -89,6 +89,7 @@ class AgentTask:
 
     def __call__(self, ctx: TaskContext) -> dict:
         cfg = self.cfg
+        cfg.validate()
         lines = Path(cfg.input).read_text(encoding="utf-8").splitlines()
         mine = shard_range(len(lines), ctx.rank, ctx.world_size)
         records: dict[int, dict] = {}
@@ -174,8 +175,9 @@ def summarize(records: list[dict]) -> dict:
 
 
 def report_markdown(cfg: AgentJobConfig, summary: dict, records: list[dict], tasks: list[dict]) -> str:
-    lines = ["# Agent run", "", f"Engine `{cfg.engine}`, input `{cfg.input}`, protocol `{cfg.protocol}`, "
-             f"tools {list(cfg.tools)}, max_turns {cfg.max_turns}, {cfg.shards} shard(s).", "",
+    setup = (f"Engine `{cfg.engine}`, input `{cfg.input}`, protocol `{cfg.protocol}`, tools {list(cfg.tools)}, "
+             f"max_turns {cfg.max_turns}, {cfg.shards} shard(s).")
+    lines = ["# Agent run", "", setup, "",
              "| metric | value |", "|---|---:|",
              f"| episodes | {summary['episodes']} |", f"| invalid input lines | {summary['input_errors']} |"]
     if "accuracy" in summary:
@@ -273,3 +275,10 @@ def build_agent_stages(cfg: AgentJobConfig) -> list[Stage]:
 
 def agent_report(cfg: AgentJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
     return Path(results[MERGE_STAGE][0]["report"])
+
+
+def report_section(run_dir: Path, stage: str = STAGE) -> list[str]:
+    """An "## Agents" section for a pipeline's report.md: the agent report with its headings demoted."""
+    text = (Path(run_dir) / stage / REPORT).read_text(encoding="utf-8")
+    body = ("\n" + text).replace("\n# Agent run\n", "\n").replace("\n# ", "\n### ").strip()
+    return ["## Agents", "", body, "", f"Trajectories: `{Path(run_dir) / stage / TRAJECTORIES}`"]

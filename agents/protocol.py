@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Optional
 
 from puyu.agents.actions import ActionResult, ToolCall
 
@@ -56,14 +55,14 @@ class Step:
     """One parsed assistant reply: a tool call, a final answer, or an error the model should see."""
 
     thought: str = ""
-    call: Optional[ToolCall] = None
-    final: Optional[str] = None
-    error: Optional[str] = None
+    call: ToolCall | None = None
+    final: str | None = None
+    error: str | None = None
 
 
 def _fenced_code(text: str) -> str:
     """The code inside a ```python fence (or the text itself without one)."""
-    m = re.search(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", text, re.S)
+    m = re.search(r"```(?:python|py)?[ \t]*\n(.*?)(?:```|$)", text, re.DOTALL)
     return (m.group(1) if m else text).strip("\n")
 
 
@@ -81,9 +80,9 @@ def _first_json_object(text: str):
 
 class InternLM2Protocol:
     name = "internlm2"
-    stop = [ACTION_END, IM_END]
+    stop = (ACTION_END, IM_END)
 
-    def __init__(self, system: str = "", tools: Optional[list[dict]] = None):
+    def __init__(self, system: str = "", tools: list[dict] | None = None):
         self.system = system or DEFAULT_SYSTEM
         self.tools = list(tools or [])
 
@@ -98,7 +97,7 @@ class InternLM2Protocol:
             parts.append(f"{IM_START}system name={INTERPRETER}\n{INTERPRETER_PROMPT}{IM_END}\n")
         return "".join(parts)
 
-    def render(self, task: str, turns: list[tuple[str, Optional[str]]]) -> str:
+    def render(self, task: str, turns: list[tuple[str, str | None]]) -> str:
         """The prompt for the next assistant turn: header, the task, then each (reply, observation) so far."""
         out = [self.header(), f"{IM_START}user\n{task}{IM_END}\n"]
         for reply, observation in turns:
@@ -136,7 +135,7 @@ class InternLM2Protocol:
         text = text.split(ACTION_END)[0]
         return text + ACTION_END if ACTION_START in text else text
 
-    def observation(self, step: Step, result: Optional[ActionResult]) -> str:
+    def observation(self, step: Step, result: ActionResult | None) -> str:
         """The environment turn after ``step``: the tool's output, or the parse error."""
         name = INTERPRETER if step.call is not None and step.call.name == PYTHON_TOOL else PLUGIN
         if result is None:
@@ -150,9 +149,9 @@ class ReActProtocol:
     """The ReAct text format inside one assistant turn; an observation continues that same turn."""
 
     name = "react"
-    stop = ["Observation:", IM_END]
+    stop = ("Observation:", IM_END)
 
-    def __init__(self, system: str = "", tools: Optional[list[dict]] = None):
+    def __init__(self, system: str = "", tools: list[dict] | None = None):
         self.system = system or DEFAULT_SYSTEM
         self.tools = list(tools or [])
 
@@ -167,7 +166,7 @@ class ReActProtocol:
                   "Thought: I know the final answer", "Final Answer: the answer"]
         return f"{IM_START}system\n" + "\n".join(lines) + f"{IM_END}\n"
 
-    def render(self, task: str, turns: list[tuple[str, Optional[str]]]) -> str:
+    def render(self, task: str, turns: list[tuple[str, str | None]]) -> str:
         out = [self.header(), f"{IM_START}user\n{task}{IM_END}\n{IM_START}assistant\n"]
         for reply, observation in turns:
             out.append(reply)
@@ -177,7 +176,7 @@ class ReActProtocol:
 
     def parse(self, text: str) -> Step:
         text = text.split("Observation:")[0].split(IM_END)[0]
-        final = re.search(r"Final Answer\s*:(.*)", text, re.S)
+        final = re.search(r"Final Answer\s*:(.*)", text, re.DOTALL)
         action = re.search(r"Action\s*:(.*?)(?:\n|$)", text)
         if final and (not action or final.start() < action.start()):
             return Step(text[:final.start()].replace("Thought:", "").strip(), final=final.group(1).strip())
@@ -187,7 +186,7 @@ class ReActProtocol:
         name = action.group(1).strip().strip("`'\"")
         if not name:
             return Step(thought, error="Action names no tool")
-        inp = re.search(r"Action Input\s*:(.*)", text[action.end():], re.S)
+        inp = re.search(r"Action Input\s*:(.*)", text[action.end():], re.DOTALL)
         if not inp:
             return Step(thought, error=f"Action {name} has no Action Input")
         raw = inp.group(1).strip()
@@ -200,7 +199,7 @@ class ReActProtocol:
                 return Step(thought, error=f"could not read the Action Input of {name} as a JSON object")
         return Step(thought, call=ToolCall(name, params))
 
-    def _plain_argument(self, name: str, raw: str) -> Optional[dict]:
+    def _plain_argument(self, name: str, raw: str) -> dict | None:
         """A non-JSON input for a tool with exactly one required string parameter (as Lagent passes it)."""
         for t in self.tools:
             req = t["parameters"].get("required", [])
@@ -212,7 +211,7 @@ class ReActProtocol:
         text = text.split("Observation:")[0].split(IM_END)[0]
         return text if text.endswith("\n") or step.final is not None else text + "\n"
 
-    def observation(self, step: Step, result: Optional[ActionResult]) -> str:
+    def observation(self, step: Step, result: ActionResult | None) -> str:
         if result is None:
             return f"Observation: error: {step.error}\n"
         body = result.output if result.ok else f"error: {result.output}"
@@ -222,7 +221,7 @@ class ReActProtocol:
 PROTOCOLS = {"internlm2": InternLM2Protocol, "react": ReActProtocol}
 
 
-def make_protocol(name: str, system: str = "", tools: Optional[list[dict]] = None):
+def make_protocol(name: str, system: str = "", tools: list[dict] | None = None):
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; known: {sorted(PROTOCOLS)}")
     return PROTOCOLS[name](system, tools)

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 from puyu.agents.protocol import IM_END
 
-Reply = Union[str, Callable[[str], str]]
+Reply = Union[str, Callable[[str], str]]  # noqa: UP007 (a runtime alias: 3.9-style for clarity)
 LENGTH_MARK = "[LENGTH]"  # a reply ending with it is returned with finish_reason "length", the mark removed
 
 
 @dataclasses.dataclass
 class ScriptedOutput:
     text: str
-    finish_reason: Optional[str] = "stop"
+    finish_reason: str | None = "stop"
     token_ids: list = dataclasses.field(default_factory=list)
     prompt_token_ids: list = dataclasses.field(default_factory=list)
-    error: Optional[str] = None
+    error: str | None = None
 
 
 def task_of(prompt: str) -> str:
@@ -45,7 +46,7 @@ def turn_of(prompt: str) -> int:
 
 def last_observation(prompt: str) -> str:
     found = re.findall(r"environment name=<\|[a-z]+\|>\n(.*?)<\|im_end\|>|Observation: (.*?)\n",
-                       conversation(prompt), re.S)
+                       conversation(prompt), re.DOTALL)
     return [a or b for a, b in found][-1] if found else ""
 
 

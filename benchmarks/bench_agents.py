@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from puyu.agents.actions import ActionExecutor, make_actions
 from puyu.agents.agent import Agent
 from puyu.agents.protocol import ACTION_END, ACTION_START, INTERPRETER, PLUGIN, InternLM2Protocol

@@ -4,15 +4,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+from typing import ClassVar
 
 import pytest
 import torch
-
-from puyu.agents.actions import (ActionExecutor, ActionResult, Action, Calculator, PythonInterpreter, ToolCall,
-                                 make_actions, notebook_cell)
+from puyu.agents.actions import (
+    Action,
+    ActionExecutor,
+    ActionResult,
+    Calculator,
+    PythonInterpreter,
+    ToolCall,
+    make_actions,
+    notebook_cell,
+)
 from puyu.agents.agent import ANSWER, MAX_TURNS, MODEL_ERROR, TRUNCATED, Agent
 from puyu.agents.config import AgentJobConfig
-from puyu.agents.job import AgentTask, build_agent_stages, summarize
+from puyu.agents.job import AgentTask, build_agent_stages, report_section, summarize
 from puyu.agents.protocol import ACTION_END, ACTION_START, INTERPRETER, PLUGIN, InternLM2Protocol, ReActProtocol
 from puyu.agents.scripted import ScriptedPolicy, answer_from_observation, last_observation
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
@@ -73,7 +81,7 @@ def test_executor_turns_bad_calls_into_error_observations(executor):
 
 class Broken(Action):
     name = "broken"
-    parameters = {"type": "object", "properties": {}, "required": []}
+    parameters: ClassVar[dict] = {"type": "object", "properties": {}, "required": []}
 
     def run(self):
         raise KeyError("boom")
@@ -81,7 +89,7 @@ class Broken(Action):
 
 class Slow(Action):
     name = "slow"
-    parameters = {"type": "object", "properties": {}, "required": []}
+    parameters: ClassVar[dict] = {"type": "object", "properties": {}, "required": []}
 
     def run(self):
         import time
@@ -311,6 +319,8 @@ def test_scripted_policy_job_on_gsm8k_graded_through_the_python_tool(tmp_path):
     assert summary["tool_calls"] == 3 and summary["tool_error_rate"] == 0.0 and summary["parse_errors"] == 1
     report = (tmp_path / "run" / "agent" / "report.md").read_text()
     assert "| accuracy (graded 6) | 50.00 |" in report and "| python | 3 | 0 |" in report
+    section = report_section(tmp_path / "run")  # what a pipeline report.md appends
+    assert section[0] == "## Agents" and "# Agent run" not in section[2] and "| episodes | 7 |" in section[2]
 
 
 def test_summary_counts_tool_errors():
@@ -416,7 +426,7 @@ def test_bad_job_config_is_one_clear_line(tmp_path):
     with pytest.raises(ServingError, match="needs engine"):
         build_agent_stages(AgentJobConfig(kind="agent"))
     (tmp_path / "t.jsonl").write_text('{"task": "x"}\n')
-    base = dict(kind="agent", engine="e", input=str(tmp_path / "t.jsonl"))
+    base = {"kind": "agent", "engine": "e", "input": str(tmp_path / "t.jsonl")}
     with pytest.raises(ServingError, match="unknown tool"):
         build_agent_stages(AgentJobConfig(**base, tools=["search"]))
     with pytest.raises(ServingError, match="protocol must be one of"):
