@@ -11,6 +11,11 @@ reported: wall and CPU seconds of every run, output tokens/s of the best run of 
 outputs agree token for token. The last line is the ratio of best wall times.
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py [--prompts 256 --max-tokens 64 --threads 2]``
+
+``--quant``: instead, puyu alone on a wider random model (dim 1024, 4 layers, vocab 4000) with fp32,
+w8 and w4 weights (no AWQ; quantization of a random model says nothing about accuracy, only speed):
+16 prompts x 32 greedy tokens, interleaved repeats, best wall time of each, and whether the quantized
+engines' tokens equal their own reference (the linear over the dequantized weight).
 """
 from __future__ import annotations
 
@@ -58,6 +63,45 @@ def run_puyu(model: Transformer, prompts: list[list[int]], max_tokens: int) -> t
     return time.perf_counter() - t0, time.process_time() - c0, [o.token_ids for o in outs]
 
 
+def bench_quant(repeats: int) -> None:
+    from puyu.model.state_dict import puyu_state_dict
+    from puyu.serving.engine import engine_tensors
+    from puyu.serving.engine_model import LINEARS, EngineModel
+    from puyu.serving.quant import dequantize, quantize_linear
+
+    torch.manual_seed(0)
+    args = get_flavor("tiny", vocab_size=4000).replace(dim=1024, n_layers=4, n_heads=16, n_kv_heads=4,
+                                                       ffn_hidden_dim=2816)
+    base = engine_tensors(args, {k: v.detach() for k, v in puyu_state_dict(Transformer(args).eval()).items()})
+    prompts = [[(7 * i + j) % 3999 + 1 for j in range(20 + i)] for i in range(16)]
+    sp = SamplingParams(max_tokens=32, ignore_eos=True)
+    engines, refs = {"fp32": base}, {}
+    for mode in ("w8", "w4"):
+        t, ref = dict(base), dict(base)
+        for i in range(args.n_layers):
+            for name in LINEARS:
+                key = f"layers.{i}.{name}"
+                parts, _ = quantize_linear(t.pop(key + ".weight"), mode, 128, None)
+                t.update({f"{key}.{k}": v for k, v in parts.items()})
+                ref[key + ".weight"] = dequantize(parts)
+        engines[mode], refs[mode] = t, ref
+    times: dict[str, list[float]] = {}
+    tokens = {}
+    for _ in range(repeats):
+        for mode, tensors in engines.items():
+            llm = LLM(EngineModel(args, tensors), runtime=RuntimeConfig(num_blocks=256))
+            t0 = time.perf_counter()
+            tokens[mode] = [o.token_ids for o in llm.generate(prompts, sp)]
+            times.setdefault(mode, []).append(time.perf_counter() - t0)
+    n_out = len(prompts) * sp.max_tokens
+    for mode, runs in times.items():
+        same = ""
+        if mode in refs:
+            ref = [o.token_ids for o in LLM(EngineModel(args, refs[mode]), runtime=RuntimeConfig(num_blocks=256)).generate(prompts, sp)]
+            same = f"; tokens equal to the dequantized-weight reference: {sum(a == b for a, b in zip(ref, tokens[mode]))}/{len(prompts)}"
+        print(f"{mode}: wall s {[round(r, 2) for r in runs]}; best {n_out / min(runs):.1f} output tokens/s{same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
@@ -65,8 +109,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix-words", type=int, default=0, help="one passage of this many words before every prompt")
+    ap.add_argument("--quant", action="store_true", help="fp32 vs w8 vs w4 weights on a wider model (puyu only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quant:
+        print(f"quantized weights: dim 1024 x 4 layers, 16 prompts x 32 new tokens, {args.threads} threads, torch {torch.__version__}")
+        bench_quant(args.repeats)
+        return
     texts = wiki_texts()
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(texts[:3000], Path(tmp) / "tokenizer.json", vocab_size=2000)

@@ -3,7 +3,10 @@
 - ``forward_paged``: a flat ragged batch of token chunks from many sequences (prefill chunks and
   single decode tokens mixed), keys/values written to and read from a ``PagedKVCache`` through block
   tables. The linear layers see all tokens of the step as one [N, D] matrix, which is what makes
-  continuous batching pay off; attention gathers each sequence's blocks into a padded [B, S] view.
+  continuous batching pay off. Attention runs per ``AttentionGroup``: decode tokens gather their
+  sequences' blocks into a padded [b, S] view (buckets of similar context length); prompt chunks that
+  start at position 0 attend only to their own keys (causal SDPA, nothing read from the cache); other
+  chunks gather what the cache holds before them.
 - ``forward_dense``: plain causal [B, T] (no cache) for perplexity and AWQ calibration.
 
 Both use the same fused ops as ``puyu.model`` (``ModelArgs.fused_ops``), so greedy decoding matches the
