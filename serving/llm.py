@@ -299,8 +299,9 @@ class LLM:
         if not sampled:
             return 0
         seqs = [s for s, _ in sampled]
-        idx = torch.tensor([r for _, r in sampled])
-        new = sample_rows(logits[idx], [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
+        rows = [r for _, r in sampled]
+        picked = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows)]  # decode steps: all rows
+        new = sample_rows(picked, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
         want = [j for j, s in enumerate(seqs) if s.params.logprobs]
         if want:
             for j, lp in zip(want, pick_logprobs(logits, [sampled[j][1] for j in want], [new[j] for j in want])):

@@ -45,6 +45,8 @@ def sample_rows(
 ) -> list[int]:
     """One next token per row."""
     greedy = [p.temperature == 0 and p.repetition_penalty == 1.0 for p in params]
+    if all(greedy):
+        return logits.argmax(-1).tolist()
     out = [0] * len(params)
     if any(greedy):
         rows = [i for i, g in enumerate(greedy) if g]
