@@ -2,7 +2,8 @@
 
 data (read → filter → dedup → tokenize) → pretrain (on that corpus) → build_engine (from the
 exported model and the data stage's tokenizer) → prompts (opening words of corpus documents) → infer (batch
-generation, sharded) → eval (benchmarks on that engine, an array of tasks) → eval_summary. Later stages learn where earlier ones left their outputs only at run time
+generation, sharded) → eval (benchmarks on that engine, an array of tasks) → eval_summary → agent_tasks
+(GSM8K questions) → agent (tool-using episodes on that engine, sharded) → agent_merge. Later stages learn where earlier ones left their outputs only at run time
 (``<run>/<stage>/...``), so their configs name paths *inside the run* and :class:`InRun` resolves
 them when the task starts.
 """
@@ -14,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from puyu.agents.config import AgentJobConfig
 from puyu.data_pipeline.config import DataJobConfig
 from puyu.evaluation.config import EvalJobConfig
 from puyu.launcher.atomic import atomic_open, atomic_write_text
@@ -38,6 +40,9 @@ class PipelineJobConfig(JobConfig):
     infer: InferJobConfig = dataclasses.field(default_factory=lambda: InferJobConfig(kind="infer"))
     # benchmarks on the built engine, named "pretrained" (job.eval.model_paths may add more models)
     eval: EvalJobConfig = dataclasses.field(default_factory=lambda: EvalJobConfig(kind="eval"))
+    # tool-using agent episodes on the built engine over this many GSM8K questions (graded)
+    agent_tasks: int = 16
+    agent: AgentJobConfig = dataclasses.field(default_factory=lambda: AgentJobConfig(kind="agent"))
 
 
 PIPELINE_MODEL = "pretrained"  # the eval stage's name for the engine this pipeline builds
@@ -79,6 +84,7 @@ class PromptsFromCorpus:
 
 
 def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
+    from puyu.agents.job import AgentMergeTask, AgentTask, TasksFromDataset
     from puyu.data_pipeline.job import build_data_stages
     from puyu.evaluation.job import eval_stages
     from puyu.parallel.pretrain import pretrain_stages
@@ -86,6 +92,8 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
     from puyu.serving.job import InferMergeTask, InferTask
 
     infer_paths = {"engine": "build_engine/engine", "input": "prompts/prompts.jsonl"}
+    agent_paths = {"engine": "build_engine/engine", "input": "agent_tasks/tasks.jsonl"}
+    cfg.agent.validate()
     return (build_data_stages(cfg.data)
             + pretrain_stages(cfg.pretrain, corpus_in_run="summary/corpus", cluster=cfg.pretrain_cluster)
             + [Stage("build_engine", InRun(BuildEngineTask, cfg.engine, {
@@ -94,7 +102,10 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
                Stage("prompts", PromptsFromCorpus(cfg.prompts, cfg.prompt_words)),
                Stage("infer", InRun(InferTask, cfg.infer, infer_paths), shards=cfg.infer.shards),
                Stage("infer_merge", InRun(InferMergeTask, cfg.infer, infer_paths))]
-            + eval_stages(cfg.eval, in_run_models={PIPELINE_MODEL: "build_engine/engine"}))
+            + eval_stages(cfg.eval, in_run_models={PIPELINE_MODEL: "build_engine/engine"})
+            + [Stage("agent_tasks", TasksFromDataset("gsm8k", cfg.agent_tasks)),
+               Stage("agent", InRun(AgentTask, cfg.agent, agent_paths), shards=cfg.agent.shards),
+               Stage("agent_merge", InRun(AgentMergeTask, cfg.agent, agent_paths))])
 
 
 def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
@@ -118,6 +129,7 @@ def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
 
 def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
     """``report.md`` in the run directory: what each part of the chain produced, with links."""
+    from puyu.agents.job import report_section as agent_report_section
     from puyu.parallel.pretrain import pretrain_report
 
     data_summary = (run_dir / "summary" / "summary.md").read_text()
@@ -129,6 +141,7 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
     evaluation = Path(results["eval_summary"][0]["report"]).read_text()
     lines += ["", "## Evaluation", "", ("\n" + evaluation).replace("\n# ", "\n### ").strip(),
               "", f"Report files: `{run_dir / 'eval_summary'}`"]
+    lines += ["", *agent_report_section(run_dir)]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

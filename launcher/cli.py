@@ -113,7 +113,12 @@ def run_job(cfg: DictConfig) -> int:
             cfg.cluster.kind = ClusterKind.inline
     run_dir = Path(cfg.run).absolute()
     job_cfg = OmegaConf.to_object(cfg.job)
-    stages = spec.load("stages")(job_cfg)
+    try:
+        stages = spec.load("stages")(job_cfg)
+    except PuyuError:
+        raise
+    except (ValueError, FileNotFoundError) as exc:  # stage builders check the job's config and inputs
+        raise PuyuError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
     if not cfg.launcher.dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from puyu.agents.config import AgentJobConfig
 from puyu.data_pipeline.config import DataJobConfig
 from puyu.evaluation.config import EvalJobConfig
 from puyu.launcher.config import JobConfig
@@ -99,6 +100,7 @@ JOB_KINDS: dict[str, JobSpec] = {
                         report="puyu.parallel.pretrain:write_report"),
     "build_engine": JobSpec(BuildEngineJobConfig, stages="puyu.serving.build:build_engine_stages"),
     "infer": JobSpec(InferJobConfig, stages="puyu.serving.job:build_infer_stages"),
+    "agent": JobSpec(AgentJobConfig, stages="puyu.agents.job:build_agent_stages", report="puyu.agents.job:agent_report"),
     "eval": JobSpec(EvalJobConfig, stages="puyu.evaluation.job:eval_stages", report="puyu.evaluation.job:eval_report"),
     "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
     "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),

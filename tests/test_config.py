@@ -66,6 +66,12 @@ def test_sweep_values_are_checked_before_submission():
     (["job=nosuch"], "puyu: error: unknown job kind 'nosuch'"),
     (["cluster.partitoin=debug"], "puyu: error: unknown config key 'cluster.partitoin'"),
     (["job=status", "run=/nonexistent/run"], "puyu: error: run directory /nonexistent/run does not exist"),
+    # stage builders' checks of inputs (plain ValueErrors of each stage) also end in one line
+    (["job=infer", "job.engine=/x", "job.input=/nonexistent.jsonl", "run=/tmp/puyu-never"],
+     "puyu: error: job=infer: input /nonexistent.jsonl not found"),
+    (["job=agent", "job.engine=/x", "job.input=/nonexistent.jsonl", "run=/tmp/puyu-never"],
+     "puyu: error: job=agent: input /nonexistent.jsonl not found"),
+    (["job=data", "job.data.shards=0", "run=/tmp/puyu-never"], "puyu: error: data job: shards must be >= 1"),
 ])
 def test_cli_prints_one_error_line(args, expected):
     out = subprocess.run([*PUYU, *args], capture_output=True, text=True, timeout=120)

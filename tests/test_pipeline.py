@@ -13,14 +13,15 @@ def test_pipeline_runs_the_whole_chain_and_a_rerun_resumes(tmp_path):
             "job.pretrain.model.vocab_size=2000", "job.pretrain.train.steps=6", "job.pretrain.train.checkpoint_every=3",
             "job.engine.vocab_size=2000", "job.engine.build.eval_docs=4", "job.engine.build.calib_docs=4",
             "job.prompts=16", "job.infer.sampling.max_tokens=8", "job.eval.limits.mmlu=8", "job.eval.limits.gsm8k=2",
-            "job.eval.limits.humaneval=2", "job.eval.limits.wiki_bpb=4", "job.eval.infer.max_tokens=16"]
+            "job.eval.limits.humaneval=2", "job.eval.limits.wiki_bpb=4", "job.eval.infer.max_tokens=16",
+            "job.agent_tasks=4", "job.agent.sampling.max_tokens=16"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"report: {run_dir / 'report.md'}" in out.stdout
     report = (run_dir / "report.md").read_text()
     for section in ("## Corpus (data stage)", "## Pretraining", "## Serving", "### Batch inference: 16 prompts",
                     "## Evaluation", "| mmlu | acc_circular | ppl |", "| humaneval | pass@1 | gen |",
-                    "| wiki_bpb | bits_per_byte | ppl |"):
+                    "| wiki_bpb | bits_per_byte | ppl |", "## Agents"):
         assert section in report, section
     outputs = [json.loads(ln) for ln in (run_dir / "infer" / "outputs.jsonl").read_text().splitlines()]
     assert [o["index"] for o in outputs] == list(range(16)) and all("error" not in o for o in outputs)
