@@ -173,14 +173,28 @@ class Pipeline:
         states = slurm.sacct_states(sub.job_ids())
         return any(states.get(j) in slurm.ALIVE_STATES for j in sub.job_ids())
 
-    def _wait(self, sub: Submitted) -> None:
+    def _wait(self, sub: Submitted, last: bool = True) -> None:
         while self._alive(sub):
             time.sleep(self.launcher.poll_s)
         _check_done(sub)
         missing = sorted(set(sub.ranks) & set(sub.stage.pending_ranks(self.run_dir)))
         if missing:
             raise PuyuError(f"stage {sub.stage.name!r}: shards {missing} finished without a completion marker")
+        if sub.cluster.kind is ClusterKind.slurm and not last:
+            self._check_slurm_completed(sub)
         log.info("stage %s: shard(s) %s complete", sub.stage.name, ",".join(map(str, sub.ranks)))
+
+    def _check_slurm_completed(self, sub: Submitted) -> None:
+        """A task whose outputs are whole can still end CANCELLED in Slurm (cancelled while it wrote its
+        last file): Slurm then cancels every stage that depends on it with ``afterok``. Say so here,
+        naming that task, rather than later naming the dependent stage as if it had failed."""
+        states = slurm.sacct_states(sub.job_ids())
+        for rank, job in zip(sub.ranks, sub.jobs):
+            state = states.get(job.job_id, "UNKNOWN")
+            if state not in ("COMPLETED", "UNKNOWN"):
+                raise StageFailed(sub.stage.name, f"{job.job_id} (shard {rank})", state, str(job.paths.stderr),
+                                  "its outputs are complete, but Slurm cancels the stages that depend on it; "
+                                  "rerun the same run= to go on from the next stage")
 
     def _run_local(self) -> None:
         for stage in self.stages:
@@ -206,5 +220,5 @@ class Pipeline:
         if not self.launcher.wait:
             print(f"submitted {len(chain)} stage(s); follow with: puyu job=status run={self.run_dir}")
             return
-        for sub in chain:
-            self._wait(sub)
+        for i, sub in enumerate(chain):
+            self._wait(sub, last=i == len(chain) - 1)

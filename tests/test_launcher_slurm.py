@@ -109,6 +109,30 @@ def test_cancelled_job_is_reported_cancelled(tmp_path):
     assert isinstance(err, StageFailed) and err.state.startswith("CANCELLED"), repr(err)
 
 
+def test_task_cancelled_after_its_outputs_is_named_and_a_rerun_goes_on(tmp_path):
+    """A plain scancel's SIGTERM does not stop a submitit task at once: it may finish its outputs and its
+    marker and still end CANCELLED, which makes Slurm cancel the ``afterok`` stage after it. The launcher
+    names the cancelled task (not the dependent stage), and a rerun runs only what is left."""
+    run_dir = tmp_path / "run"
+    pipeline = Pipeline([Stage("short", J.Timed(3.0)), Stage("after", J.echo)], run_dir, slurm(),
+                        LauncherConfig(poll_s=0.5))
+    thread, outcome = start_in_thread(pipeline)
+    first = wait_for(lambda: pipeline.submitted and pipeline.submitted[0].job_ids()[0], 60, "the submission")
+    wait_for(lambda: squeue_state(first) == "RUNNING", 60, "the first stage to run")
+    subprocess.run(["scancel", first], check=True)
+    thread.join(120)
+    assert not thread.is_alive(), "the launcher hangs"
+    err = outcome.get("error")
+    assert (run_dir / "short" / "completions" / "00000").exists(), \
+        "Slurm killed the task before it finished: the test cluster's KillWait (5 s) must exceed the task's 3 s"
+    assert isinstance(err, StageFailed) and err.stage == "short" and err.state == "CANCELLED", repr(err)
+    assert "outputs are complete" in str(err) and "rerun the same run=" in str(err), str(err)
+    Pipeline([Stage("short", J.Timed(3.0)), Stage("after", J.echo)], run_dir, slurm(),
+             LauncherConfig(poll_s=0.5)).run()
+    subs = json.loads((run_dir / "launch.json").read_text())["submissions"]
+    assert [(s["stage"], s["ranks"]) for s in subs] == [("short", [0]), ("after", [0]), ("after", [0])]
+
+
 def test_failed_pipeline_cancels_the_next_stage_and_status_names_the_log(tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(StageFailed) as info:
