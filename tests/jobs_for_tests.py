@@ -14,6 +14,17 @@ from puyu.launcher.distributed import dist_env
 from puyu.launcher.stage import TaskContext
 
 
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
+    """The first truthy value of ``predicate()``, polled until ``timeout_s``; fails naming ``what``."""
+    end = time.time() + timeout_s
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
 def run_inline(stages, run_dir) -> dict:
     """Every pending task of every stage in this process, markers and all, as ``cluster=inline`` does."""
     from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig

@@ -9,12 +9,12 @@ import csv
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from jobs_for_tests import wait_for
 from puyu.evaluation.config import EvalJobConfig, InferenceConfig
 from puyu.evaluation.job import eval_stages
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
@@ -133,16 +133,6 @@ def test_unknown_dataset_or_model_is_one_error_line(engines, tmp_path):
     assert out.returncode != 0 and len(lines) == 1 and f"{bad}:2" in lines[0], out.stderr
 
 
-def _wait_for(predicate, timeout_s: float, what: str):
-    end = time.time() + timeout_s
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def test_slurm_array_with_a_killed_task_then_reuse_redoes_only_it(engines, clean_run, tmp_path, slurm_cluster):
     """The issue's run: 2 models × 3 datasets as a sharded array on the test cluster; one task is killed
     while it runs (the others go on; the summary, which depends on all of them, is cancelled) and
@@ -167,12 +157,12 @@ def test_slurm_array_with_a_killed_task_then_reuse_redoes_only_it(engines, clean
     log = first_dir / "eval" / "logs" / victim / f"{victim}_0_log.out"
     # the tiny models predict in about a second, so the kill comes as soon as Slurm runs the task
     # (the interpreter is still starting); any later and it could be done
-    _wait_for(lambda: subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], capture_output=True,
+    wait_for(lambda: subprocess.run(["squeue", "-h", "-j", victim, "-o", "%T"], capture_output=True,
                                      text=True).stdout.strip() == "RUNNING", 180, f"task {victim} to run")
     # SIGKILL at once: a plain scancel's SIGTERM is held off by submitit for KillWait seconds
     subprocess.run(["scancel", "--signal=KILL", "--full", victim], check=True)
     ids = sorted({j.split("_")[0] for s in subs for j in s["job_ids"]})
-    _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True,
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True,
                                          text=True).stdout.strip(), 300, "the first run's jobs to end")
     done = {r for r in range(n) if (first_dir / "eval" / "completions" / f"{r:05d}").exists()}
     assert done == set(range(n)) - {rank}, f"only the killed task should be unfinished, finished: {sorted(done)}"

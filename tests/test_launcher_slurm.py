@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import jobs_for_tests as J
+from jobs_for_tests import wait_for
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.errors import StageFailed
 from puyu.launcher.pipeline import Pipeline
@@ -30,16 +30,6 @@ def slurm(**kw) -> ClusterConfig:
 
 def squeue_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    end = time.time() + timeout_s
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def start_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, dict]:

@@ -5,11 +5,11 @@ import json
 import pickle
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from jobs_for_tests import wait_for
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.pipeline import Pipeline
 from puyu.model import Transformer, get_flavor, save_model
@@ -161,16 +161,6 @@ def test_thousand_real_prompts_as_a_4_way_array_then_rerun_of_a_lost_task(engine
     assert (run_dir / "infer" / "outputs.jsonl").read_bytes() == first
 
 
-def _wait_for(predicate, timeout_s: float, what: str):
-    end = time.time() + timeout_s
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
 def test_slurm_array_task_killed_mid_run_then_rerun_redoes_only_it(engine, tmp_path, slurm_cluster):
     """Issue 6: 1,100 real prompts as a 4-way ``puyu job=infer cluster=slurm`` array; one array task is
     killed while it generates, the run fails naming it, rerunning the same ``run=`` resubmits only that
@@ -189,11 +179,11 @@ def test_slurm_array_task_killed_mid_run_then_rerun_redoes_only_it(engine, tmp_p
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         launch = run_dir / "launch.json"
-        sub = _wait_for(lambda: launch.exists() and json.loads(launch.read_text())["submissions"], 60, "submission")[0]
+        sub = wait_for(lambda: launch.exists() and json.loads(launch.read_text())["submissions"], 60, "submission")[0]
         assert sub["stage"] == "infer" and sub["ranks"] == [0, 1, 2, 3]
         victim = sub["job_ids"][2]
         log = run_dir / "infer" / "logs" / victim / f"{victim}_0_log.out"
-        _wait_for(lambda: log.exists() and "generating" in log.read_text(), 120, f"task {victim} to generate")
+        wait_for(lambda: log.exists() and "generating" in log.read_text(), 120, f"task {victim} to generate")
         # SIGKILL to the task's step: it dies at once inside LLM.generate, as under the OOM killer or a
         # node crash (cancelling the job instead sends SIGTERM, which submitit ignores, and SIGKILL only
         # KillWait seconds later: time enough for this task to finish)
