@@ -62,11 +62,15 @@ class PretrainTask:
         return DelayedSubmission(PretrainTask(self.cfg, self.corpus_in_run), ctx)
 
     # ------------------------------------------------------------------ setup
-    def __call__(self, ctx: TaskContext) -> dict[str, Any]:
+    def _in_run(self, ctx: TaskContext) -> PretrainJobConfig:
+        """The config with the paths that point into the run directory filled in (checked before any setup)."""
         cfg = self.cfg
         if self.corpus_in_run:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=[str(ctx.run_dir / self.corpus_in_run)]))
-            self.cfg = cfg
+        return cfg
+
+    def __call__(self, ctx: TaskContext) -> dict[str, Any]:
+        cfg = self.cfg = self._in_run(ctx)
         env = dist_env()
         args = cfg.model.args()
         p = cfg.parallel
@@ -97,9 +101,12 @@ class PretrainTask:
             if dist.is_initialized():
                 dist.destroy_process_group()
         if cfg.train.export and env.rank == 0:  # one process reads the whole checkpoint back
-            final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
-            result["model"] = str(export_checkpoint(final, args, ctx.stage_dir / "model"))
+            result.update(self._export(ctx, args))
         return result
+
+    def _export(self, ctx: TaskContext, args: ModelArgs) -> dict[str, Any]:
+        final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
+        return {"model": str(export_checkpoint(final, args, ctx.stage_dir / "model"))}
 
     def _train(self, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -161,9 +168,9 @@ class PretrainTask:
         return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe()}
 
     def _optimizer(self, stage) -> torch.optim.AdamW:
-        """AdamW with weight decay on matrices only (not on norms' gains)."""
+        """AdamW over the trainable parameters, with weight decay on matrices only (not on norms' gains)."""
         o = self.cfg.optim
-        params = list(stage.parameters())
+        params = [q for q in stage.parameters() if q.requires_grad]
         groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": o.weight_decay},
                   {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)

@@ -1,0 +1,443 @@
+"""``puyu job=finetune``: XTuner-style supervised finetuning (full or LoRA) of a puyu checkpoint.
+
+Two stages. ``sft_data`` (one task) reads the chat jsonl (and/or builds conversations from the
+Wikipedia package), renders and masks them with the InternLM2 template and packs them into
+``seq_len`` rows with document ids (:mod:`puyu.data_pipeline.sft`) → ``<run>/sft_data/train.npz``
+(+ ``heldout.npz``). ``finetune`` (1..N processes) is pretraining's task with another data source,
+model and loss: it loads the base model from ``checkpoint``, adds LoRA adapters with ``peft``
+(``inject_adapter_in_model`` on the blocks' ``nn.Linear``s, base frozen) or trains every weight,
+wraps it as a :class:`SFTStage` (pretraining's stage module that also takes ``document_ids``, so packed
+conversations attend only within themselves and positions restart), shards it with pretraining's
+FSDP2 (+ activation checkpointing / compile), and runs the same step loop machinery: warmup + cosine
+AdamW, global grad-norm clipping, NaN policy, ``metrics.jsonl``/TensorBoard, DCP checkpoints with
+``complete.json`` and resume, USR2 → checkpoint + requeue. Checkpoints hold only the trainable
+parameters (the adapters) and their optimizer state; the frozen base comes from ``checkpoint`` again.
+
+The loss is the mean cross-entropy over the *global batch's* labelled tokens (each micro-batch's
+sum divided by the step's total label count, all-reduced), so the curve does not depend on how
+rows are split over ranks and micro-batches. At the end rank 0 merges the adapters into the base
+weights (``W + alpha/r · B A``, peft's ``merge``), exports a plain puyu model dir (what pretraining
+exports: ``job=build_engine`` takes it unchanged), scores the held-out conversations' masked loss
+with the base and the merged model, and writes ``finetune/report.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from submitit.helpers import DelayedSubmission
+
+from puyu.launcher.atomic import atomic_write_text
+from puyu.launcher.errors import PuyuError
+from puyu.launcher.stage import Stage, TaskContext
+from puyu.model import ModelArgs, Transformer, load_model, ops, save_model
+from puyu.model.model import document_causal_mask, positions_from_document_ids
+from puyu.model.rope import rope_cos_sin
+from puyu.parallel import checkpoint
+from puyu.parallel.data import StepBatches
+from puyu.parallel.dims import ParallelDims
+from puyu.parallel.ft_config import FinetuneJobConfig, LoraConfig
+from puyu.parallel.metrics import MetricsLog, mfu
+from puyu.parallel.parallelize import StageModule, apply_ac, apply_compile, apply_fsdp
+from puyu.parallel.pretrain import PretrainTask, _all_reduce
+
+log = logging.getLogger("puyu.finetune")
+IGNORE = -100
+SFT_DATA = "sft_data"  # the data stage's folder in the run
+
+
+# --------------------------------------------------------------------------- model
+class SFTStage(StageModule):
+    """The whole model as pretraining's stage module, taking packed rows: ``forward(tokens, document_ids)``."""
+
+    def forward(self, tokens: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if document_ids is None:
+            return super().forward(tokens)
+        h = self.tok_embeddings(tokens)  # [B, T, D]
+        mask = document_causal_mask(document_ids)  # [B, 1, T, T]
+        cos, sin = rope_cos_sin(self.args, positions_from_document_ids(document_ids))
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask, None)
+        return self.norm(h)
+
+    def loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the labelled positions (fused with the output projection)."""
+        return ops.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
+                                        ignore_index=IGNORE, reduction="sum", fused=self.args.fused_ops)
+
+
+def check_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if not (p / "model.safetensors").is_file() and not (p / "model.safetensors.index.json").is_file():
+        raise PuyuError(f"checkpoint {path}: no model.safetensors (or index) there; expected a puyu model dir "
+                        f"as pretraining exports it (<run>/pretrain/model)")
+    return p
+
+
+def load_base(path: str, args: ModelArgs) -> Transformer:
+    model = Transformer(args)
+    try:
+        load_model(model, check_checkpoint(path))
+    except PuyuError:
+        raise
+    except Exception as exc:  # shapes or names do not fit model.flavor / vocab_size
+        raise PuyuError(f"checkpoint {path} does not fit the configured model (model.flavor / vocab_size / "
+                        f"n_layers): {str(exc).splitlines()[0][:300]}") from exc
+    return model
+
+
+def add_lora(model: torch.nn.Module, lora: LoraConfig, seed: int = 0) -> torch.nn.Module:
+    """Freeze ``model`` and add peft LoRA adapters to the target linears (B = 0: the output is unchanged)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)  # the same adapters on every rank
+    return inject_adapter_in_model(PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                  target_modules=list(lora.targets)), model)
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every adapter into its base weight (peft's ``merge``) and put the plain ``nn.Linear`` back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model
+
+
+def build_model(cfg: FinetuneJobConfig, args: ModelArgs) -> Transformer:
+    model = load_base(cfg.checkpoint, args)
+    return add_lora(model, cfg.lora, cfg.train.seed) if cfg.lora.rank else model
+
+
+def trainable_params(model: torch.nn.Module) -> tuple[int, int]:
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# --------------------------------------------------------------------------- checkpoints of the trainable part
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
+
+
+def _trainable_state(parts, optimizers) -> dict[str, dict]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = {}, {}
+    for part, opt in zip(parts, optimizers):
+        m, o = get_state_dict(part, opt, options=_options())
+        model_sd.update(m)
+        optim_sd.update(o)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+class TrainableCheckpointer(checkpoint.Checkpointer):
+    """Pretraining's checkpointer (DCP shards, ``complete.json`` last, async, pruning) over the
+    trainable parameters only: with LoRA a checkpoint is the adapters and their optimizer state."""
+
+    def save(self, step, parts, optimizers, extra) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        path, record = checkpoint.step_dir(self.root, step), {"step": step, **extra}
+        state = _trainable_state(parts, optimizers)
+        if self.async_save:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(path), process_group=self._group), path, record)
+        else:
+            dcp.save(state, checkpoint_id=str(path))
+            self._complete(path, record)
+        return path
+
+
+def load_trainable(path: Path, parts, optimizers=None) -> dict:
+    """Load a :class:`TrainableCheckpointer` checkpoint into ``parts`` (+ optimizers); returns its record."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+
+    record = json.loads((Path(path) / checkpoint.COMPLETE).read_text())
+    options = dataclasses.replace(_options(), strict=False)
+    if optimizers is None:
+        for part in parts:
+            sd = get_model_state_dict(part, options=_options())
+            dcp.load({"model": sd}, checkpoint_id=str(path))
+            set_model_state_dict(part, sd, options=options)
+    else:
+        state = _trainable_state(parts, optimizers)
+        dcp.load(state, checkpoint_id=str(path))
+        for part, opt in zip(parts, optimizers):
+            set_state_dict(part, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=options)
+    log.info("resumed from %s (step %d)", path, record["step"])
+    return record
+
+
+# --------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class SFTBatch:
+    tokens: torch.Tensor  # [micro_batch, seq_len]
+    labels: torch.Tensor  # [micro_batch, seq_len], IGNORE where no loss
+    document_ids: torch.Tensor  # [micro_batch, seq_len]
+
+
+class SFTBatches(StepBatches):
+    """Pretraining's step slicing (global sample ``s·G + i``; rank ``r`` takes its contiguous share;
+    state = consumed samples) over the packed rows, reshuffled each epoch with ``seed + epoch``."""
+
+    def __init__(self, packed, global_batch, micro_batch, dp_rank, dp_size, consumed_samples=0, seed=0):
+        super().__init__(packed, global_batch, micro_batch, dp_rank, dp_size, consumed_samples)
+        self.seed, self._perms = seed, {}
+        self.rows = len(packed.tokens)
+
+    def _row(self, sample: int) -> int:
+        epoch, i = divmod(sample, self.rows)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng(self.seed + epoch).permutation(self.rows)}
+        return int(self._perms[epoch][i])
+
+    def next_step(self) -> list[SFTBatch]:
+        per_rank = self.global_batch // self.dp_size
+        first = self.consumed_samples + self.dp_rank * per_rank
+        rows = [self._row(first + i) for i in range(per_rank)]
+        self.consumed_samples += self.global_batch
+        d = self.dataset
+        return [SFTBatch(*(torch.from_numpy(a[rows[m:m + self.micro_batch]]).long()
+                           for a in (d.tokens, d.labels, d.document_ids)))
+                for m in range(0, per_rank, self.micro_batch)]
+
+
+# --------------------------------------------------------------------------- stages
+def _with_in_run(cfg: FinetuneJobConfig, in_run: dict[str, str], run_dir: Path) -> FinetuneJobConfig:
+    changes = {field: str(run_dir / rel) for field, rel in in_run.items()}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+class SFTDataTask:
+    """The ``sft_data`` stage: chat jsonl → packed, masked rows (``train.npz``, ``heldout.npz``)."""
+
+    def __init__(self, cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = None):
+        self.cfg, self.in_run = cfg, dict(in_run or {})
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        from puyu.data_pipeline.sft import prepare
+
+        cfg = _with_in_run(self.cfg, self.in_run, ctx.run_dir)
+        d = cfg.data
+        return prepare(ctx.stage_dir, cfg.tokenizer, d.paths, d.eval_paths, d.seq_len, d.overlong, d.wiki,
+                       d.wiki_heldout, vocab_size=cfg.model.args().vocab_size)
+
+
+class FinetuneTask(PretrainTask):
+    """The training process of one rank; pretraining's task (process group, mesh, signals, requeue,
+    clipping, collective timeouts) with the SFT data, model, loss and export."""
+
+    def __init__(self, cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = None):
+        super().__init__(cfg)
+        self.in_run = dict(in_run or {})
+
+    def checkpoint(self, ctx: TaskContext) -> DelayedSubmission:
+        return DelayedSubmission(type(self)(self.cfg, self.in_run), ctx)
+
+    def _in_run(self, ctx: TaskContext) -> FinetuneJobConfig:
+        cfg = _with_in_run(self.cfg, self.in_run, ctx.run_dir)
+        cfg.validate(in_run=False)
+        check_checkpoint(cfg.checkpoint)
+        if not (ctx.run_dir / SFT_DATA / "train.npz").is_file():
+            raise PuyuError(f"{ctx.run_dir / SFT_DATA / 'train.npz'} not found: the sft_data stage has not run")
+        return cfg
+
+    def on_step_end(self, step: int) -> None:
+        """Called after each finished step (tests hook in here)."""
+
+    def _train(self, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
+        from puyu.data_pipeline.sft import Packed
+
+        cfg, t = self.cfg, self.cfg.train
+        if dims.tp != 1 or dims.pp != 1:
+            raise PuyuError(f"finetune runs data parallel only (FSDP/HSDP); got {dims.describe()}")
+        data = Packed.load(ctx.run_dir / SFT_DATA / "train.npz")
+        if data.tokens.shape[1] != cfg.data.seq_len:
+            raise PuyuError(f"sft_data rows are {data.tokens.shape[1]} long but data.seq_len={cfg.data.seq_len}")
+        model = build_model(cfg, args)
+        trainable, total = trainable_params(model)
+        stage = SFTStage(model.to(device), list(range(args.n_layers)), first=True, last=True)
+        if cfg.parallel.activation_checkpointing:
+            apply_ac(stage)
+        if cfg.parallel.compile:
+            apply_compile(stage)
+        if dims.dp > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+            apply_fsdp(stage, dp_mesh, torch.bfloat16 if device.type == "cuda" else None, False)
+        stages = [stage]
+        params = [q for q in stage.parameters() if q.requires_grad]
+        optimizers = [self._optimizer(stage)]
+        ckpt_root = ctx.stage_dir / "checkpoints"
+        checkpointer = TrainableCheckpointer(ckpt_root, t.keep_checkpoints, t.async_checkpoint)
+        start_step, consumed = 0, 0
+        latest = checkpoint.latest_complete(ckpt_root)
+        if latest is not None:
+            record = load_trainable(latest, stages, optimizers)
+            start_step, consumed = record["step"], record["consumed_samples"]
+        batches = SFTBatches(data, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed,
+                             cfg.data.seed)
+        metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
+        # forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains) + attention
+        flops = (4.0 + 2.0 * (trainable == total)) * total + 12.0 * args.n_layers * args.dim * cfg.data.seq_len
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and dims.dp == 1)
+        last_loss = float("nan")
+        for step in range(start_step, t.steps):
+            if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
+                self._stop_for_requeue(checkpointer, step, stages, optimizers, batches, env, previous_handler)
+            lr = cfg.optim.lr_at(step, t.steps)
+            for group in optimizers[0].param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            micro = batches.next_step()
+            n_labels = _all_reduce(torch.tensor([float(sum(int((b.labels != IGNORE).sum()) for b in micro))],
+                                                device=device)).item()
+            total_loss = torch.zeros((), device=device)
+            for b in micro:
+                with autocast:
+                    h = stage(b.tokens.to(device), b.document_ids.to(device))
+                    loss_sum = stage.loss_sum(h, b.labels.to(device))
+                # FSDP averages gradients over the dp ranks: scale so they sum to the global token mean
+                (loss_sum * (dims.dp / max(n_labels, 1.0))).backward()
+                total_loss += loss_sum.detach()
+            loss = _all_reduce(total_loss.reshape(1).clone()).item() / max(n_labels, 1.0)
+            grad_norm = self._clip(params, mesh, dims)
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                if t.nan_policy == "stop":
+                    raise PuyuError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+                                    f"(train.nan_policy=stop; set skip to drop such steps)")
+                log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
+                optimizers[0].zero_grad(set_to_none=True)
+                continue
+            optimizers[0].step()
+            optimizers[0].zero_grad(set_to_none=True)
+            last_loss = loss
+            elapsed = time.perf_counter() - started
+            tokens_per_s = t.global_batch * cfg.data.seq_len / elapsed
+            if metrics:
+                metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+                             "tokens_per_s": tokens_per_s, "trained_tokens": int(n_labels),
+                             "mfu": mfu(tokens_per_s, flops, t.peak_tflops, dims.world_size)})
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+                checkpointer.save(step + 1, stages, optimizers, {"consumed_samples": batches.consumed_samples})
+            self.on_step_end(step + 1)
+        checkpointer.wait()
+        if metrics:
+            metrics.close()
+        return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(),
+                "trainable_params": trainable, "total_params": total,
+                "mode": f"LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
+                        if cfg.lora.rank else "full finetuning"}
+
+    def __call__(self, ctx: TaskContext) -> dict[str, Any]:
+        result = super().__call__(ctx)
+        if self._rank() == 0:
+            report = finetune_report(ctx.run_dir, result)
+            atomic_write_text(ctx.stage_dir / "report.md", "# Finetuning\n\n" + report + "\n")
+            result["report"] = str(ctx.stage_dir / "report.md")
+        return result
+
+    @staticmethod
+    def _rank() -> int:
+        from puyu.launcher.distributed import dist_env
+
+        return dist_env().rank
+
+    def _export(self, ctx: TaskContext, args: ModelArgs) -> dict[str, Any]:
+        """Rank 0: base + final trainable weights → merged plain model dir; held-out loss before/after."""
+        cfg = self.cfg
+        final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
+        model = build_model(cfg, args)
+        load_trainable(final, [model])
+        merged = merge_lora(model).eval()
+        out = ctx.stage_dir / "model"
+        save_model(merged, out)
+        result: dict[str, Any] = {"model": str(out)}
+        heldout = ctx.run_dir / SFT_DATA / "heldout.npz"
+        if heldout.is_file():
+            from puyu.data_pipeline.sft import Packed
+
+            rows = Packed.load(heldout)
+            result["heldout_loss_after"] = masked_loss(merged, rows, cfg.eval_rows)
+            result["heldout_loss_before"] = masked_loss(load_base(cfg.checkpoint, args).eval(), rows, cfg.eval_rows)
+        return result
+
+
+@torch.no_grad()
+def masked_loss(model: Transformer, packed, max_rows: int = 0, batch: int = 8) -> float:
+    """Mean cross-entropy over the labelled tokens of (the first ``max_rows``) packed rows."""
+    n = len(packed.tokens) if not max_rows else min(max_rows, len(packed.tokens))
+    total, count = 0.0, 0
+    for s in range(0, n, batch):
+        tok, lab, doc = (torch.from_numpy(a[s:min(n, s + batch)]).long()
+                         for a in (packed.tokens, packed.labels, packed.document_ids))
+        h = model.hidden_states(tok, document_ids=doc)
+        total += float(ops.linear_cross_entropy(h.flatten(0, 1), model.output.weight, lab.flatten(),
+                                                reduction="sum", fused=model.args.fused_ops))
+        count += int((lab != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def finetune_stages(cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = None,
+                    cluster: Optional[dict] = None) -> list[Stage]:
+    """``sft_data`` then ``finetune``. ``in_run`` maps config fields (``checkpoint``, ``tokenizer``) to paths
+    inside the run directory (pipeline use: they exist only once earlier stages ran)."""
+    in_run = dict(in_run or {})
+    cfg.validate(in_run=bool(in_run))
+    if "checkpoint" not in in_run:
+        check_checkpoint(cfg.checkpoint)
+    if "tokenizer" not in in_run and not Path(cfg.tokenizer).is_file():
+        raise PuyuError(f"tokenizer file {cfg.tokenizer} not found")
+    return [Stage(SFT_DATA, SFTDataTask(cfg, in_run)),
+            Stage("finetune", FinetuneTask(cfg, in_run), cluster=dict(cluster or {}))]
+
+
+def finetune_report(run_dir: Path, result: dict) -> str:
+    """Markdown: mode, data (packing, masking), loss curve, throughput, held-out loss, the export."""
+    data = json.loads((run_dir / SFT_DATA / "train.json").read_text())
+    records = [json.loads(ln) for ln in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    every = max(1, len(records) // 10)
+    shown = records[::every] + ([records[-1]] if (len(records) - 1) % every else [])
+    timed = [r["tokens_per_s"] for r in records[1:]] or [r["tokens_per_s"] for r in records]
+    lines = [f"Mode: {result['mode']}; trainable parameters {result['trainable_params']:,} of "
+             f"{result['total_params']:,} ({result['trainable_params'] / result['total_params']:.2%}); "
+             f"layout: {result['layout']}.", "",
+             f"Data: {data['conversations']} conversations → {data['rows']} packed rows of {data['seq_len']} tokens "
+             f"(packing efficiency {data['packing_efficiency']:.1%}; {data['truncated']} truncated, "
+             f"{data['dropped']} dropped); masked (no-loss) share of real tokens {data['masked_fraction']:.1%}.", "",
+             f"Loss: {records[0]['loss']:.4f} at step 1 → {result['final_loss']:.4f} at step {result['steps']} "
+             f"(min {min(r['loss'] for r in records):.4f}); mean {sum(timed) / len(timed):,.0f} tokens/s "
+             f"(positions incl. padding; steps after the first).", ""]
+    if "heldout_loss_after" in result:
+        lines += [f"Held-out masked loss: {result['heldout_loss_before']:.4f} (base) → "
+                  f"{result['heldout_loss_after']:.4f} (finetuned, merged).", ""]
+    if result.get("model"):
+        lines += [f"Merged model exported to `{result['model']}` (plain puyu safetensors; `job=build_engine` "
+                  f"takes it).", ""]
+    lines += ["| step | loss | grad norm | lr | trained tokens | tokens/s |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['step']} | {r['loss']:.4f} | {r['grad_norm']:.3f} | {r['lr']:.2e} | {r['trained_tokens']} | "
+              f"{r['tokens_per_s']:.0f} |" for r in shown]
+    return "\n".join(lines)
+
+
+def write_report(cfg: FinetuneJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
+    """``finetune/report.md`` (written by the task's rank 0) for ``puyu job=finetune``."""
+    return run_dir / "finetune" / "report.md"

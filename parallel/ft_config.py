@@ -1,0 +1,91 @@
+"""Configuration of ``puyu job=finetune`` (XTuner-style supervised finetuning): plain dataclasses.
+
+Torch-free like :mod:`puyu.parallel.config`, whose model/parallel/optim/train sections it reuses, so
+the ``puyu`` command composes and checks a finetuning config without importing torch or peft.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from puyu.launcher.config import JobConfig
+from puyu.launcher.errors import PuyuError
+from puyu.parallel.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+
+LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    rank: int = 8  # 0: full finetuning (every weight trains)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+
+    def validate(self) -> None:
+        if self.rank < 0:
+            raise PuyuError(f"lora.rank={self.rank} must be >= 0 (0: full finetuning)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise PuyuError(f"lora.targets: unknown {unknown}; choose among {', '.join(LORA_TARGETS)}")
+        if self.rank and not self.targets:
+            raise PuyuError("lora.targets is empty; name at least one of " + ", ".join(LORA_TARGETS))
+
+
+@dataclasses.dataclass
+class SFTDataConfig:
+    # jsonl files of conversations: {"messages": [{role, content}, ...]} or {"instruction", "input", "output"}
+    paths: list[str] = dataclasses.field(default_factory=list)
+    # held-out conversations (same formats): their masked loss is measured before and after finetuning
+    eval_paths: list[str] = dataclasses.field(default_factory=list)
+    # > 0: also build this many chat conversations from the Wikipedia lead sections package
+    # ("Tell me about <title>." -> the lead), written to <run>/sft_data/wiki_{train,heldout}.jsonl
+    wiki: int = 0
+    wiki_heldout: int = 32  # the sorted titles' tail kept out of training (used as eval data)
+    seq_len: int = 256  # packed row length
+    overlong: str = "truncate"  # conversations longer than seq_len: truncate (keep the start) | drop
+    seed: int = 1234  # shuffles the packed rows (per epoch)
+
+    def validate(self) -> None:
+        if self.overlong not in ("truncate", "drop"):
+            raise PuyuError(f"data.overlong={self.overlong!r}; choose truncate or drop")
+        if not self.paths and self.wiki <= 0:
+            raise PuyuError("no chat data: set job.data.paths=[file.jsonl,...] and/or job.data.wiki=<conversations>")
+        if self.seq_len < 8:
+            raise PuyuError(f"data.seq_len={self.seq_len} is too short for a chat turn")
+
+
+def _ft_optim() -> OptimConfig:
+    return OptimConfig(lr=2e-4, min_lr=2e-5, warmup_steps=3, weight_decay=0.0)
+
+
+def _ft_train() -> TrainConfig:
+    return TrainConfig(steps=30, global_batch=8, micro_batch=2, checkpoint_every=10)
+
+
+@dataclasses.dataclass
+class FinetuneJobConfig(JobConfig):
+    checkpoint: str = ""  # the base model: a puyu safetensors dir (e.g. <pretrain run>/pretrain/model)
+    tokenizer: str = ""  # the data stage's tokenizer.json (the one the base model was trained with)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # flavor/vocab_size of the checkpoint
+    data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=_ft_optim)
+    train: TrainConfig = dataclasses.field(default_factory=_ft_train)
+    eval_rows: int = 64  # at most this many packed held-out rows are scored for the report
+
+    def validate(self, in_run: bool = False) -> None:
+        """One-line errors for what can be checked before anything runs (paths filled from the run: not yet)."""
+        self.lora.validate()
+        self.data.validate()
+        if self.parallel.pp != 1:
+            raise PuyuError("finetune: parallel.pp must be 1 (packed chat rows need the document mask, which "
+                            "the pipeline schedule does not carry); use FSDP (dp_shard) and/or tp")
+        if self.parallel.tp != 1 and self.lora.rank:
+            raise PuyuError("finetune: parallel.tp > 1 works with full finetuning only (lora.rank=0); "
+                            "LoRA runs under FSDP")
+        if not in_run:
+            if not self.checkpoint:
+                raise PuyuError("finetune: set job.checkpoint=<puyu model dir> (e.g. runs/pt1/pretrain/model)")
+            if not self.tokenizer:
+                raise PuyuError("finetune: set job.tokenizer=<tokenizer.json> (the data stage's)")
