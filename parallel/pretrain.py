@@ -173,6 +173,7 @@ class PretrainTask:
         params = [q for q in stage.parameters() if q.requires_grad]
         groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": o.weight_decay},
                   {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]  # (LoRA has no trainable vectors; DCP rejects empty groups)
         return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
 
     # ------------------------------------------------------------------ one step

@@ -1,0 +1,278 @@
+"""Supervised finetuning: chat masking and packing, LoRA init/merge, the job on 1 and 2 processes, resume.
+
+Real data: the tokenizer and a briefly pretrained tiny base model come from the Wikipedia lead
+sections package (as in the serving tests), and the chat data is built from the same package
+(``Tell me about <title>.`` → the lead). One torch thread per process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+
+from puyu.data_pipeline import sft
+from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
+from puyu.launcher.errors import PuyuError, StageFailed
+from puyu.launcher.pipeline import Pipeline
+from puyu.model import Transformer, get_flavor, load_model, save_model
+from puyu.parallel.config import ModelConfig
+from puyu.parallel.finetune import (FinetuneTask, SFTDataTask, add_lora, finetune_stages, masked_loss, merge_lora,
+                                    SFT_DATA)
+from puyu.parallel.ft_config import FinetuneJobConfig, LoraConfig, SFTDataConfig
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillAt travels to the job's process by value
+torch.set_num_threads(1)
+VOCAB = 2000
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """tokenizer.json + a tiny InternLM2 pretrained for 20 steps on Wikipedia leads, saved as pretraining exports."""
+    from puyu.data_pipeline.corpora import CorpusMissing
+    from puyu.serving.toy import make_tokenizer, train_tiny, wiki_texts
+
+    root = tmp_path_factory.mktemp("base")
+    try:
+        texts = wiki_texts()[:3000]
+    except CorpusMissing as exc:
+        pytest.skip(str(exc))
+    tok = make_tokenizer(texts, root / "tokenizer.json", VOCAB)
+    save_model(train_tiny(texts, tok, steps=20, batch=8), root / "model")
+    return {"tokenizer": root / "tokenizer.json", "model": root / "model", "tok": tok}
+
+
+def job(base, steps=6, wiki=240, **train) -> FinetuneJobConfig:
+    cfg = FinetuneJobConfig(kind="finetune", checkpoint=str(base["model"]), tokenizer=str(base["tokenizer"]),
+                            model=ModelConfig(flavor="tiny", vocab_size=VOCAB),
+                            data=SFTDataConfig(wiki=wiki, wiki_heldout=16, seq_len=128), eval_rows=16)
+    cfg.optim.lr, cfg.optim.warmup_steps = 2e-3, 2
+    cfg.train.steps, cfg.train.threads, cfg.train.checkpoint_every = steps, 1, 2
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def run(cfg: FinetuneJobConfig, run_dir: Path, tasks: int = 1, task_cls=FinetuneTask) -> dict:
+    kind = ClusterKind.inline if tasks == 1 and task_cls is FinetuneTask else ClusterKind.local
+    stages = finetune_stages(cfg)
+    stages[1].fn = task_cls(cfg)
+    return Pipeline(stages, run_dir, ClusterConfig(kind=kind, tasks_per_node=tasks, time_min=10),
+                    LauncherConfig(poll_s=0.3)).run()
+
+
+def curve(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def assert_same_curve(got: dict, ref: dict, rel: float = 1e-4):
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= rel * abs(ref[step]), f"step {step}: {got[step]} vs {ref[step]}"
+
+
+@pytest.fixture(scope="module")
+def reference(base, tmp_path_factory) -> tuple[Path, dict]:
+    """The single-process LoRA run every other layout / restart must reproduce."""
+    run_dir = tmp_path_factory.mktemp("ref")
+    run(job(base), run_dir)
+    return run_dir, curve(run_dir)
+
+
+# --------------------------------------------------------------------------- data
+def test_labels_mask_exactly_the_assistant_tokens(base):
+    from puyu.serving.tokenizer import chat_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there?"},
+                {"role": "assistant", "content": "Hello. I am fine."}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye!"}]
+    tok = base["tok"]
+    text, spans = sft.render(messages)
+    assert text.startswith(chat_prompt(messages[:2]))  # serving renders the prompt the same way
+    assert [text[a:b] for a, b in spans] == ["Hello. I am fine.<|im_end|>", "Bye!<|im_end|>"]
+    (ids, labels), = sft.encode_conversations(tok.tok, [messages])
+    assert ids.tolist()[:len(tok.encode(chat_prompt(messages[:2])))] == tok.encode(chat_prompt(messages[:2]))
+    assert ids.tolist() == tok.encode(text)
+    trained = [t + 1 for t in range(len(ids) - 1) if labels[t] != sft.IGNORE]  # positions whose token is a target
+    assert all(labels[t - 1] == ids[t] for t in trained)
+    # by hand: the trained tokens are exactly the two answers with their <|im_end|>, nothing between them
+    runs, current = [], [trained[0]]
+    for p in trained[1:]:
+        if p == current[-1] + 1:
+            current.append(p)
+        else:
+            runs.append(current)
+            current = [p]
+    runs.append(current)
+    assert [tok.decode(ids[r].tolist()) for r in runs] == ["Hello. I am fine.<|im_end|>", "Bye!<|im_end|>"]
+    assert labels[-1] == sft.IGNORE  # the trailing newline is never a target
+    # the Alpaca form is the same conversation as its messages form
+    alpaca = sft.parse_row({"instruction": "Add", "input": "2 and 3", "output": "5", "system": "S"}, "x:1")
+    assert alpaca == [{"role": "system", "content": "S"}, {"role": "user", "content": "Add\n\n2 and 3"},
+                      {"role": "assistant", "content": "5"}]
+
+
+def example(n: int, start: int) -> tuple:
+    import numpy as np
+
+    ids = np.arange(start, start + n, dtype=np.int64)
+    return ids, np.concatenate([ids[1:], [sft.IGNORE]])
+
+
+def test_first_fit_packing_by_hand():
+    packed = sft.pack([example(5, 100), example(7, 200), example(3, 300), example(9, 400), example(12, 500)], 10)
+    rows = [[int(t) for t in row] for row in packed.tokens]
+    assert rows[0] == [100, 101, 102, 103, 104, 300, 301, 302, 0, 0]  # 5 + 3 (first fit), padded
+    assert rows[1][:7] == list(range(200, 207)) and rows[2][:9] == list(range(400, 409))
+    assert rows[3] == list(range(500, 510))  # 12 tokens truncated to 10
+    assert packed.document_ids[0].tolist() == [0] * 5 + [1] * 3 + [2] * 2
+    assert packed.labels[0].tolist()[:8] == [101, 102, 103, 104, -100, 301, 302, -100]
+    assert packed.labels[3, -1] == sft.IGNORE  # a truncated conversation's last target was cut off
+    s = packed.stats
+    assert (s.rows, s.truncated, s.dropped, s.tokens) == (4, 1, 0, 5 + 7 + 3 + 9 + 10)
+    assert s.packing_efficiency == pytest.approx(34 / 40)
+    dropped = sft.pack([example(5, 1), example(12, 1)], 10, overlong="drop").stats
+    assert (dropped.rows, dropped.dropped, dropped.truncated) == (1, 1, 0)
+
+
+def test_a_packed_row_gives_each_conversation_its_own_logits(base):
+    torch.manual_seed(0)
+    model = Transformer(get_flavor("tiny", vocab_size=VOCAB)).eval()
+    load_model(model, base["model"])
+    convs = [[{"role": "user", "content": f"Tell me about {w}."}, {"role": "assistant", "content": a}]
+             for w, a in (("cats", "Cats are small."), ("rain", "Rain is water that falls."), ("x", "A letter."))]
+    examples = sft.encode_conversations(base["tok"].tok, convs)
+    packed = sft.pack(examples, 160)
+    assert packed.stats.rows == 1 and packed.document_ids[0, -1] == 3  # three conversations and padding
+    tokens, doc = torch.from_numpy(packed.tokens), torch.from_numpy(packed.document_ids)
+    with torch.no_grad():
+        together = model(tokens, document_ids=doc)[0]
+        pos = 0
+        for ids, _ in examples:
+            alone = model(torch.from_numpy(ids)[None])[0]
+            torch.testing.assert_close(together[pos:pos + len(ids)], alone, rtol=1e-4, atol=1e-4)
+            pos += len(ids)
+
+
+def test_malformed_rows_are_one_line_naming_file_and_line(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    cases = {"{not json": r"chat.jsonl:3: not JSON",
+             json.dumps({"messages": [{"role": "robot", "content": "x"}]}): r"chat.jsonl:3: messages\[0\] must be",
+             json.dumps({"instruction": "x"}): r"chat.jsonl:3: an Alpaca row needs a string 'output'",
+             json.dumps({"messages": [{"role": "user", "content": "x"}]}): r"chat.jsonl:3: no assistant turn",
+             json.dumps({"text": "x"}): r"chat.jsonl:3: neither 'messages' nor Alpaca"}
+    for bad, msg in cases.items():
+        path.write_text(f"{good}\n\n{bad}\n")
+        with pytest.raises(PuyuError, match=msg) as info:
+            sft.read_conversations(path)
+        assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- LoRA
+def test_lora_starts_as_the_base_model_and_merges_into_the_same_outputs(base):
+    base_model = load_model(Transformer(get_flavor("tiny", vocab_size=VOCAB)), base["model"]).eval()
+    adapted = add_lora(load_model(Transformer(get_flavor("tiny", vocab_size=VOCAB)), base["model"]),
+                       LoraConfig(rank=4, alpha=8.0, targets=["wqkv", "wo", "w1", "w2", "w3"])).eval()
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(adapted(tokens), base_model(tokens))  # B = 0: exactly the base outputs
+        trainable = [(n, p) for n, p in adapted.named_parameters() if p.requires_grad]
+        assert trainable and all("lora_" in n for n, _ in trainable)
+        for n, p in trainable:
+            if "lora_B" in n:
+                p.normal_(std=0.02)  # a trained adapter
+        want = adapted(tokens)
+        assert not torch.allclose(want, base_model(tokens), atol=1e-3)
+        merged = merge_lora(adapted)
+        assert type(merged.layers[0].attention.wqkv) is torch.nn.Linear
+        torch.testing.assert_close(merged(tokens), want, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the job
+def test_finetuning_on_wiki_chat_lowers_the_heldout_masked_loss_and_exports_a_plain_model(base, tmp_path):
+    cfg = job(base, steps=16, wiki=400)
+    cfg.optim.lr = 4e-3
+    result = run(cfg, tmp_path)["finetune"][0]
+    assert result["heldout_loss_after"] < result["heldout_loss_before"] - 0.05, result
+    assert result["trainable_params"] < 0.05 * result["total_params"]
+    exported = load_model(Transformer(cfg.model.args()), tmp_path / "finetune" / "model")  # plain puyu layout
+    held = sft.Packed.load(tmp_path / SFT_DATA / "heldout.npz")
+    assert masked_loss(exported.eval(), held, 16) == pytest.approx(result["heldout_loss_after"], rel=1e-5)
+    report = (tmp_path / "finetune" / "report.md").read_text()
+    for words in ("packing efficiency", "masked (no-loss) share", "trainable parameters", "tokens/s",
+                  "Held-out masked loss"):
+        assert words in report
+    # checkpoints hold the adapters and their optimizer state only, not the frozen base
+    ckpt = tmp_path / "finetune" / "checkpoints" / "step-00000016"
+    assert sum(f.stat().st_size for f in ckpt.iterdir()) < 0.2 * (tmp_path / "finetune" / "model" /
+                                                                  "model.safetensors").stat().st_size
+
+
+def test_full_finetuning_trains_every_weight(base, tmp_path):
+    cfg = job(base, steps=2, wiki=64)
+    cfg.lora.rank = 0
+    result = run(cfg, tmp_path)["finetune"][0]
+    assert result["mode"] == "full finetuning" and result["trainable_params"] == result["total_params"]
+    before = load_model(Transformer(cfg.model.args()), base["model"]).state_dict()
+    after = load_model(Transformer(cfg.model.args()), tmp_path / "finetune" / "model").state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("w2.weight"))
+
+
+def test_two_processes_with_fsdp_follow_the_single_process_curve(base, reference, tmp_path):
+    result = run(job(base), tmp_path, tasks=2)["finetune"][0]
+    assert result["layout"] == "world 2 = pp 1 × dp_replicate 1 × dp_shard 2 × tp 1"
+    assert_same_curve(curve(tmp_path), reference[1])
+    ref_model = load_model(Transformer(get_flavor("tiny", vocab_size=VOCAB)), reference[0] / "finetune" / "model")
+    got = load_model(Transformer(get_flavor("tiny", vocab_size=VOCAB)), tmp_path / "finetune" / "model")
+    for k, v in ref_model.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+class KillAt(FinetuneTask):
+    """SIGKILLs its own process after step ``at`` (a crash: no handler, no checkpoint of its own)."""
+
+    at = 5
+
+    def on_step_end(self, step: int) -> None:
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_on_the_same_curve(base, reference, tmp_path, caplog):
+    from puyu.parallel.checkpoint import latest_complete
+
+    cfg = job(base)
+    with pytest.raises(StageFailed):
+        run(cfg, tmp_path, task_cls=KillAt)  # its own process, killed after step 5
+    assert max(curve(tmp_path)) == 5
+    # step 4's async save was still unrecorded when the process died: resume must ignore it
+    assert latest_complete(tmp_path / "finetune" / "checkpoints").name == "step-00000002"
+    with caplog.at_level("INFO", logger="puyu.finetune"):
+        run(cfg, tmp_path)  # the same run again
+    assert "step-00000002 (step 2)" in caplog.text
+    assert_same_curve(curve(tmp_path), reference[1])
+
+
+# --------------------------------------------------------------------------- bad input
+def test_missing_checkpoint_and_unknown_lora_target_are_one_line(base, tmp_path):
+    cfg = job(base)
+    cfg.checkpoint = str(tmp_path / "nowhere")
+    with pytest.raises(PuyuError, match=r"checkpoint .*nowhere: no model.safetensors") as info:
+        finetune_stages(cfg)
+    assert "\n" not in str(info.value)
+    cfg = job(base)
+    cfg.lora.targets = ["wqkv", "wq"]
+    with pytest.raises(PuyuError, match=r"lora.targets: unknown \['wq'\]; choose among wqkv, wo, w1, w2, w3"):
+        finetune_stages(cfg)
+    cfg = job(base)
+    cfg.model.vocab_size = 4000  # does not fit the checkpoint
+    with pytest.raises(StageFailed, match=r"does not fit the configured model") as info:
+        run(cfg, tmp_path / "run")
+    assert "\n" not in str(info.value)
