@@ -7,7 +7,8 @@ same ``tokenizer.json``, fp32 on CPU. The items are ``load_dataset("mmlu", limit
 subjects), written as a local jsonl task whose yaml renders the prompt of lm-eval's own MMLU template
 (0-shot: the tiny model's 512-token context cannot hold MMLU's 5-shot prompts; lm-eval's one-task
 few-shot sampler could not keep examples within a subject anyway). puyu runs ``predict`` with
-``circular=none`` through the serving runtime with the eval job's default runtime config.
+``circular=none`` through the serving runtime with the eval job's default runtime config, a fresh runtime
+(empty prefix cache) for each timed run.
 
 Printed: per-item agreement of the predicted letter (goal >= 99%), both accuracies (goal: within 0.5
 points), the largest difference of an option's log-likelihood, then the wall time of each side's
@@ -79,13 +80,15 @@ def run_lm_eval(lm, task_dir: Path) -> tuple[float, list[dict], float]:
     return seconds, samples, 100.0 * out["results"][TASK]["acc,none"]
 
 
-def run_puyu(dataset, llm) -> tuple[float, list[dict]]:
+def run_puyu(dataset, llm) -> tuple[float, list[dict], dict]:
+    """One timed evaluation on ``llm``, which must be fresh: its prefix cache would otherwise still hold
+    the contexts of an earlier run (lm-eval keeps nothing between runs)."""
     from puyu.evaluation.config import InferenceConfig
     from puyu.evaluation.inferencers import predict
 
     t0 = time.perf_counter()
     records = predict(dataset, dataset.items, llm, InferenceConfig(circular="none", num_fewshot=0))
-    return time.perf_counter() - t0, records
+    return time.perf_counter() - t0, records, dict(llm.stats)
 
 
 def prompt_tokens(dataset, item, llm) -> int:
@@ -138,10 +141,10 @@ def main() -> None:
         runtime = EvalJobConfig().runtime
         if args.max_batched_tokens:
             runtime.max_num_batched_tokens = args.max_batched_tokens
-        llm = LLM.from_model(model, tok, runtime)
         ref_runs, puyu_runs = [], []
         for _ in range(args.repeats):  # interleaved, so a change of machine load hits both sides
             ref_runs.append(run_lm_eval(lm, tmp))
+            llm = LLM.from_model(model, tok, runtime)  # an empty prefix cache for every run (not timed)
             puyu_runs.append(run_puyu(dataset, llm))
         _, samples, ref_acc = ref_runs[0]
         records = puyu_runs[0][1]
@@ -152,7 +155,7 @@ def main() -> None:
         agree = sum(p == r["pred"] for p, r in zip(ref_pred, records))
         lengths = [prompt_tokens(dataset, item, llm) for item in dataset.items]
         fits = [n_tok <= llm.max_model_len - 1 for n_tok in lengths]  # puyu's runtime keeps room for 1 token
-        puyu_tokens = 4 * sum(min(n_tok, llm.max_model_len - 1) for n_tok in lengths)
+        puyu_stats = puyu_runs[0][2]
         ref_tokens = sum(min(n_tok - 1, llm.max_model_len) for n_tok in lengths)
         diffs = [max(abs(a - b) for a, b in zip(ll, r["logprobs"])) for ll, r in zip(ref_ll, records)]
         metrics = score("mc", records)
@@ -163,8 +166,9 @@ def main() -> None:
         print(f"largest |option log-likelihood difference|: {max(d for d, f in zip(diffs, fits) if f):.2e} nats on the "
               f"{sum(fits)} items within the model length, {max([d for d, f in zip(diffs, fits) if not f], default=0):.2e} "
               f"on the {n - sum(fits)} longer ones (cut from the left: lm-eval keeps 1 token more context)")
-        print(f"tokens through the model: puyu {puyu_tokens:,} (4 requests per item: a prompt_logprobs request "
-              f"bypasses the prefix cache), lm-eval {ref_tokens:,} (one forward per item: its one-token "
+        print(f"tokens through the model: puyu {puyu_stats['computed_tokens']:,} (4 requests per item, scored from the "
+              f"continuation on: the options share the context's KV blocks, {puyu_stats['prefix_cache_block_hits']:,} "
+              f"prefix-cache block hits), lm-eval {ref_tokens:,} (one forward per item: its one-token "
               f"continuations share the context's logits)")
         print(f"lm-eval simple_evaluate (hf, batch {args.hf_batch}): wall s {[round(r[0], 2) for r in ref_runs]}")
         print(f"puyu predict (serving runtime, max_num_batched_tokens {runtime.max_num_batched_tokens}): wall s {[round(r[0], 2) for r in puyu_runs]}")

@@ -10,7 +10,9 @@ whitespace of the context moves to the continuation, the continuation's tokens a
 ``encode(context + continuation)`` after the first ``len(encode(context))`` ("Answer:" + " A" is tokenized
 as one string, as the model saw text in training), an empty context is conditioned on the EOS token, and an
 input longer than the model is cut from the left. The runtime scores a prompt with
-``SamplingParams(prompt_logprobs=True)``: ``prompt_logprobs[i] = log p(token i | tokens < i)``.
+``SamplingParams(prompt_logprobs=True, prompt_logprobs_start=<first continuation token>)``:
+``prompt_logprobs[i] = log p(token i | tokens < i)`` from that position on, so the options of one question
+share the context's KV blocks through the runtime's prefix cache (the context is computed once).
 
 Multiple-choice prediction rules (all three are recorded; ``correct`` uses the first):
 - ``pred`` (lm-eval ``acc``): argmax of the continuation's summed log-probability;
@@ -94,15 +96,21 @@ class RuntimeScorer:
         self.llm = llm
         self.max_len = llm.max_model_len
 
-    def _run(self, prompts: list[list[int]], params) -> list:
-        outs = self.llm.generate(prompts, params)
-        for i, out in enumerate(outs):
+    def _run(self, prompts: list[list[int]], params, order: list[int] | None = None) -> list:
+        """``generate`` over the prompts (in ``order`` when given; outputs come back in the prompts' order)."""
+        order = order if order is not None else list(range(len(prompts)))
+        if isinstance(params, list):
+            params = [params[i] for i in order]
+        sent = self.llm.generate([prompts[i] for i in order], params)
+        outs = [None] * len(prompts)
+        for i, out in zip(order, sent):
             if out.error:
                 raise EvalError(f"runtime refused request {i} ({len(prompts[i])} tokens): {out.error}")
+            outs[i] = out
         return outs
 
-    def _pair_tokens(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        encode = self.llm.tokenizer.encode
+    def _pair_tokens(self, context: str, continuation: str, encode=None) -> tuple[list[int], list[int]]:
+        encode = encode or self.llm.tokenizer.encode
         if context:
             return encode_pair(encode, context, continuation)
         cont = encode(continuation)
@@ -112,13 +120,24 @@ class RuntimeScorer:
         from puyu.serving import SamplingParams
 
         limit = self.max_len - 1  # the runtime wants room for one generated token
-        encoded = [self._pair_tokens(c, x) for c, x in pairs]
+        memo: dict[str, list[int]] = {}  # a context is encoded once for all its options
+
+        def encode(text: str) -> list[int]:
+            if text not in memo:
+                memo[text] = self.llm.tokenizer.encode(text)
+            return memo[text]
+
+        encoded = [self._pair_tokens(c, x, encode) for c, x in pairs]
         for i, (_, cont) in enumerate(encoded):
             if not cont or len(cont) >= limit:
                 raise EvalError(f"loglikelihood pair {i}: continuation of {len(cont)} tokens "
                                 f"(needs 1..{limit - 1} for model length {self.max_len})")
-        outs = self._run([(ctx + cont)[-limit:] for ctx, cont in encoded],
-                         SamplingParams(max_tokens=1, prompt_logprobs=True))
+        prompts = [(ctx + cont)[-limit:] for ctx, cont in encoded]
+        # scored from the continuation on, so the runtime may take the context's KV blocks from its prefix
+        # cache; sorted by tokens, so requests sharing a context (or any prefix) are adjacent and hit it
+        params = [SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=len(p) - len(cont))
+                  for p, (_, cont) in zip(prompts, encoded)]
+        outs = self._run(prompts, params, order=sorted(range(len(prompts)), key=prompts.__getitem__))
         sums = [sum(o.prompt_logprobs[-len(cont):]) for o, (_, cont) in zip(outs, encoded)]
         greedy_flags: list[bool | None] = [None] * len(pairs)
         if greedy:  # greedy decoding from the context reproduces the continuation iff it is the argmax path
@@ -144,7 +163,8 @@ class RuntimeScorer:
                 owner.append(t)
                 scored.append(end - pos)
                 pos = end
-        outs = self._run(windows, SamplingParams(max_tokens=1, prompt_logprobs=True))
+        outs = self._run(windows, [SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=len(w) - n)
+                                   for w, n in zip(windows, scored)])
         totals = [[0.0, 0] for _ in texts]
         for o, t, n in zip(outs, owner, scored):
             totals[t][0] += sum(o.prompt_logprobs[-n:])

@@ -22,6 +22,10 @@ class SamplingParams:
 
     ``logprobs``/``prompt_logprobs`` return the model's own log-probability of each chosen/prompt token
     (from the raw logits, before penalties and temperature: what evaluation scores with).
+    ``prompt_logprobs_start``: prompt positions before it get None instead (as position 0 always does),
+    and the prompt's KV blocks that lie wholly before position ``prompt_logprobs_start - 1`` (whose logit
+    predicts the first token asked for) may come from the prefix cache: scoring continuations of one
+    shared context computes the context once.
     """
 
     max_tokens: int = 64
@@ -34,6 +38,7 @@ class SamplingParams:
     seed: Optional[int] = None  # per-request generator; None: drawn from the runtime's seed and request index
     logprobs: bool = False
     prompt_logprobs: bool = False
+    prompt_logprobs_start: int = 0  # first prompt position whose logprob is returned (earlier: None)
 
     def validate(self) -> None:
         checks = [
@@ -43,6 +48,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (isinstance(self.prompt_logprobs_start, int) and self.prompt_logprobs_start >= 0,
+             "prompt_logprobs_start must be an integer >= 0"),
         ]
         for ok, message in checks:
             if not ok:

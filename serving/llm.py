@@ -51,7 +51,7 @@ class RequestOutput:
     text: Optional[str] = None
     finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) | "length"
     logprobs: Optional[list[float]] = None
-    prompt_logprobs: Optional[list[Optional[float]]] = None  # first entry None: nothing predicts it
+    prompt_logprobs: Optional[list[Optional[float]]] = None  # None at 0 (nothing predicts it) and before prompt_logprobs_start
     error: Optional[str] = None
 
     def to_record(self) -> dict:
@@ -122,6 +122,9 @@ class LLM:
         if -(-total // self.cfg.block_size) > self.num_blocks:
             raise ServingError(f"prompt + max_tokens = {total} tokens exceed the whole KV cache "
                                f"({self.num_blocks} blocks of {self.cfg.block_size})")
+        if params.prompt_logprobs and params.prompt_logprobs_start > len(tokens):
+            raise ServingError(f"prompt_logprobs_start ({params.prompt_logprobs_start}) is beyond the prompt "
+                               f"({len(tokens)} tokens)")
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + index
         return Sequence(index, tokens, params, torch.Generator().manual_seed(seed))
 
@@ -156,7 +159,7 @@ class LLM:
         outputs: list[Optional[RequestOutput]] = [None] * len(prompts)
         sched = self.scheduler
         sched.reset_counters()
-        t0, steps, out_tokens = time.perf_counter(), 0, 0
+        t0, steps, out_tokens, computed = time.perf_counter(), 0, 0, 0
         try:
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 try:
@@ -172,6 +175,7 @@ class LLM:
                 batch = self._batch(chunks, logits_rows, n_decode, n_fresh)
                 logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
                 steps += 1
+                computed += sum(c.n for c in chunks)
                 out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
         except BaseException:
             sched.abort_all()
@@ -179,6 +183,7 @@ class LLM:
         elapsed = time.perf_counter() - t0
         self.stats = {"requests": len(prompts), "steps": steps, "output_tokens": out_tokens,
                       "seconds": elapsed, "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
+                      "computed_tokens": computed,  # tokens through the model (prefix-cache hits excluded)
                       "preemptions": sched.preemptions, "prefix_cache_block_hits": sched.allocator.prefix_hits,
                       "kv_blocks": self.num_blocks, "kv_block_bytes": self.block_bytes,
                       "kv_peak_blocks": sched.allocator.peak_used,
@@ -202,10 +207,10 @@ class LLM:
     @staticmethod
     def _order(chunks: list[Chunk]) -> tuple[list[Chunk], int, int]:
         """The step's chunks as the batch lays them out: decode tokens by context length, then prompt
-        chunks from position 0 by length, then chunks after cached tokens; with the two counts."""
+        chunks from position 0 by length, then chunks after cached tokens by length; with the two counts."""
         decode = sorted((c for c in chunks if c.n == 1), key=lambda c: c.start)
         fresh = sorted((c for c in chunks if c.n > 1 and c.start == 0), key=lambda c: c.n)
-        cached = [c for c in chunks if c.n > 1 and c.start > 0]
+        cached = sorted((c for c in chunks if c.n > 1 and c.start > 0), key=lambda c: c.n)
         return decode + fresh + cached, len(decode), len(fresh)
 
     def _batch(self, chunks: list[Chunk], logits_rows: list[list[int]], n_decode: int, n_fresh: int) -> PagedBatch:
@@ -234,20 +239,19 @@ class LLM:
             tables = [c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members]
             groups.append(AttentionGroup("decode", i, i + len(members), block_tables=t(tables),
                                          context=t([c.start + 1 for c in members])))
-        fresh = chunks[n_decode:n_decode + n_fresh]
-        bucket: list[Chunk] = []
-        real = 0
-        first = n_decode
-        for j, c in enumerate(fresh):  # ascending length: cap the padding of each group at 25%
-            if bucket and c.n * (len(bucket) + 1) > 1.25 * (real + c.n):
-                groups.append(self._padded_group("fresh", bucket, starts[first]))
-                bucket, real, first = [], 0, n_decode + j
-            bucket.append(c)
-            real += c.n
-        if bucket:
-            groups.append(self._padded_group("fresh", bucket, starts[first]))
-        if len(chunks) > n_decode + n_fresh:
-            groups.append(self._padded_group("cached", chunks[n_decode + n_fresh:], starts[n_decode + n_fresh]))
+        for kind, lo, hi in (("fresh", n_decode, n_decode + n_fresh), ("cached", n_decode + n_fresh, len(chunks))):
+            bucket: list[Chunk] = []
+            real = 0
+            first = lo
+            for j in range(lo, hi):  # ascending length: cap the padding of each group at 25%
+                c = chunks[j]
+                if bucket and c.n * (len(bucket) + 1) > 1.25 * (real + c.n):
+                    groups.append(self._padded_group(kind, bucket, starts[first]))
+                    bucket, real, first = [], 0, j
+                bucket.append(c)
+                real += c.n
+            if bucket:
+                groups.append(self._padded_group(kind, bucket, starts[first]))
         return PagedBatch(t(tokens), t(positions), t(slots), groups, t(logits_index))
 
     def _padded_group(self, kind: str, chunks: list[Chunk], start: int) -> AttentionGroup:
@@ -282,8 +286,6 @@ class LLM:
             seq = c.seq
             sched.computed(c)
             if rows and seq.wants_prompt_logprobs:
-                if not seq.prompt_logprobs:
-                    seq.prompt_logprobs.append(None)
                 prompt, have = seq.prompt, len(seq.prompt_logprobs)
                 for j, p in enumerate(rows):  # positions p whose logits predict prompt[p + 1]
                     if p + 1 < len(prompt) and p + 1 >= have:

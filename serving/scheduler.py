@@ -40,6 +40,8 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt) + self.output
+        if self.params.prompt_logprobs and not self.prompt_logprobs:  # None before the first position asked for
+            self.prompt_logprobs = [None] * max(1, min(self.params.prompt_logprobs_start, len(self.prompt)))
 
     def append(self, token: int) -> None:
         self.output.append(token)
@@ -52,6 +54,15 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs and len(self.prompt_logprobs) < len(self.prompt)
+
+    @property
+    def cacheable_tokens(self) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last, and none from the
+        position whose logit gives the next prompt logprob still wanted."""
+        limit = self.num_tokens - 1
+        if self.wants_prompt_logprobs:
+            limit = min(limit, len(self.prompt_logprobs) - 1)
+        return limit
 
 
 @dataclasses.dataclass
@@ -106,26 +117,40 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.preemptions += 1
 
-    def _prefix_hits(self, seq: Sequence) -> tuple[list[int], list[int]]:
-        """Cached blocks (and their hashes) covering a prefix of ``seq``, leaving >= 1 token to compute."""
-        if seq.wants_prompt_logprobs:  # their logits are needed: compute the whole prompt
-            return [], []
+    def _prefix_hits(self, seq: Sequence, pending: dict[int, int]) -> tuple[list[int], list[int]]:
+        """Cached blocks (and their hashes) covering a prefix of ``seq`` within its ``cacheable_tokens``.
+
+        ``pending``: blocks that chunks scheduled earlier in this step fill (hash -> block). Sharing one is
+        exact: every layer writes the whole step's keys/values into the cache before any attention reads it.
+        """
         blocks, hashes, parent = [], [], None
         tokens, bs = seq.tokens, self.block_size
-        for j in range((len(tokens) - 1) // bs):
+        for j in range(seq.cacheable_tokens // bs):
             h = block_hash(parent, tuple(tokens[j * bs:(j + 1) * bs]))
             block = self.allocator.lookup(h)
             if block is None:
-                break
+                block = pending.get(h)
+                if block is None:
+                    break
             blocks.append(block)
             hashes.append(h)
             parent = h
         return blocks, hashes
 
+    def _fills(self, seq: Sequence, stop: int, pending: dict[int, int]) -> None:
+        """Record in ``pending`` the blocks of ``seq`` that its chunk ending at token ``stop`` makes full."""
+        bs = self.block_size
+        parent = seq.block_hashes[-1] if seq.block_hashes else None
+        for j in range(len(seq.block_hashes), stop // bs):
+            parent = block_hash(parent, tuple(seq.tokens[j * bs:(j + 1) * bs]))
+            pending.setdefault(parent, seq.block_table[j])
+
     def schedule(self) -> list[Chunk]:
         budget = self.cfg.max_num_batched_tokens
         chunks: list[Chunk] = []
         alloc = self.allocator
+        pending: dict[int, int] = {}  # blocks this step's chunks fill, for requests admitted after them
+        share = alloc.prefix_caching and bool(self.waiting)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -138,11 +163,13 @@ class Scheduler:
                 break
             seq.block_table += [alloc.allocate() for _ in range(need)]
             chunks.append(Chunk(seq, seq.num_computed, n))
+            if share:
+                self._fills(seq, seq.num_computed + n, pending)
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
-            hits, hashes = self._prefix_hits(seq)
+            hits, hashes = self._prefix_hits(seq, pending)
             start = len(hits) * self.block_size
             n = min(seq.num_tokens - start, budget)
             revived = sum(1 for b in hits if alloc.ref[b] == 0)
@@ -157,6 +184,8 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(Chunk(seq, start, n))
             budget -= n
+            if share:
+                self._fills(seq, start + n, pending)
         return chunks
 
     def computed(self, chunk: Chunk) -> None:

@@ -78,6 +78,29 @@ def test_loglikelihood_equals_a_direct_forward(llm, model, tokenizer):
     assert got[0].is_greedy in (True, False) and loglikelihood(llm, pairs[:1])[0].is_greedy is None
 
 
+def test_options_of_a_context_share_its_cached_blocks_and_score_as_before(model, tokenizer):
+    """Continuations are scored from their first token on, so the runtime computes each context once and
+    reads its KV blocks from the prefix cache for the other options; the numbers do not change."""
+    mc = ("The following are multiple choice questions (with answers).\n\nWhich river flows through Paris?\n"
+          "A. Seine\nB. Thames\nC. Danube\nD. Nile\nAnswer:")
+    contexts = [mc, "Paris is", "In 1990 the city of "]
+    options = [" A", " B", " C", " D", " the capital of France", "London"]
+    pairs = [(c, x) for x in options for c in contexts]  # interleaved: the scorer itself groups by context
+    runtime = {"block_size": 4, "kv_cache_mb": 16, "max_num_batched_tokens": 32}  # several blocks per context, chunked
+    cached = LLM.from_model(model, tokenizer, RuntimeConfig(**runtime))
+    got = loglikelihood(cached, pairs)
+    assert cached.stats["prefix_cache_block_hits"] > 0
+    total = sum(len(ctx) + len(cont) for ctx, cont in (encode_pair(tokenizer.encode, c, x) for c, x in pairs))
+    assert cached.stats["computed_tokens"] < 0.5 * total
+    uncached = LLM.from_model(model, tokenizer, RuntimeConfig(**runtime, prefix_caching=False))
+    want = loglikelihood(uncached, pairs)
+    assert uncached.stats["computed_tokens"] == total
+    for (context, continuation), a, b in zip(pairs, got, want):
+        assert a.n_tokens == b.n_tokens and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        ctx, cont = encode_pair(tokenizer.encode, context, continuation)
+        assert a.logprob == pytest.approx(sum(direct_logprobs(model, ctx + cont)[-len(cont):]), abs=1e-4)
+
+
 def test_rolling_loglikelihood_scores_every_token_once(llm, model, tokenizer):
     short, long = "A short document.", " ".join(wiki_texts()[-3:])
     assert len(tokenizer.encode(long)) > 3 * llm.max_model_len  # several windows

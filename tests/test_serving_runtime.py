@@ -80,6 +80,72 @@ def test_prompt_and_output_logprobs_are_the_models(model, prompts):
     assert out.logprobs == pytest.approx(want_out, abs=1e-4)
 
 
+def scoring_requests(prompts, texts, tokenizer, bs):
+    """(context + continuation, start) pairs: contexts cut from one long shared text so their first
+    token of interest falls at every offset around block boundaries, each with several continuations."""
+    base = prompts[1] + tokenizer.encode(" " + texts[3100])
+    conts = [tokenizer.encode(" " + w) for w in ("the", "river flows", "in 1990 it was", "A")]
+    out = []
+    for k in (3, 5, 6):
+        for off in (-1, 0, 1, 2):
+            ctx = base[:k * bs + off]
+            out += [(ctx + c, len(ctx)) for c in conts]
+    out += [(prompts[7] + c, len(prompts[7])) for c in conts]  # another context
+    return out
+
+
+@pytest.mark.parametrize("budget", [512, 24])  # everything in one step / chunked prefill
+def test_prompt_logprobs_from_a_start_reuse_the_prefix_cache_exactly(model, prompts, texts, tokenizer, budget):
+    bs = 8
+    reqs = scoring_requests(prompts, texts, tokenizer, bs)
+    assert max(len(p) for p, _ in reqs) > 2 * budget or budget == 512
+    nocache = LLM.from_model(model, runtime=RuntimeConfig(block_size=bs, num_blocks=200, prefix_caching=False,
+                                                          max_num_batched_tokens=budget))
+    whole = nocache.generate([p for p, _ in reqs], SamplingParams(max_tokens=1, prompt_logprobs=True))
+    assert nocache.stats["computed_tokens"] == sum(len(p) for p, _ in reqs)
+    llm = LLM.from_model(model, runtime=RuntimeConfig(block_size=bs, num_blocks=200, max_num_batched_tokens=budget))
+    params = [SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=s) for _, s in reqs]
+    for call in range(2):  # blocks shared within a call (one computes them, the next ones read them), then across calls
+        outs = llm.generate([p for p, _ in reqs], params)
+        hits = llm.stats["prefix_cache_block_hits"]
+        assert hits > 0 and llm.stats["computed_tokens"] == sum(len(p) for p, _ in reqs) - hits * bs
+        for i, ((p, start), o, w) in enumerate(zip(reqs, outs, whole)):
+            assert o.error is None and len(o.prompt_logprobs) == len(p) and o.token_ids == w.token_ids
+            assert all(lp is None for lp in o.prompt_logprobs[:start]), i
+            assert o.prompt_logprobs[start:] == pytest.approx(w.prompt_logprobs[start:], abs=1e-5), i
+        if call == 0:
+            first_hits = hits
+    assert hits > first_hits  # the second call finds every context cached
+    # the same against a plain forward of the model
+    p, start = reqs[9]
+    ref = torch.log_softmax(model(torch.tensor([p]))[0].float(), -1)
+    assert outs[9].prompt_logprobs[start:] == pytest.approx([ref[j - 1, p[j]].item() for j in range(start, len(p))],
+                                                            abs=1e-4)
+
+
+def test_options_of_one_context_share_its_blocks_within_one_step(model, prompts):
+    """The first request computes the context; the others, admitted in the same step, read its blocks."""
+    ctx = (prompts[1] * 2)[:43]  # 5 full blocks of 8, the last one holding position 42 (the start - 1)
+    llm = LLM.from_model(model, runtime=RuntimeConfig(block_size=8, num_blocks=64, max_num_batched_tokens=512))
+    reqs = [ctx + [t] for t in (5, 6, 7, 8)]
+    outs = llm.generate(reqs, SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=43))
+    assert llm.stats["steps"] == 1 and llm.stats["prefix_cache_block_hits"] == 3 * 5
+    assert llm.stats["computed_tokens"] == 44 + 3 * 4
+    logits = model(torch.tensor([ctx]))[0, -1].float().log_softmax(-1)
+    for t, o in zip((5, 6, 7, 8), outs):
+        assert o.prompt_logprobs[:43] == [None] * 43 and o.prompt_logprobs[43] == pytest.approx(logits[t].item(), abs=1e-5)
+    # start 0 (every position) and a start in the first block take nothing from the cache
+    for start in (0, 1, 8):
+        llm.generate(reqs[:1], SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=start))
+        assert llm.stats["prefix_cache_block_hits"] == 0
+    llm.generate(reqs[:1], SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=10))
+    assert llm.stats["prefix_cache_block_hits"] == 1  # block 0 (positions 0-7) lies wholly before position 9
+    bad = llm.generate(reqs[:1], SamplingParams(max_tokens=1, prompt_logprobs=True, prompt_logprobs_start=45))[0]
+    assert "beyond the prompt" in bad.error
+    with pytest.raises(ServingError, match="prompt_logprobs_start"):
+        SamplingParams.from_dict({"prompt_logprobs_start": -1})
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_batching(model, prompts):
     sp = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=7,
                         ignore_eos=True)

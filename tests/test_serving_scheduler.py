@@ -64,6 +64,27 @@ def test_hundred_requests_finish_within_a_small_kv_budget_and_match_the_unconstr
         assert a.error is None and a.token_ids == b.token_ids, f"request {i} differs from the unconstrained run"
 
 
+def test_scoring_from_a_start_under_memory_pressure_equals_the_uncached_run(model):
+    """Prompt logprobs from a start, with prefix-cache hits (within a step and across steps), chunked
+    prefill and preemption, equal those of a run that computes every prompt whole."""
+    g = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(1, 1024, (int(n),), generator=g).tolist() for n in torch.randint(20, 70, (8,), generator=g)]
+    contexts[1] = contexts[0][:33] + contexts[1][:10]  # contexts sharing a prefix too
+    reqs = [(ctx + torch.randint(1, 1024, (1 + k,), generator=g).tolist(), len(ctx)) for ctx in contexts for k in range(4)]
+    free = LLM.from_model(model, runtime=RuntimeConfig(block_size=8, num_blocks=2000, max_num_batched_tokens=8192,
+                                                       prefix_caching=False))
+    want = free.generate([p for p, _ in reqs], SamplingParams(max_tokens=8, prompt_logprobs=True, ignore_eos=True))
+    tight = LLM.from_model(model, runtime=RuntimeConfig(block_size=8, num_blocks=14, max_num_batched_tokens=40))
+    got = tight.generate([p for p, _ in reqs], [SamplingParams(max_tokens=8, prompt_logprobs=True, prompt_logprobs_start=s,
+                                                               ignore_eos=True) for _, s in reqs])
+    assert tight.stats["preemptions"] > 0 and tight.stats["prefix_cache_block_hits"] > 0
+    assert tight.stats["kv_peak_blocks"] <= 14
+    for i, ((p, start), a, b) in enumerate(zip(reqs, got, want)):
+        assert a.error is None and a.token_ids == b.token_ids, i
+        assert a.prompt_logprobs[:start] == [None] * start
+        assert a.prompt_logprobs[start:] == pytest.approx(b.prompt_logprobs[start:], abs=1e-5), i
+
+
 def test_allocator_shares_cached_blocks_and_evicts_least_recently_freed():
     alloc = BlockAllocator(3, prefix_caching=True)
     a, b = alloc.allocate(), alloc.allocate()
