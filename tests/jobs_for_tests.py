@@ -57,6 +57,18 @@ class Timed:
         return out
 
 
+class Announced:
+    """Write ``started/<rank>`` as soon as the task body runs, then sleep (so a test can act mid-task)."""
+
+    def __init__(self, sleep_s: float):
+        self.sleep_s = sleep_s
+
+    def __call__(self, ctx: TaskContext) -> dict:
+        atomic_write_text(ctx.stage_dir / "started" / str(ctx.rank), str(time.time()))
+        time.sleep(self.sleep_s)
+        return {"slept": self.sleep_s}
+
+
 def fail(ctx: TaskContext) -> None:
     raise ValueError(f"boom in shard {ctx.rank}")
 

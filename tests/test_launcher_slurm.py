@@ -104,21 +104,21 @@ def test_task_cancelled_after_its_outputs_is_named_and_a_rerun_goes_on(tmp_path)
     marker and still end CANCELLED, which makes Slurm cancel the ``afterok`` stage after it. The launcher
     names the cancelled task (not the dependent stage), and a rerun runs only what is left."""
     run_dir = tmp_path / "run"
-    pipeline = Pipeline([Stage("short", J.Timed(3.0)), Stage("after", J.echo)], run_dir, slurm(),
-                        LauncherConfig(poll_s=0.5))
+    stages = lambda: [Stage("short", J.Announced(1.0)), Stage("after", J.echo)]  # noqa: E731
+    pipeline = Pipeline(stages(), run_dir, slurm(), LauncherConfig(poll_s=0.5))
     thread, outcome = start_in_thread(pipeline)
     first = wait_for(lambda: pipeline.submitted and pipeline.submitted[0].job_ids()[0], 60, "the submission")
-    wait_for(lambda: squeue_state(first) == "RUNNING", 60, "the first stage to run")
+    # cancel once the task body runs (the interpreter's start-up under load can outlast KillWait)
+    wait_for(lambda: (run_dir / "short" / "started" / "0").exists(), 120, "the first task to start")
     subprocess.run(["scancel", first], check=True)
     thread.join(120)
     assert not thread.is_alive(), "the launcher hangs"
     err = outcome.get("error")
     assert (run_dir / "short" / "completions" / "00000").exists(), \
-        "Slurm killed the task before it finished: the test cluster's KillWait (5 s) must exceed the task's 3 s"
+        "Slurm killed the task before it finished: the test cluster's KillWait (5 s) must exceed the task's 1 s"
     assert isinstance(err, StageFailed) and err.stage == "short" and err.state == "CANCELLED", repr(err)
     assert "outputs are complete" in str(err) and "rerun the same run=" in str(err), str(err)
-    Pipeline([Stage("short", J.Timed(3.0)), Stage("after", J.echo)], run_dir, slurm(),
-             LauncherConfig(poll_s=0.5)).run()
+    Pipeline(stages(), run_dir, slurm(), LauncherConfig(poll_s=0.5)).run()
     subs = json.loads((run_dir / "launch.json").read_text())["submissions"]
     assert [(s["stage"], s["ranks"]) for s in subs] == [("short", [0]), ("after", [0]), ("after", [0])]
 
