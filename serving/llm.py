@@ -258,7 +258,7 @@ class LLM:
         """A ``fresh`` or ``cached`` group of chunks whose tokens are the batch rows from ``start`` on."""
         bs = self.cfg.block_size
         T = max(c.n for c in chunks)
-        qidx, real, qpos, tables = [], [], [], []
+        qidx, real, qpos = [], [], []
         base = start
         for b, c in enumerate(chunks):
             pad = T - c.n
