@@ -195,6 +195,27 @@ def test_lora_starts_as_the_base_model_and_merges_into_the_same_outputs(base):
         torch.testing.assert_close(merged(tokens), want, rtol=1e-4, atol=1e-5)
 
 
+def test_the_sft_loss_equals_the_plain_cross_entropy_with_and_without_a_frozen_head():
+    """loss_sum sends only labelled positions to the head and skips a frozen head's weight gradient."""
+    from puyu.model import ops
+    from puyu.parallel.finetune import SFTStage
+
+    torch.manual_seed(0)
+    stage = SFTStage(Transformer(get_flavor("tiny", vocab_size=VOCAB)), [0, 1], True, True)
+    h = torch.randn(2, 40, 256, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 40))
+    labels[:, ::3] = sft.IGNORE
+    want = ops.linear_cross_entropy_reference(h.flatten(0, 1), stage.output.weight, labels.flatten(), reduction="sum")
+    want_grads = torch.autograd.grad(want, [h, stage.output.weight])
+    for frozen in (False, True):
+        stage.output.weight.requires_grad_(not frozen)
+        got = stage.loss_sum(h, labels)
+        grads = torch.autograd.grad(got, [h] if frozen else [h, stage.output.weight])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- the job
 def test_finetuning_on_wiki_chat_lowers_the_heldout_masked_loss_and_exports_a_plain_model(base, tmp_path):
     cfg = job(base, steps=16, wiki=400)
