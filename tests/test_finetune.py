@@ -226,6 +226,13 @@ def test_finetuning_on_wiki_chat_lowers_the_heldout_masked_loss_and_exports_a_pl
     exported = load_model(Transformer(cfg.model.args()), tmp_path / "finetune" / "model")  # plain puyu layout
     held = sft.Packed.load(tmp_path / SFT_DATA / "heldout.npz")
     assert masked_loss(exported.eval(), held, 16) == pytest.approx(result["heldout_loss_after"], rel=1e-5)
+    from puyu.serving.build import build_engine  # job=build_engine takes the export unchanged
+    from puyu.serving.config import BuildConfig, BuildEngineJobConfig
+
+    built = build_engine(BuildEngineJobConfig(kind="build_engine", checkpoint=result["model"], vocab_size=VOCAB,
+                                              tokenizer=str(base["tokenizer"]),
+                                              build=BuildConfig(calib_docs=4, eval_docs=4)), tmp_path / "engine")
+    assert built["params"] == sum(p.numel() for p in exported.parameters())
     report = (tmp_path / "finetune" / "report.md").read_text()
     for words in ("packing efficiency", "masked (no-loss) share", "trainable parameters", "tokens/s",
                   "Held-out masked loss"):
