@@ -88,6 +88,7 @@ setup(
         "scipy>=1.13",
         "tensorboard>=2.17",
         "matplotlib>=3.9",  # the evaluation report's plot
+        "peft==0.21.2",  # LoRA adapters for finetuning
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0"],

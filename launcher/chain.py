@@ -1,10 +1,11 @@
 """The main job, ``puyu job=pipeline``: every stage of the chain that exists, in one run directory.
 
-data (read → filter → dedup → tokenize) → pretrain (on that corpus) → build_engine (from the
-exported model and the data stage's tokenizer) → prompts (opening words of corpus documents) → infer (batch
-generation, sharded) → eval (benchmarks on that engine, an array of tasks) → eval_summary → agent_tasks
-(GSM8K questions) → agent (tool-using episodes on that engine, sharded) → agent_merge. Later stages learn where earlier ones left their outputs only at run time
-(``<run>/<stage>/...``), so their configs name paths *inside the run* and :class:`InRun` resolves
+data (read → filter → dedup → tokenize) → pretrain (on that corpus) → sft_data → finetune (LoRA on
+chat conversations, merged) → build_engine (from the finetuned model and the data stage's tokenizer) →
+prompts (opening words of corpus documents) → infer (batch generation, sharded) → eval (benchmarks on
+that engine, an array of tasks) → eval_summary → agent_tasks (GSM8K questions) → agent (tool-using
+episodes on that engine, sharded) → agent_merge. Later stages learn where earlier ones left their outputs
+only at run time (``<run>/<stage>/...``), so their configs name paths *inside the run* and :class:`InRun` resolves
 them when the task starts.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.config import JobConfig
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.parallel.config import PretrainJobConfig
+from puyu.parallel.ft_config import FinetuneJobConfig, SFTDataConfig
 from puyu.serving.config import BuildEngineJobConfig, InferJobConfig
 
 
@@ -33,7 +35,12 @@ class PipelineJobConfig(JobConfig):
     # trains on the data stage's corpus (its data.paths are filled in from the run directory)
     pretrain: PretrainJobConfig = dataclasses.field(default_factory=lambda: PretrainJobConfig(kind="pretrain"))
     pretrain_cluster: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {tasks_per_node: 2}
-    # the engine is built from the pretrained model; checkpoint/tokenizer/out are filled in
+    # supervised finetuning (LoRA, merged) of the pretrained model on chat conversations made from the
+    # Wikipedia leads; its model and vocabulary follow pretrain.model
+    finetune: FinetuneJobConfig = dataclasses.field(default_factory=lambda: FinetuneJobConfig(
+        kind="finetune", data=SFTDataConfig(wiki=2000, wiki_heldout=32)))
+    finetune_cluster: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the engine is built from the finetuned model; checkpoint/tokenizer/out are filled in
     engine: BuildEngineJobConfig = dataclasses.field(default_factory=lambda: BuildEngineJobConfig(kind="build_engine"))
     prompts: int = 64  # batch inference over the opening words of this many corpus documents
     prompt_words: int = 12
@@ -87,6 +94,7 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
     from puyu.agents.job import AgentMergeTask, AgentTask, TasksFromDataset
     from puyu.data_pipeline.job import build_data_stages
     from puyu.evaluation.job import eval_stages
+    from puyu.parallel.finetune import finetune_stages
     from puyu.parallel.pretrain import pretrain_stages
     from puyu.serving.build import BuildEngineTask
     from puyu.serving.job import InferMergeTask, InferTask
@@ -94,10 +102,13 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
     infer_paths = {"engine": "build_engine/engine", "input": "prompts/prompts.jsonl"}
     agent_paths = {"engine": "build_engine/engine", "input": "agent_tasks/tasks.jsonl"}
     cfg.agent.validate()
+    finetune = dataclasses.replace(cfg.finetune, model=cfg.pretrain.model)  # the checkpoint's shapes
     return (build_data_stages(cfg.data)
             + pretrain_stages(cfg.pretrain, corpus_in_run="summary/corpus", cluster=cfg.pretrain_cluster)
+            + finetune_stages(finetune, in_run={"checkpoint": "pretrain/model", "tokenizer": "tokenizer/tokenizer.json"},
+                              cluster=cfg.finetune_cluster)
             + [Stage("build_engine", InRun(BuildEngineTask, cfg.engine, {
-                       "checkpoint": "pretrain/model", "tokenizer": "tokenizer/tokenizer.json",
+                       "checkpoint": "finetune/model", "tokenizer": "tokenizer/tokenizer.json",
                        "out": "build_engine/engine"})),
                Stage("prompts", PromptsFromCorpus(cfg.prompts, cfg.prompt_words)),
                Stage("infer", InRun(InferTask, cfg.infer, infer_paths), shards=cfg.infer.shards),
@@ -130,6 +141,7 @@ def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
 def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
     """``report.md`` in the run directory: what each part of the chain produced, with links."""
     from puyu.agents.job import report_section as agent_report_section
+    from puyu.parallel.finetune import finetune_report
     from puyu.parallel.pretrain import pretrain_report
 
     data_summary = (run_dir / "summary" / "summary.md").read_text()
@@ -137,6 +149,7 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
     lines += [f"| {stage} | {len(shard_results)} |" for stage, shard_results in results.items()]
     lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
     lines += ["", "## Pretraining", "", pretrain_report(run_dir, results["pretrain"][0])]
+    lines += ["", "## Finetuning", "", finetune_report(run_dir, results["finetune"][0])]
     lines += ["", *_serving_section(run_dir, results)]
     evaluation = Path(results["eval_summary"][0]["report"]).read_text()
     lines += ["", "## Evaluation", "", ("\n" + evaluation).replace("\n# ", "\n### ").strip(),

@@ -22,6 +22,7 @@ from puyu.launcher.distributed import dist_env
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.launcher.chain import PipelineJobConfig
 from puyu.parallel.config import PretrainJobConfig
+from puyu.parallel.ft_config import FinetuneJobConfig
 from puyu.serving.config import BuildEngineJobConfig, InferJobConfig
 
 
@@ -98,6 +99,8 @@ JOB_KINDS: dict[str, JobSpec] = {
     "data": JobSpec(DataJob, stages="puyu.launcher.jobs:data_stages", report="puyu.launcher.jobs:data_report"),
     "pretrain": JobSpec(PretrainJobConfig, stages="puyu.parallel.pretrain:pretrain_stages",
                         report="puyu.parallel.pretrain:write_report"),
+    "finetune": JobSpec(FinetuneJobConfig, stages="puyu.parallel.finetune:finetune_stages",
+                        report="puyu.parallel.finetune:write_report"),
     "build_engine": JobSpec(BuildEngineJobConfig, stages="puyu.serving.build:build_engine_stages"),
     "infer": JobSpec(InferJobConfig, stages="puyu.serving.job:build_infer_stages"),
     "agent": JobSpec(AgentJobConfig, stages="puyu.agents.job:build_agent_stages", report="puyu.agents.job:agent_report"),

@@ -11,6 +11,7 @@ def test_pipeline_runs_the_whole_chain_and_a_rerun_resumes(tmp_path):
     args = [sys.executable, "-m", "puyu.launcher", "job=pipeline", "cluster=local", f"run={run_dir}",
             "job.data.inputs.0.max_docs=1500", "job.data.inputs.1.max_docs=100", "job.data.tokenizer.vocab_size=2000",
             "job.pretrain.model.vocab_size=2000", "job.pretrain.train.steps=6", "job.pretrain.train.checkpoint_every=3",
+            "job.finetune.data.wiki=200", "job.finetune.train.steps=4", "job.finetune.train.checkpoint_every=2",
             "job.engine.vocab_size=2000", "job.engine.build.eval_docs=4", "job.engine.build.calib_docs=4",
             "job.prompts=16", "job.infer.sampling.max_tokens=8", "job.eval.limits.mmlu=8", "job.eval.limits.gsm8k=2",
             "job.eval.limits.humaneval=2", "job.eval.limits.wiki_bpb=4", "job.eval.infer.max_tokens=16",
@@ -19,7 +20,7 @@ def test_pipeline_runs_the_whole_chain_and_a_rerun_resumes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"report: {run_dir / 'report.md'}" in out.stdout
     report = (run_dir / "report.md").read_text()
-    for section in ("## Corpus (data stage)", "## Pretraining", "## Serving", "### Batch inference: 16 prompts",
+    for section in ("## Corpus (data stage)", "## Pretraining", "## Finetuning", "## Serving", "### Batch inference: 16 prompts",
                     "## Evaluation", "| mmlu | acc_circular | ppl |", "| humaneval | pass@1 | gen |",
                     "| wiki_bpb | bits_per_byte | ppl |", "## Agents"):
         assert section in report, section
