@@ -87,13 +87,17 @@ class Checkpointer:
         """Checkpoint ``step``; ``extra`` (JSON: consumed samples...) goes into the completion record."""
         self.wait()
         path, record = step_dir(self.root, step), {"step": step, **extra}
-        state = _state(parts, optimizers)
+        state = self.state(parts, optimizers)
         if self.async_save:
             self._pending = (dcp.async_save(state, checkpoint_id=str(path), process_group=self._group), path, record)
         else:
             dcp.save(state, checkpoint_id=str(path))
             self._complete(path, record)
         return path
+
+    def state(self, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
+        """What a checkpoint holds: every part's model and optimizer state (subclasses may hold less)."""
+        return _state(parts, optimizers)
 
     def wait(self) -> None:
         """Finish the async save in flight, if any, and record it complete."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -196,18 +195,8 @@ class TrainableCheckpointer(checkpoint.Checkpointer):
     """Pretraining's checkpointer (DCP shards, ``complete.json`` last, async, pruning) over the
     trainable parameters only: with LoRA a checkpoint is the adapters and their optimizer state."""
 
-    def save(self, step, parts, optimizers, extra) -> Path:
-        import torch.distributed.checkpoint as dcp
-
-        self.wait()
-        path, record = checkpoint.step_dir(self.root, step), {"step": step, **extra}
-        state = _trainable_state(parts, optimizers)
-        if self.async_save:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(path), process_group=self._group), path, record)
-        else:
-            dcp.save(state, checkpoint_id=str(path))
-            self._complete(path, record)
-        return path
+    def state(self, parts, optimizers) -> dict:
+        return _trainable_state(parts, optimizers)
 
 
 def load_trainable(path: Path, parts, optimizers=None) -> dict:
@@ -366,15 +355,8 @@ class FinetuneTask(PretrainTask):
                 total_loss += loss_sum.detach()
             loss = _all_reduce(total_loss.reshape(1).clone()).item() / max(n_labels, 1.0)
             grad_norm = self._clip(params, mesh, dims)
-            if not math.isfinite(loss) or not math.isfinite(grad_norm):
-                if t.nan_policy == "stop":
-                    raise PuyuError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
-                                    f"(train.nan_policy=stop; set skip to drop such steps)")
-                log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
-                optimizers[0].zero_grad(set_to_none=True)
+            if not self._step_optimizers(optimizers, step, loss, grad_norm, t.nan_policy):
                 continue
-            optimizers[0].step()
-            optimizers[0].zero_grad(set_to_none=True)
             last_loss = loss
             elapsed = time.perf_counter() - started
             tokens_per_s = t.global_batch * cfg.data.seq_len / elapsed

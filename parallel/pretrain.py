@@ -142,17 +142,8 @@ class PretrainTask:
             # mean loss over data-parallel ranks; only last-stage ranks hold it, each tp peer a copy
             loss = _all_reduce(loss.reshape(1).clone()).item() / (dims.dp * dims.tp)
             grad_norm = self._clip(params, mesh, dims)
-            if not math.isfinite(loss) or not math.isfinite(grad_norm):
-                if t.nan_policy == "stop":
-                    raise PuyuError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
-                                    f"(train.nan_policy=stop; set skip to drop such steps)")
-                log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
+            if not self._step_optimizers(optimizers, step, loss, grad_norm, t.nan_policy):
                 continue
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
             last_loss = loss
             elapsed = time.perf_counter() - started
             tokens_per_s = t.global_batch * cfg.data.seq_len / elapsed
@@ -166,6 +157,23 @@ class PretrainTask:
         if metrics:
             metrics.close()
         return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe()}
+
+    @staticmethod
+    def _step_optimizers(optimizers, step: int, loss: float, grad_norm: float, nan_policy: str) -> bool:
+        """Apply the update, unless loss or gradient norm is not finite: then stop (naming the step) or,
+        with ``nan_policy=skip``, drop the gradients and return False."""
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            if nan_policy == "stop":
+                raise PuyuError(f"step {step + 1}: loss {loss} / grad norm {grad_norm} is not finite "
+                                f"(train.nan_policy=stop; set skip to drop such steps)")
+            log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            return False
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return True
 
     def _optimizer(self, stage) -> torch.optim.AdamW:
         """AdamW over the trainable parameters, with weight decay on matrices only (not on norms' gains)."""

@@ -86,3 +86,23 @@ def slurm_corpus(slurm_cluster, tmp_path_factory):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return run_dir, out
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory):
+    """A tiny random InternLM2 engine (seed 3) with a 1024-token BPE trained on Wikipedia leads: what the
+    serving and agent job tests run (they check the jobs, not the model's answers)."""
+    import torch
+
+    from puyu.model import Transformer, get_flavor, save_model
+    from puyu.serving.build import build_engine
+    from puyu.serving.config import BuildEngineJobConfig
+    from puyu.serving.toy import make_tokenizer, wiki_texts
+
+    root = tmp_path_factory.mktemp("engine")
+    tok = make_tokenizer(wiki_texts()[:2000], root / "tokenizer.json", vocab_size=1024)
+    torch.manual_seed(3)
+    save_model(Transformer(get_flavor("tiny", vocab_size=tok.tok.get_vocab_size())), root / "ckpt")
+    build_engine(BuildEngineJobConfig(kind="build_engine", checkpoint=str(root / "ckpt"),
+                                      tokenizer=str(root / "tokenizer.json")), root / "engine")
+    return root / "engine"

@@ -334,20 +334,6 @@ def test_summary_counts_tool_errors():
 
 
 # --------------------------------------------------------------------------- the job on a real tiny engine
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from puyu.model import Transformer, get_flavor, save_model
-    from puyu.serving.build import build_engine
-    from puyu.serving.config import BuildEngineJobConfig
-    from puyu.serving.toy import make_tokenizer, wiki_texts
-
-    root = tmp_path_factory.mktemp("engine")
-    tok = make_tokenizer(wiki_texts()[:2000], root / "tokenizer.json", vocab_size=1024)
-    torch.manual_seed(3)
-    save_model(Transformer(get_flavor("tiny", vocab_size=tok.tok.get_vocab_size())), root / "ckpt")
-    build_engine(BuildEngineJobConfig(kind="build_engine", checkpoint=str(root / "ckpt"),
-                                      tokenizer=str(root / "tokenizer.json")), root / "engine")
-    return root / "engine"
 
 
 def test_job_on_a_tiny_engine_runs_in_order_and_a_rerun_redoes_nothing(engine, tmp_path):

@@ -22,7 +22,7 @@ from puyu.launcher.errors import PuyuError, StageFailed
 from puyu.launcher.pipeline import Pipeline
 from puyu.model import Transformer, get_flavor, load_model, save_model
 from puyu.parallel.config import ModelConfig
-from puyu.parallel.finetune import (FinetuneTask, SFTDataTask, add_lora, finetune_stages, masked_loss, merge_lora,
+from puyu.parallel.finetune import (FinetuneTask, add_lora, finetune_stages, masked_loss, merge_lora,
                                     SFT_DATA)
 from puyu.parallel.ft_config import FinetuneJobConfig, LoraConfig, SFTDataConfig
 

@@ -12,12 +12,10 @@ import torch
 from jobs_for_tests import wait_for
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.pipeline import Pipeline
-from puyu.model import Transformer, get_flavor, save_model
-from puyu.serving.build import build_engine
-from puyu.serving.config import BuildEngineJobConfig, InferJobConfig, RuntimeConfig, SamplingParams, ServingError
+from puyu.serving.config import InferJobConfig, RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.job import build_infer_stages
 from puyu.serving.llm import LLM
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from puyu.serving.toy import wiki_texts
 
 N_PROMPTS = 40
 
@@ -25,17 +23,6 @@ N_PROMPTS = 40
 def run_in_process(stages, run_dir):
     """Every pending task of every stage here (``cluster=inline``), completion markers and all."""
     return Pipeline(stages, run_dir, ClusterConfig(kind=ClusterKind.inline), LauncherConfig()).run()
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    tok = make_tokenizer(wiki_texts()[:2000], root / "tokenizer.json", vocab_size=1024)
-    torch.manual_seed(3)
-    save_model(Transformer(get_flavor("tiny", vocab_size=tok.tok.get_vocab_size())), root / "ckpt")
-    build_engine(BuildEngineJobConfig(kind="build_engine", checkpoint=str(root / "ckpt"),
-                                      tokenizer=str(root / "tokenizer.json")), root / "engine")
-    return root / "engine"
 
 
 @pytest.fixture(scope="module")
