@@ -47,6 +47,8 @@ bench: data
 	$(BIN)/python benchmarks/bench_pretrain.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_finetune.py
+	$(BIN)/python benchmarks/bench_agents.py
 
 clean:
 	rm -rf $(VENV) $(DATA) build *.egg-info
