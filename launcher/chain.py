@@ -45,14 +45,14 @@ class PipelineJobConfig(JobConfig):
     prompts: int = 64  # batch inference over the opening words of this many corpus documents
     prompt_words: int = 12
     infer: InferJobConfig = dataclasses.field(default_factory=lambda: InferJobConfig(kind="infer"))
-    # benchmarks on the built engine, named "pretrained" (job.eval.model_paths may add more models)
+    # benchmarks on the built engine, named "finetuned" (job.eval.model_paths may add more models)
     eval: EvalJobConfig = dataclasses.field(default_factory=lambda: EvalJobConfig(kind="eval"))
     # tool-using agent episodes on the built engine over this many GSM8K questions (graded)
     agent_tasks: int = 16
     agent: AgentJobConfig = dataclasses.field(default_factory=lambda: AgentJobConfig(kind="agent"))
 
 
-PIPELINE_MODEL = "pretrained"  # the eval stage's name for the engine this pipeline builds
+PIPELINE_MODEL = "finetuned"  # the eval stage's name for the engine this pipeline builds
 
 
 @dataclasses.dataclass
