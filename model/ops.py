@@ -203,38 +203,43 @@ def _ce_chunk_torch(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_rows, use_ext, with_grad):
+    def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_rows, use_ext, grad_h, grad_w):
         n_tokens = hidden.shape[0]
         n_valid = int((target != ignore_index).sum())
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
         kernel = _ext.ce_chunk if use_ext else _ce_chunk_torch
         opmath = _opmath(hidden.dtype)
-        grad_hidden = torch.empty_like(hidden) if with_grad else None
-        # Accumulate the weight gradient in fp32 across chunks; low-precision sums would drift.
-        grad_weight = torch.zeros(weight.shape, dtype=opmath, device=weight.device) if with_grad else None
+        with_grad = grad_h or grad_w
+        grad_hidden = torch.empty_like(hidden) if grad_h else None
+        # Accumulate the weight gradient in fp32 across chunks; low-precision sums would drift. A frozen
+        # weight (LoRA's head) skips this [V, D] product, a third of the head's work.
+        grad_weight = torch.zeros(weight.shape, dtype=opmath, device=weight.device) if grad_w else None
         total = torch.zeros((), dtype=opmath, device=hidden.device)
         # One logits buffer for all chunks: [C, V], overwritten in place with the logits' gradient.
-        buffer = torch.empty(min(chunk_rows, n_tokens), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
+        buffer = torch.empty(max(1, min(chunk_rows, n_tokens)), weight.shape[0], dtype=hidden.dtype,
+                             device=hidden.device)
         for start in range(0, n_tokens, chunk_rows):
             h = hidden[start : start + chunk_rows]  # [C, D]
             logits = torch.mm(h, weight.T, out=buffer[: h.shape[0]])  # [C, V]
             total += kernel(logits, target[start : start + chunk_rows], ignore_index, scale, with_grad).sum()
-            if with_grad:
+            if grad_h:
                 torch.mm(logits, weight, out=grad_hidden[start : start + chunk_rows])
+            if grad_w:
                 if grad_weight.dtype == logits.dtype:
                     grad_weight.addmm_(logits.T, h)
                 else:
                     grad_weight += torch.mm(logits.T, h)
         if with_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total * scale  # fp32 (fp64 for fp64), like the reference's fp32 logits
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() needs no [V, D] copy
-            grad_hidden, grad_weight = grad_hidden * grad_loss, grad_weight * grad_loss
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+            grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss
+            grad_weight = None if grad_weight is None else grad_weight * grad_loss
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -261,8 +266,8 @@ def linear_cross_entropy(
         chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
     use_ext = _use_ext(True, hidden)
     # Decided here: inside forward grad mode is off, so evaluation would otherwise pay for gradients.
-    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(
         hidden.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, reduction, chunk_rows, use_ext,
-        with_grad,
+        grad and hidden.requires_grad, grad and weight.requires_grad,
     )

@@ -76,47 +76,8 @@ class SFTStage(StageModule):
         labels = labels.flatten()
         keep = (labels != IGNORE).nonzero().squeeze(1)
         hidden, target = h.flatten(0, 1).index_select(0, keep), labels.index_select(0, keep)
-        weight = self.output.weight
-        if self.args.fused_ops and hidden.requires_grad and not weight.requires_grad and torch.is_grad_enabled():
-            return frozen_head_cross_entropy(hidden, weight, target)
-        return ops.linear_cross_entropy(hidden, weight, target, ignore_index=IGNORE, reduction="sum",
+        return ops.linear_cross_entropy(hidden, self.output.weight, target, ignore_index=IGNORE, reduction="sum",
                                         fused=self.args.fused_ops)
-
-
-class _FrozenHeadCrossEntropy(torch.autograd.Function):
-    """``ops.linear_cross_entropy`` (chunked, same per-chunk kernel) for a weight that needs no gradient:
-    per chunk the logits, the loss and the logits' gradient in one pass, then ``grad_hidden`` only
-    (the ``[V, D]`` weight-gradient product, a third of the head's work, is skipped)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, target, chunk_rows, use_ext):
-        kernel = ops._ext.ce_chunk if use_ext else ops._ce_chunk_torch
-        opmath = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        n = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden)
-        total = torch.zeros((), dtype=opmath, device=hidden.device)
-        buffer = torch.empty(max(1, min(chunk_rows, n)), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        for start in range(0, n, chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            logits = torch.mm(h, weight.T, out=buffer[:h.shape[0]])
-            total += kernel(logits, target[start:start + chunk_rows], IGNORE, 1.0, True).sum()
-            torch.mm(logits, weight, out=grad_hidden[start:start + chunk_rows])
-        ctx.save_for_backward(grad_hidden)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_loss, None, None, None, None
-
-
-def frozen_head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden [N, D] @ weight.T`` against ``target``; gradient for ``hidden`` only."""
-    rows = ops.CE_CHUNK_BYTES // (4 * weight.shape[0])
-    chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
-    use_ext = ops._use_ext(True, hidden)
-    return _FrozenHeadCrossEntropy.apply(hidden.contiguous(), weight.contiguous(), target.contiguous(), chunk_rows,
-                                         use_ext)
 
 
 def check_checkpoint(path: str) -> Path:

@@ -120,6 +120,25 @@ def test_linear_cross_entropy_under_no_grad(monkeypatch, use_ext):
     torch.testing.assert_close(loss, ops.linear_cross_entropy_reference(hidden, weight, target).detach())
 
 
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_linear_cross_entropy_with_a_frozen_input_computes_only_the_other_gradient(monkeypatch, frozen):
+    """LoRA freezes the output head: its [V, D] gradient product is skipped, the hidden gradient is exact."""
+    hidden, weight = torch.randn(40, 16, dtype=torch.float64), torch.randn(300, 16, dtype=torch.float64)
+    target = torch.randint(0, 300, (40,))
+    target[::7] = -100
+    (hidden if frozen == "weight" else weight).requires_grad_(True)
+    calls = []
+    mm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append("grad_weight") or mm(self, *a, **k))
+    got = ops.linear_cross_entropy(hidden, weight, target, reduction="sum", chunk_rows=16)
+    want = ops.linear_cross_entropy_reference(hidden, weight, target, reduction="sum")
+    live = hidden if frozen == "weight" else weight
+    (g_got,), (g_want,) = torch.autograd.grad(got * 2, [live]), torch.autograd.grad(want * 2, [live])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+    assert (calls == []) == (frozen == "weight")
+
+
 @pytest.mark.parametrize("use_ext", [False, pytest.param(True, marks=needs_ext)])
 def test_cross_entropy_chunk_kernel_contract(use_ext):
     """The per-chunk kernel (extension or torch) leaves grad_scale * (softmax - onehot) in the logits."""
