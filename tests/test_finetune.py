@@ -304,3 +304,32 @@ def test_missing_checkpoint_and_unknown_lora_target_are_one_line(base, tmp_path)
     with pytest.raises(StageFailed, match=r"does not fit the configured model") as info:
         run(cfg, tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- Slurm
+def test_requeued_finetune_on_slurm_resumes_with_the_same_curve(base, tmp_path, slurm_cluster):
+    """2 processes under FSDP as one Slurm job; ``scontrol requeue`` kills it mid-run and Slurm starts it
+    again: it resumes from its last complete checkpoint of the adapters and ends on the 1-process curve."""
+    import subprocess
+    import threading
+
+    from jobs_for_tests import wait_for
+
+    cfg = job(base, steps=16, checkpoint_every=4)
+    run(cfg, tmp_path / "straight")
+    reference = curve(tmp_path / "straight")
+    run_dir = tmp_path / "requeued"
+    stages = finetune_stages(cfg)
+    p = Pipeline(stages, run_dir, ClusterConfig(kind=ClusterKind.slurm, tasks_per_node=2, time_min=10,
+                                                signal_delay_s=30), LauncherConfig(poll_s=0.5))
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("results", p.run()), daemon=True)
+    thread.start()
+    metrics = run_dir / "finetune" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and max(curve(run_dir), default=0) >= 6, 300, "finetuning to reach step 6")
+    subprocess.run(["scontrol", "requeue", p.submitted[-1].job_ids()[0]], check=True)
+    thread.join(600)
+    assert not thread.is_alive() and "results" in outcome, f"the requeued job did not finish: {outcome}"
+    assert_same_curve(curve(run_dir), reference)
+    log_text = "".join(f.read_text() for f in (run_dir / "finetune" / "logs").rglob("*_log.err"))
+    assert "resumed from" in log_text, "the job finished without being restarted from a checkpoint"
