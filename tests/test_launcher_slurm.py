@@ -83,8 +83,11 @@ def test_time_limit_checkpoints_on_signal_and_finishes_after_requeue(tmp_path):
     state = results["train"][0]
     assert state["step"] == 70
     assert state["checkpoints"] >= 1 and len(state["starts"]) >= 2, state
-    resumed = state["starts"][1]
-    assert resumed["step"] > 0 and resumed["restart_count"] >= 1, state
+    # Slurm may send the signal up to a minute early (its check interval), even before a first step:
+    # what must hold is that no restart loses progress and some restart resumed from a saved step
+    steps = [s["step"] for s in state["starts"]]
+    assert steps == sorted(steps) and [s["restart_count"] for s in state["starts"]] == list(range(len(steps))), state
+    assert any(s["step"] > 0 for s in state["starts"][1:]), state
 
 
 def test_cancelled_job_is_reported_cancelled(tmp_path):
