@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -119,11 +120,16 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
                Stage("agent_merge", InRun(AgentMergeTask, cfg.agent, agent_paths))])
 
 
+def _nested(markdown: str) -> str:
+    """A stage's own report as a part of report.md: its headings two levels down (# -> ###, ## -> ####)."""
+    return re.sub(r"^(#{1,4}) ", lambda m: "#" * (len(m.group(1)) + 2) + " ", markdown, flags=re.M).strip()
+
+
 def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
     build = (run_dir / "build_engine" / "engine" / "build_report.md").read_text()
     tasks = results["infer"]
     tokens = sum(t["output_tokens"] for t in tasks)
-    lines = ["## Serving", "", ("\n" + build).replace("\n# ", "\n### ").strip(), "",
+    lines = ["## Serving", "", _nested(build), "",
              f"### Batch inference: {sum(t['requests'] for t in tasks)} prompts, {len(tasks)} tasks, "
              f"{tokens} output tokens", "", "| task | requests | errors | output tokens | tokens/s |",
              "|---:|---:|---:|---:|---:|"]
@@ -147,12 +153,12 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
     data_summary = (run_dir / "summary" / "summary.md").read_text()
     lines = ["# puyu pipeline report", "", f"Run directory: `{run_dir}`", "", "| stage | shards |", "|---|---|"]
     lines += [f"| {stage} | {len(shard_results)} |" for stage, shard_results in results.items()]
-    lines += ["", "## Corpus (data stage)", "", ("\n" + data_summary).replace("\n# ", "\n### ").strip()]
+    lines += ["", "## Corpus (data stage)", "", _nested(data_summary)]
     lines += ["", "## Pretraining", "", pretrain_report(run_dir, results["pretrain"][0])]
     lines += ["", "## Finetuning", "", finetune_report(run_dir, results["finetune"][0])]
     lines += ["", *_serving_section(run_dir, results)]
     evaluation = Path(results["eval_summary"][0]["report"]).read_text()
-    lines += ["", "## Evaluation", "", ("\n" + evaluation).replace("\n# ", "\n### ").strip(),
+    lines += ["", "## Evaluation", "", _nested(evaluation),
               "", f"Report files: `{run_dir / 'eval_summary'}`"]
     lines += ["", *agent_report_section(run_dir)]
     path = run_dir / "report.md"
