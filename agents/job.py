@@ -46,12 +46,9 @@ def gold_answer(answer: Any) -> str:
 
 def parse_task(line: str, where: str) -> tuple[str, str | None, Any]:
     """(task text, gold answer or None, id) of one input line; raises ServingError naming ``where``."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ServingError(f"{where}: invalid JSON ({exc.msg})") from None
-    if not isinstance(row, dict):
-        raise ServingError(f"{where}: a task must be a JSON object")
+    from puyu.serving.job import json_object
+
+    row = json_object(line, where, "task")
     task = row.get("task", row.get("question"))
     if not isinstance(task, str) or not task.strip():
         raise ServingError(f'{where}: needs "task" or "question", a non-empty string')

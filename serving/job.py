@@ -31,14 +31,20 @@ def shard_range(n: int, rank: int, world: int) -> range:
     return range(rank * n // world, (rank + 1) * n // world)
 
 
-def parse_request(line: str, where: str, base: SamplingParams, seed: int):
-    """(prompt, sampling, id) of one input line; raises ServingError naming ``where`` (file:line)."""
+def json_object(line: str, where: str, what: str) -> dict:
+    """One jsonl input line as a dict; otherwise a ServingError naming ``where`` (file:line) and ``what``."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ServingError(f"{where}: invalid JSON ({exc.msg})") from None
     if not isinstance(rec, dict):
-        raise ServingError(f"{where}: a request must be a JSON object")
+        raise ServingError(f"{where}: a {what} must be a JSON object")
+    return rec
+
+
+def parse_request(line: str, where: str, base: SamplingParams, seed: int):
+    """(prompt, sampling, id) of one input line; raises ServingError naming ``where`` (file:line)."""
+    rec = json_object(line, where, "request")
     try:
         params = SamplingParams.from_dict(rec.get("sampling") or {}, base)
         if params.seed is None:
