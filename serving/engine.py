@@ -3,8 +3,9 @@
 An engine directory holds:
 - ``engine.json``: format version, the ``ModelArgs``, the build settings and where the weights came from;
 - ``weights.safetensors``: per layer ``wqkv`` (query heads, then keys, then values: one matmul and a
-  split, instead of InternLM2's per-group interleave), ``w13`` (gate and up stacked: one matmul for the
-  FFN input), ``wo``, ``w2``, the norms; ``rope.cos``/``rope.sin`` [max_seq_len, head_dim/2] tables;
+  split, instead of InternLM2's per-group interleave), ``w13`` (gate and up stacked: one tensor, so one
+  AWQ scale and one quantization pass cover both; the runtime splits it back into two linears whose
+  outputs SwiGLU reads without copies), ``wo``, ``w2``, the norms; ``rope.cos``/``rope.sin`` [max_seq_len, head_dim/2] tables;
   quantized linears as described in :mod:`puyu.serving.quant`;
 - ``manifest.json``: shape, dtype and sha256 of every tensor and of every other file;
 - optionally ``tokenizer.json``, and ``build_report.{json,md}``.

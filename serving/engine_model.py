@@ -46,9 +46,31 @@ class Scratch:
         return self.buf[:n].view(shape)
 
 
+def onednn_packed(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The weight [O, I] reordered once into oneDNN's blocked layout for CPU inference, or None where
+    oneDNN is not available for it (other devices or dtypes, builds without mkldnn).
+
+    Why: torch's ``F.linear`` hands fp32 to MKL's sgemm, which repacks the weight on every call; with
+    the packing done once, oneDNN's kernels run 8-25% faster on the runtime's shapes ([32-2048 rows,
+    256-2048 columns] on this repo's 2-core AMD VM: 98-112 vs 81-98 GFLOP/s at one thread). It is the
+    same reorder inductor's CPU weight prepacking uses. Costs a second copy of the weight.
+    """
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+    except (AttributeError, RuntimeError):  # an older or mkldnn-less build
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` through a weight from ``onednn_packed``; x [..., I] -> [..., O]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 class EngineLinear:
-    """``y = x W^T`` from a dense weight, or from a weight-only quantized one expanded on use (inputs
-    divided by the AWQ ``act_scale`` first).
+    """``y = x W^T`` from a dense weight (through ``onednn_packed`` on CPU), or from a weight-only
+    quantized one expanded on use (inputs divided by the AWQ ``act_scale`` first).
 
     w8: ``(x q^T) * scales`` — the per-output-channel scale is applied to the [N, O] output instead of the
     [O, I] weight, so a call costs one int8 -> float copy of the weight into the scratch buffer plus the
@@ -59,6 +81,7 @@ class EngineLinear:
 
     def __init__(self, tensors: Tensors, dtype: torch.dtype, scratch: Optional[Scratch] = None):
         self.weight = tensors.get("weight")
+        self.packed = onednn_packed(self.weight) if self.weight is not None else None
         self.quant = {k: v for k, v in tensors.items() if k in QUANT_PARTS}
         self.act_scale = self.quant.pop("act_scale", None)
         self.dtype = dtype
@@ -70,6 +93,8 @@ class EngineLinear:
                 self.in_features = int(self.quant["in_features"])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dtype == self.weight.dtype:
+            return packed_linear(x, self.packed)
         if self.weight is not None:
             return F.linear(x, self.weight)
         if self.act_scale is not None:
@@ -84,6 +109,19 @@ class EngineLinear:
         w[..., 1].copy_(packed >> 4)
         w = w.view(O, G, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None]).view(O, -1)
         return F.linear(x, w[:, :self.in_features])
+
+
+def split_rows(parts: Tensors) -> tuple[Tensors, Tensors]:
+    """The parts of a linear (dense ``weight`` or quantized codes/scales/zeros, all [O, ...]) split into
+    its first and second half of output rows; input-side parts (``act_scale``, ``in_features``) shared."""
+    halves: tuple[Tensors, Tensors] = ({}, {})
+    for k, v in parts.items():
+        if k in ("act_scale", "in_features"):
+            halves[0][k] = halves[1][k] = v
+        else:
+            top, bottom = v.chunk(2, dim=0)
+            halves[0][k], halves[1][k] = top.contiguous(), bottom.contiguous()
+    return halves
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, g: int) -> torch.Tensor:
@@ -146,7 +184,8 @@ class EngineModel:
         self.dtype = tensors["tok_embeddings.weight"].dtype
         self.tok_embeddings = tensors["tok_embeddings.weight"]  # [V, D]
         self.norm = tensors["norm.weight"]
-        self.output = tensors["output.weight"] if "output.weight" in tensors else self.tok_embeddings
+        self.output = EngineLinear({"weight": tensors["output.weight"] if "output.weight" in tensors else self.tok_embeddings},
+                                   self.dtype)  # [V, D]
         self.rope_cos, self.rope_sin = tensors["rope.cos"], tensors["rope.sin"]  # [max_seq_len, d/2] fp32
         self.layers = []
         scratch = Scratch()  # for quantized linears
@@ -155,7 +194,10 @@ class EngineModel:
             layer = {"attention_norm": tensors[p + "attention_norm.weight"], "ffn_norm": tensors[p + "ffn_norm.weight"]}
             for name in LINEARS:
                 parts = {k[len(p + name) + 1:]: v for k, v in tensors.items() if k.startswith(p + name + ".")}
-                layer[name] = EngineLinear(parts, self.dtype, scratch)
+                if name == "w13":  # as w1 and w3: each output is contiguous for SwiGLU (no copies of gate and up)
+                    layer["w1"], layer["w3"] = (EngineLinear(half, self.dtype, scratch) for half in split_rows(parts))
+                else:
+                    layer[name] = EngineLinear(parts, self.dtype, scratch)
             self.layers.append(layer)
         self.capture: Optional[dict[str, list[torch.Tensor]]] = None  # AWQ calibration: linear inputs
 
@@ -163,9 +205,12 @@ class EngineModel:
     def max_seq_len(self) -> int:
         return self.rope_cos.shape[0]
 
-    def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _capture(self, i: int, name: str, x: torch.Tensor) -> None:
         if self.capture is not None:
             self.capture.setdefault(f"layers.{i}.{name}", []).append(x.reshape(-1, x.shape[-1]).detach())
+
+    def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        self._capture(i, name, x)
         return self.layers[i][name](x)
 
     def _qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -183,11 +228,12 @@ class EngineModel:
     def _ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
         a = self.args
         x = ops.rms_norm(h, self.layers[i]["ffn_norm"], a.norm_eps, fused=a.fused_ops)
-        gate, up = self._linear(i, "w13", x).chunk(2, dim=-1)  # [.., F] each
+        self._capture(i, "w13", x)
+        gate, up = self.layers[i]["w1"](x), self.layers[i]["w3"](x)  # [.., F] each
         return h + self._linear(i, "w2", ops.swiglu(gate, up, fused=a.fused_ops))
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(ops.rms_norm(h, self.norm, self.args.norm_eps, fused=self.args.fused_ops), self.output)
+        return self.output(ops.rms_norm(h, self.norm, self.args.norm_eps, fused=self.args.fused_ops))
 
     @torch.no_grad()
     def forward_dense(self, tokens: torch.Tensor) -> torch.Tensor:
