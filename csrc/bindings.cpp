@@ -93,6 +93,58 @@ at::Tensor ce_chunk(at::Tensor logits, const at::Tensor& target, int64_t ignore_
                [&](auto stream) { return ce_chunk_cuda(logits, target, ignore_index, grad_scale, with_grad, stream); });
 }
 
+// Shapes and dtypes here; the values of block_tables/context_lens are checked by the CPU kernel.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  check_input(q, "q");
+  TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [b, Hq, d], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, "paged_decode_attention: k_cache must be [Hk, num_blocks, block_size, d], got ",
+              k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "paged_decode_attention: v_cache must match k_cache's shape and dtype, got ", v_cache.sizes(), " ",
+              v_cache.scalar_type(), " vs ", k_cache.sizes(), " ", k_cache.scalar_type());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: k_cache and v_cache must "
+              "be contiguous (a layer of the cache, read in place)");
+  const int64_t Hq = q.size(1), Hk = k_cache.size(0);
+  TORCH_CHECK(k_cache.size(3) == q.size(2), "paged_decode_attention: head dim of q (", q.size(2),
+              ") and of the cache (", k_cache.size(3), ") differ");
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "paged_decode_attention: query heads (", Hq,
+              ") must be a multiple of kv heads (", Hk, ")");
+  TORCH_CHECK(k_cache.size(1) > 0 && k_cache.size(2) > 0, "paged_decode_attention: empty cache ", k_cache.sizes());
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized || k_cache.scalar_type() == q.scalar_type(), "paged_decode_attention: the cache must have "
+              "q's dtype (", q.scalar_type(), ") or be int8, got ", k_cache.scalar_type());
+  TORCH_CHECK(quantized == (k_scale.has_value() && v_scale.has_value()) && k_scale.has_value() == v_scale.has_value(),
+              "paged_decode_attention: k_scale and v_scale are required for an int8 cache and only for it");
+  const at::Tensor* scales[] = {k_scale ? &*k_scale : nullptr, v_scale ? &*v_scale : nullptr};
+  for (const at::Tensor* s : scales) {
+    if (s == nullptr) continue;
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->sizes() == k_cache.sizes().slice(0, 3),
+                "paged_decode_attention: k_scale/v_scale must be contiguous fp32 [Hk, num_blocks, block_size] = ",
+                k_cache.sizes().slice(0, 3), ", got ", s->scalar_type(), " ", s->sizes());
+    TORCH_CHECK(s->device() == q.device(), "paged_decode_attention: scales on ", s->device(), ", q on ", q.device());
+  }
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
+                  block_tables.size(0) == q.size(0),
+              "paged_decode_attention: block_tables must be contiguous int64 [b, max_blocks] with b = ", q.size(0),
+              ", got ", block_tables.scalar_type(), " ", block_tables.sizes());
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.dim() == 1 && context_lens.is_contiguous() &&
+                  context_lens.size(0) == q.size(0),
+              "paged_decode_attention: context_lens must be contiguous int64 [b] with b = ", q.size(0), ", got ",
+              context_lens.scalar_type(), " ", context_lens.sizes());
+  for (auto [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}, {&block_tables, "block_tables"},
+                         {&context_lens, "context_lens"}})
+    TORCH_CHECK(t->device() == q.device(), "paged_decode_attention: ", name, " on ", t->device(), ", q on ",
+                q.device());
+  return route(q, [&] { return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                                          k_scale, v_scale); },
+               [&](auto) -> at::Tensor {
+                 TORCH_CHECK(false, "paged_decode_attention: no CUDA kernel (use the PyTorch reference)");
+                 return {};
+               });
+}
+
 bool has_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -114,13 +166,17 @@ std::string cpu_isa() {
 }  // namespace puyu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "puyu fused ops: RMSNorm, RoPE (q and k), SwiGLU, chunked cross-entropy";
+  m.doc() = "puyu fused ops: RMSNorm, RoPE (q and k), SwiGLU, chunked cross-entropy, paged decode attention";
   m.def("rms_norm_fwd", &puyu::rms_norm_fwd, "RMSNorm forward -> (y, rstd)");
   m.def("rms_norm_bwd", &puyu::rms_norm_bwd, "RMSNorm backward -> (dx, dweight)");
   m.def("rope_fwd", &puyu::rope_fwd, "RoPE on q and k (inverse=True rotates back, i.e. the backward)");
   m.def("swiglu_fwd", &puyu::swiglu_fwd, "silu(gate) * up");
   m.def("swiglu_bwd", &puyu::swiglu_bwd, "SwiGLU backward -> (dgate, dup)");
   m.def("ce_chunk", &puyu::ce_chunk, "per-row CE loss of a logits chunk; in place softmax gradient");
+  m.def("paged_decode_attention", &puyu::paged_decode_attention,
+        "attention of one query per sequence over a paged KV cache read in place (CPU, inference only)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
+        py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("has_cuda", &puyu::has_cuda, "whether CUDA kernels are compiled in");
   m.def("cpu_isa", &puyu::cpu_isa, "vector ISA of the CPU kernels: avx2 or baseline");
 }

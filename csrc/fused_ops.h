@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 #ifdef WITH_CUDA
@@ -30,6 +31,13 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& dy, const at
 // -> per-row loss [C] (opmath), 0 where target == ignore_index
 at::Tensor ce_chunk_cpu(at::Tensor& logits, const at::Tensor& target, int64_t ignore_index, double grad_scale,
                         bool with_grad);
+// q [b, Hq, d], k_cache/v_cache [Hk, num_blocks, block_size, d] (q's dtype, or int8 with fp32 k_scale/v_scale
+// [Hk, num_blocks, block_size]), block_tables [b, max_blocks] int64, context_lens [b] int64 -> out [b, Hq, d]
+// (inference only; no CUDA kernel)
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                      const std::optional<at::Tensor>& k_scale,
+                                      const std::optional<at::Tensor>& v_scale);
 
 #ifdef WITH_CUDA
 // ---- CUDA (csrc/cuda); same contracts, launched on `stream` ----------------------------------------

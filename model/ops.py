@@ -1,4 +1,5 @@
-"""Fused ops (RMSNorm, RoPE on q and k, SwiGLU, linear + cross-entropy) with their PyTorch references.
+"""Fused ops (RMSNorm, RoPE on q and k, SwiGLU, linear + cross-entropy, paged decode attention) with their
+PyTorch references.
 
 Every op has a plain PyTorch ``*_reference`` that defines its semantics, and a fused path backed by the
 C++/CUDA extension ``puyu.model._fused_ops`` built from ``csrc/`` by setup.py. The model picks between
@@ -10,6 +11,9 @@ The cross-entropy never materialises the full ``[N, vocab]`` fp32 softmax: it wa
 chunks, computes each chunk's logits from the hidden states (fused with the output projection), turns
 them into the loss and, in the same pass, into the gradient, and keeps only ``grad_hidden`` and
 ``grad_weight`` for backward. Its fallback keeps the chunking and only swaps the per-chunk kernel.
+
+Paged decode attention (serving, inference only, CPU kernel only) reads each sequence's keys/values in
+place through its block table instead of gathering them into a padded copy first.
 """
 from __future__ import annotations
 
@@ -271,3 +275,79 @@ def linear_cross_entropy(
         hidden.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, reduction, chunk_rows, use_ext,
         grad and hidden.requires_grad, grad and weight.requires_grad,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Paged decode attention (inference only)
+# ----------------------------------------------------------------------------------------------------
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence over its keys/values in a paged cache: gather + masked softmax.
+
+    Sequence i's token t lives in block ``block_tables[i, t // block_size]`` at offset ``t % block_size``;
+    its first ``context_lens[i]`` tokens are visible. Query head h reads kv head ``h // (Hq / Hk)`` (GQA).
+    An int8 cache is dequantized as ``code * scale`` (one fp32 scale per token and kv head). Computed in fp32
+    (fp64 for fp64 q) and rounded once to q's dtype. Block-table entries past a context are gathered and
+    masked, so they must name existing blocks (padding with 0 is the convention).
+    """
+    b, Hq, d = q.shape
+    Hk, _, bs, _ = k_cache.shape
+    S = block_tables.shape[1] * bs
+    opmath = _opmath(q.dtype)
+    flat = block_tables.reshape(-1)  # [b * max_blocks]
+
+    def gather(cache: torch.Tensor, cache_scale: torch.Tensor | None) -> torch.Tensor:
+        t = cache.index_select(1, flat).to(opmath)  # [Hk, b * max_blocks, bs, d]
+        if cache_scale is not None:
+            t = t * cache_scale.index_select(1, flat)[..., None].to(opmath)
+        return t.view(Hk, b, S, d)
+
+    keys, values = gather(k_cache, k_scale), gather(v_cache, v_scale)  # [Hk, b, S, d]
+    qg = q.to(opmath).view(b, Hk, Hq // Hk, d)  # [b, Hk, g, d]
+    scores = torch.einsum("bhgd,hbsd->bhgs", qg, keys) * scale  # [b, Hk, g, S]
+    visible = torch.arange(S, device=q.device) < context_lens[:, None]  # [b, S]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgs,hbsd->bhgd", scores.softmax(dim=-1), values)  # [b, Hk, g, d]
+    return out.reshape(b, Hq, d).to(q.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Decode attention over a paged KV cache: q [b, Hq, d] -> out [b, Hq, d] in q's dtype.
+
+    k_cache, v_cache: [Hk, num_blocks, block_size, d] (one layer of ``PagedKVCache``), q's dtype, or int8 with
+    k_scale, v_scale [Hk, num_blocks, block_size] fp32; block_tables [b, max_blocks] int64; context_lens [b]
+    int64 (1..max_blocks * block_size keys each). Semantics: ``paged_decode_attention_reference``.
+
+    Why fused: the reference (like the serving runtime before it) copies every sequence's blocks into a
+    padded [Hk, b, S, d] tensor before its matmuls; the CPU kernel reads the blocks in place through the
+    block table, once for all query heads of a kv head, and never reads the entries past a context.
+
+    Inference only: the fused path records no autograd graph (it refuses inputs that need a gradient).
+    Non-CPU tensors, ``fused=False`` or a missing extension take the reference.
+    """
+    if _use_ext(fused, q) and q.device.type == "cpu":
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("paged_decode_attention is inference-only: q must not require a gradient")
+        return _ext.paged_decode_attention(
+            q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale),
+            k_scale, v_scale,
+        )
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)

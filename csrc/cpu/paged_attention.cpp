@@ -1,0 +1,231 @@
+// Paged decode attention on CPU: one query token per sequence attends to the keys/values its block
+// table points at, read in place from the paged cache [Hk, num_blocks, block_size, d]. The reference
+// (and the serving runtime before this kernel) first copies every sequence's blocks into a padded
+// [Hk, b, S, d] tensor with index_select, then runs masked batched matmuls and a softmax over it: two
+// extra trips through memory for the keys and values, plus the padding. Here each (sequence, kv head)
+// pair is one task: the g query heads sharing that kv head are processed together, so each key and value
+// row is read (and, for int8/bf16/fp16, converted to fp32) once for all g heads. Two passes over the
+// keys' scores: the scores of all visible keys go to a small per-thread buffer [g, L], a stable softmax
+// (max subtracted, vectorised exp) runs over it in place, then the values are summed with those weights.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../fused_ops.h"
+#include "common.h"
+
+namespace puyu {
+namespace {
+
+// A cache row as opmath values: the row itself when it is already in opmath (fp32/fp64 caches), otherwise
+// converted into `buf` (int8 codes are converted without their scale; the caller applies it).
+template <int64_t D, typename kv_t, typename acc_t>
+inline const acc_t* opmath_row(const kv_t* row, acc_t* buf, int64_t d) {
+  if constexpr (std::is_same_v<kv_t, acc_t>) {
+    return row;
+  } else {
+    const int64_t n = D > 0 ? D : d;
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) buf[c] = static_cast<acc_t>(row[c]);
+    return buf;
+  }
+}
+
+// a . b over D (or d) elements. For a compile-time D the sum runs in W lanes and ends in a pairwise tree
+// (the `omp simd` reduction ends in W serial scalar adds, which dominated the score pass at d = 32).
+template <int64_t D, typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t d) {
+  constexpr int64_t W = 32 / sizeof(acc_t);  // one AVX2 register
+  if constexpr (D > 0 && D % W == 0) {
+    acc_t lane[W] = {};
+    for (int64_t c0 = 0; c0 < D; c0 += W) {
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) lane[l] += a[c0 + l] * b[c0 + l];
+    }
+    for (int64_t w = W / 2; w > 0; w /= 2) {
+      for (int64_t l = 0; l < w; ++l) lane[l] += lane[l + w];
+    }
+    return lane[0];
+  } else {
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < d; ++c) s += a[c] * b[c];
+    return s;
+  }
+}
+
+// Asks for the cache lines of `bytes` bytes at `p` ahead of use (into all cache levels): blocks sit at
+// scattered addresses and are only a few KiB, too short for the hardware prefetcher to catch up on.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
+// D > 0: head dim known at compile time (fully unrolled row loops); D == 0: any head dim `d`.
+// q/out [b, Hq, d] in scalar_t; caches [Hk, NB, bs, d] in kv_t (scalar_t, or int8_t with fp32 scales
+// [Hk, NB, bs] in ksp/vsp); block tables [b, mb]; context lengths [b] (validated by the caller).
+template <int64_t D, typename scalar_t, typename kv_t, typename acc_t = at::opmath_type<scalar_t>>
+void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, const float* ksp, const float* vsp,
+                         const int64_t* btp, const int64_t* clp, scalar_t* op, int64_t b, int64_t Hq, int64_t Hk,
+                         int64_t d_runtime, int64_t NB, int64_t bs, int64_t mb, acc_t scale) {
+  constexpr bool quantized = std::is_same_v<kv_t, int8_t>;
+  const int64_t d = D > 0 ? D : d_runtime;
+  const int64_t g = Hq / Hk;
+  at::parallel_for(0, b * Hk, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread buffers: the scaled queries [g, d], the output accumulators [g, d], two converted cache
+    // rows [2, d], the scores [g, L] (grown to the longest context this thread meets).
+    std::vector<acc_t> qf(g * d), acc(g * d), row(2 * d), scores, inv_sum(g);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t i = pair / Hk, h = pair % Hk;
+      const int64_t L = clp[i];
+      const int64_t* table = btp + i * mb;
+      const int64_t n_blocks = (L + bs - 1) / bs;
+      if (static_cast<int64_t>(scores.size()) < g * L) scores.resize(g * L);
+      acc_t* sc = scores.data();
+
+      const scalar_t* qi = qp + (i * Hq + h * g) * d;  // the g query heads of kv head h: [g, d]
+#pragma omp simd
+      for (int64_t c = 0; c < g * d; ++c) qf[c] = static_cast<acc_t>(qi[c]) * scale;
+
+      // Pass 1: scores[j, t] = (scale q_j) . k_t (times k_t's scale for int8 codes). While a block's key
+      // rows are read, the same rows of the next block and of this block's values are prefetched.
+      for (int64_t blk = 0; blk < n_blocks; ++blk) {
+        const int64_t slot0 = (h * NB + table[blk]) * bs;  // the block's first token slot in [Hk * NB * bs]
+        const int64_t n = std::min(bs, L - blk * bs);
+        const kv_t* k_next = blk + 1 < n_blocks ? kp + (h * NB + table[blk + 1]) * bs * d : nullptr;
+        for (int64_t o = 0; o < n; ++o) {
+          const int64_t t = blk * bs + o;
+          if (k_next != nullptr) prefetch(k_next + o * d, d * sizeof(kv_t));
+          prefetch(vp + (slot0 + o) * d, d * sizeof(kv_t));
+          const acc_t* kr = opmath_row<D>(kp + (slot0 + o) * d, row.data(), d);
+          const acc_t ks = quantized ? static_cast<acc_t>(ksp[slot0 + o]) : acc_t(1);
+          for (int64_t j = 0; j < g; ++j) {
+            const acc_t s = dot<D>(qf.data() + j * d, kr, d);
+            sc[j * L + t] = quantized ? s * ks : s;
+          }
+        }
+      }
+
+      // Stable softmax per head, in place: exp(s - max); the division by the sum is left to the output.
+      for (int64_t j = 0; j < g; ++j) {
+        acc_t* sj = sc + j * L;
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < L; ++t) m = std::max(m, sj[t]);
+        acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) {
+          sj[t] = cpu::vexp(sj[t] - m);
+          sum += sj[t];
+        }
+        inv_sum[j] = acc_t(1) / sum;
+      }
+
+      // Pass 2: acc[j] = sum_t p[j, t] v_t (v_t's scale folded into the weight for int8 codes). The first
+      // key block of this thread's next pair is prefetched meanwhile.
+      if (pair + 1 < end) {
+        const int64_t i2 = (pair + 1) / Hk, h2 = (pair + 1) % Hk;
+        prefetch(kp + (h2 * NB + btp[i2 * mb]) * bs * d, std::min(bs, clp[i2]) * d * sizeof(kv_t));
+      }
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t blk = 0; blk < n_blocks; ++blk) {
+        const int64_t slot0 = (h * NB + table[blk]) * bs;
+        const int64_t n = std::min(bs, L - blk * bs);
+        int64_t o = 0;
+        for (; o + 1 < n; o += 2) {  // two value rows per update of the accumulators (half their traffic)
+          const int64_t t = blk * bs + o;
+          const acc_t* v0 = opmath_row<D>(vp + (slot0 + o) * d, row.data(), d);
+          const acc_t* v1 = opmath_row<D>(vp + (slot0 + o + 1) * d, row.data() + d, d);
+          const acc_t vs0 = quantized ? static_cast<acc_t>(vsp[slot0 + o]) : acc_t(1);
+          const acc_t vs1 = quantized ? static_cast<acc_t>(vsp[slot0 + o + 1]) : acc_t(1);
+          for (int64_t j = 0; j < g; ++j) {
+            const acc_t w0 = sc[j * L + t] * vs0, w1 = sc[j * L + t + 1] * vs1;
+            acc_t* aj = acc.data() + j * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) aj[c] += w0 * v0[c] + w1 * v1[c];
+          }
+        }
+        if (o < n) {
+          const int64_t t = blk * bs + o;
+          const acc_t* vr = opmath_row<D>(vp + (slot0 + o) * d, row.data(), d);
+          const acc_t vs = quantized ? static_cast<acc_t>(vsp[slot0 + o]) : acc_t(1);
+          for (int64_t j = 0; j < g; ++j) {
+            const acc_t w = sc[j * L + t] * vs;
+            acc_t* aj = acc.data() + j * d;
+#pragma omp simd
+            for (int64_t c = 0; c < d; ++c) aj[c] += w * vr[c];
+          }
+        }
+      }
+
+      scalar_t* oi = op + (i * Hq + h * g) * d;
+      for (int64_t j = 0; j < g; ++j) {
+        const acc_t r = inv_sum[j];
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) oi[j * d + c] = static_cast<scalar_t>(acc[j * d + c] * r);
+      }
+    }
+  });
+}
+
+// The kernel for one (q dtype, cache element type), with the head dim fixed at compile time for the
+// usual sizes.
+template <typename scalar_t, typename kv_t>
+void launch(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const float* ksp,
+            const float* vsp, const at::Tensor& block_tables, const at::Tensor& context_lens, at::Tensor& out,
+            double scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t b = q.size(0), Hq = q.size(1), d = q.size(2);
+  const int64_t Hk = k_cache.size(0), NB = k_cache.size(1), bs = k_cache.size(2), mb = block_tables.size(1);
+  auto run = [&](auto head_dim) {
+    paged_decode_kernel<decltype(head_dim)::value, scalar_t, kv_t>(
+        q.const_data_ptr<scalar_t>(), k_cache.const_data_ptr<kv_t>(), v_cache.const_data_ptr<kv_t>(), ksp, vsp,
+        block_tables.const_data_ptr<int64_t>(), context_lens.const_data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+        b, Hq, Hk, d, NB, bs, mb, static_cast<acc_t>(scale));
+  };
+  switch (d) {
+    case 32: run(std::integral_constant<int64_t, 32>{}); break;
+    case 64: run(std::integral_constant<int64_t, 64>{}); break;
+    case 128: run(std::integral_constant<int64_t, 128>{}); break;
+    default: run(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+}  // namespace
+
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                      const std::optional<at::Tensor>& k_scale,
+                                      const std::optional<at::Tensor>& v_scale) {
+  // Values the shapes cannot vouch for, checked before any thread reads through them: every context is
+  // 1..max_blocks * block_size keys long and the blocks it covers exist (entries past it are never read).
+  const int64_t b = q.size(0), NB = k_cache.size(1), bs = k_cache.size(2), mb = block_tables.size(1);
+  const int64_t* cl = context_lens.const_data_ptr<int64_t>();
+  const int64_t* bt = block_tables.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK(cl[i] >= 1 && cl[i] <= mb * bs, "paged_decode_attention: context_lens[", i, "] = ", cl[i],
+                " is outside [1, max_blocks * block_size = ", mb * bs, "]");
+    for (int64_t blk = 0; blk < (cl[i] + bs - 1) / bs; ++blk)
+      TORCH_CHECK(bt[i * mb + blk] >= 0 && bt[i * mb + blk] < NB, "paged_decode_attention: block_tables[", i, ", ",
+                  blk, "] = ", bt[i * mb + blk], " is not a block of the cache (num_blocks = ", NB, ")");
+  }
+  auto out = at::empty_like(q);
+  if (b == 0) return out;
+  const bool quantized = k_cache.scalar_type() == at::kChar;
+  const float* ksp = quantized ? k_scale->const_data_ptr<float>() : nullptr;
+  const float* vsp = quantized ? v_scale->const_data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention_cpu", [&] {
+    if (quantized) {
+      launch<scalar_t, int8_t>(q, k_cache, v_cache, ksp, vsp, block_tables, context_lens, out, scale);
+    } else {
+      launch<scalar_t, scalar_t>(q, k_cache, v_cache, ksp, vsp, block_tables, context_lens, out, scale);
+    }
+  });
+  return out;
+}
+
+}  // namespace puyu
