@@ -1,12 +1,15 @@
-"""Fused ops vs their PyTorch references on CPU: forward+backward time per op, and the peak memory of
-the cross-entropy at InternLM2's vocabulary (92544).
+"""Fused ops vs their PyTorch references on CPU: forward+backward time per op, the peak memory of
+the cross-entropy at InternLM2's vocabulary (92544), and the forward time of paged decode attention
+(inference only) against its reference's gather + matmuls.
 
     .venv/bin/python benchmarks/bench_ops.py [--repeat 7]
 
 Times are medians over ``--repeat`` runs, fused and reference interleaved so that load from other
 processes hits both alike. Peak memory is the rise of the process's peak RSS (VmHWM, reset through
 /proc/self/clear_refs) over its RSS before one forward+backward, each variant in a fresh subprocess.
-The last line is the slowest op's speed-up, ``<what>: <ratio>x vs <peer> (goal <goal>x)``.
+Paged decode attention runs at the serving benchmark's shapes (and a larger model's) with the process's
+threads, and its serving shape once more at 1 thread.
+The last line is the slowest fwd+bwd op's speed-up, ``<what>: <ratio>x vs <peer> (goal <goal>x)``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from puyu.model import ops
 
 SPEED_GOAL, MEMORY_GOAL = 1.5, 0.25
 VOCAB, CE_TOKENS, CE_DIM = 92544, 1024, 256
+PAGED_SPEED_GOAL = 3.0  # paged decode attention, forward only, vs the reference's gather + matmuls
 
 
 def _fwd_bwd(fn, inputs, grads):
@@ -86,6 +90,55 @@ def time_ops(repeat: int) -> list[float]:
     return ratios
 
 
+def _paged_inputs(b, Hq, Hk, d, block_size, min_ctx, max_ctx, kv_int8=False):
+    """Decode attention inputs as the serving runtime holds them: a paged cache [Hk, num_blocks, bs, d]
+    whose blocks are handed out in shuffled order, block tables padded with 0, contexts min..max_ctx."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(min_ctx, max_ctx + 1, (b,), generator=g)
+    max_blocks = -(-max_ctx // block_size)
+    num_blocks = b * max_blocks + 1  # block 0: padding
+    ids = (torch.randperm(num_blocks - 1, generator=g) + 1).view(b, max_blocks)
+    tables = torch.where(torch.arange(max_blocks) * block_size < lens[:, None], ids, 0)  # [b, max_blocks]
+    q = torch.randn(b, Hq, d, generator=g)
+    shape = (Hk, num_blocks, block_size, d)
+    if kv_int8:
+        k, v = (torch.randint(-127, 128, shape, generator=g, dtype=torch.int8) for _ in range(2))
+        k_scale, v_scale = (torch.rand(shape[:3], generator=g) / 40 for _ in range(2))
+        return q, k, v, tables, lens, d**-0.5, k_scale, v_scale
+    return q, torch.randn(shape, generator=g), torch.randn(shape, generator=g), tables, lens, d**-0.5
+
+
+def time_paged_attention(repeat: int) -> list[float]:
+    """Forward time of paged decode attention, fused vs reference; one line per case, ratios returned."""
+    serving = (256, 8, 2, 32, 16, 20, 210)  # bench_serving's model and prompts: b, Hq, Hk, d, bs, contexts
+    cases = [("fp32", serving, False, None), ("int8 KV", serving, True, None),
+             ("fp32", (64, 32, 8, 128, 16, 1, 2048), False, None), ("fp32", serving, False, 1)]
+    ratios = []
+    default_threads = torch.get_num_threads()
+    for kind, shape, kv_int8, threads in cases:
+        inputs = _paged_inputs(*shape, kv_int8=kv_int8)
+        torch.set_num_threads(threads or default_threads)
+        times = {"fused": [], "reference": []}
+        runs = [("fused", lambda: ops.paged_decode_attention(*inputs)),
+                ("reference", lambda: ops.paged_decode_attention_reference(*inputs))]
+        with torch.no_grad():
+            for i in range(repeat + 1):
+                for label, run in runs:
+                    start = time.perf_counter()
+                    run()
+                    if i:  # the first round is warm-up
+                        times[label].append(time.perf_counter() - start)
+        torch.set_num_threads(default_threads)
+        f, r = statistics.median(times["fused"]), statistics.median(times["reference"])
+        ratios.append(r / f)
+        b, Hq, Hk, d, bs, lo, hi = shape
+        n = threads or default_threads
+        print(f"paged_decode_attention {kind} q [{b}, {Hq}, {d}], Hk {Hk}, block {bs}, contexts {lo}..{hi}, "
+              f"{n} thread{'s' * (n > 1)}: fused {f * 1e3:.2f} ms, reference (gather + matmuls) "
+              f"{r * 1e3:.2f} ms -> {r / f:.2f}x (goal {PAGED_SPEED_GOAL}x)", flush=True)
+    return ratios
+
+
 def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
@@ -134,6 +187,7 @@ def main() -> None:
         sys.exit("the fused ops extension is not built: pip install --no-build-isolation -e . first")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels: {ops._ext.cpu_isa()}")
     ratios = time_ops(args.repeat)
+    time_paged_attention(args.repeat)
     measure_ce_memory()
     print(f"fused ops fwd+bwd speed, slowest op: {min(ratios):.2f}x vs PyTorch reference (goal {SPEED_GOAL}x)")
 
