@@ -145,6 +145,9 @@ class AttentionGroup:
     """Sequences whose attention is computed together; their tokens are the flat batch's rows
     ``[start, stop)``, sequence after sequence.
 
+    - ``paged``: any rows (decode tokens and short prompt chunks alike), each attending to the first
+      ``context`` [n] keys of its sequence, read in place from the cache by the fused kernel through
+      ``block_tables`` [n, max_blocks] (one row per query row).
     - ``decode``: one query each (a decode step); keys/values gathered from the cache through
       ``block_tables``, ``context`` [b] keys each (the query's position + 1).
     - ``fresh``: prompt chunks from position 0: attention within the chunk only (causal), from the
@@ -159,7 +162,7 @@ class AttentionGroup:
     start: int
     stop: int
     block_tables: Optional[torch.Tensor] = None  # [b, max_blocks] int64 (padded with 0; masked by position)
-    context: Optional[torch.Tensor] = None  # [b] int64 (decode)
+    context: Optional[torch.Tensor] = None  # [b] int64 (decode, paged)
     query_index: Optional[torch.Tensor] = None  # [b, T] int64
     real: Optional[torch.Tensor] = None  # [n] int64
     query_positions: Optional[torch.Tensor] = None  # [b, T] int64 (cached)
@@ -200,6 +203,11 @@ class EngineModel:
                     layer[name] = EngineLinear(parts, self.dtype, scratch)
             self.layers.append(layer)
         self.capture: Optional[dict[str, list[torch.Tensor]]] = None  # AWQ calibration: linear inputs
+
+    @property
+    def paged_kernel(self) -> bool:
+        """Whether attention can read the paged cache in place through the fused kernel (``paged`` groups)."""
+        return self.args.fused_ops and self.tok_embeddings.device.type == "cpu" and ops.extension_available("cpu")
 
     @property
     def max_seq_len(self) -> int:
@@ -255,6 +263,7 @@ class EngineModel:
         """Logits [M, V] for ``batch.logits_index``; writes the batch's keys/values into ``cache``."""
         a = self.args
         N, g = batch.tokens.shape[0], a.n_groups
+        scale = 1.0 / math.sqrt(a.head_dim)
         masks = []  # per group, computed once for all layers
         for grp in batch.groups:
             if grp.kind == "decode":
@@ -275,6 +284,11 @@ class EngineModel:
             cache.write(i, batch.slots, k, v)
             out = torch.empty(N, a.n_heads, a.head_dim, dtype=q.dtype)
             for grp, mask in zip(batch.groups, masks):
+                if grp.kind == "paged":
+                    scales = (cache.k_scale[i], cache.v_scale[i]) if cache.int8 else (None, None)
+                    out[grp.start:grp.stop] = ops.paged_decode_attention(
+                        q[grp.start:grp.stop], cache.k[i], cache.v[i], grp.block_tables, grp.context, scale, *scales)
+                    continue
                 if grp.kind == "decode":
                     keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
                     out[grp.start:grp.stop] = decode_attention(q[grp.start:grp.stop], keys, values, mask, g)

@@ -26,6 +26,7 @@ from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt
 
 Prompt = Union[str, list[int]]
 DECODE_BUCKET = 32  # decode sequences per attention group (smaller: less padding; 16-32 measured best)
+PAGED_MAX_CHUNK = 128  # longest prompt chunk the paged-attention kernel takes (longer ones: SDPA over a padded group)
 
 
 def pick_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 256) -> list[float]:
@@ -170,9 +171,9 @@ class LLM:
                 chunks = sched.schedule()
                 if not chunks:
                     raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
-                chunks, n_decode, n_fresh = self._order(chunks)
+                chunks, segments = self._order(chunks)
                 logits_rows = self._logits_rows(chunks)
-                batch = self._batch(chunks, logits_rows, n_decode, n_fresh)
+                batch = self._batch(chunks, logits_rows, segments)
                 logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
                 steps += 1
                 computed += sum(c.n for c in chunks)
@@ -195,64 +196,96 @@ class LLM:
         and the last token when the chunk completes the sequence."""
         rows = []
         for c in chunks:
-            seq, r = c.seq, []
-            if seq.wants_prompt_logprobs:
-                first = max(c.start, len(seq.prompt_logprobs) - 1)
-                r = list(range(first, min(c.start + c.n, len(seq.prompt) - 1)))
-            if c.completes and (not r or r[-1] != c.start + c.n - 1):
-                r.append(c.start + c.n - 1)
+            seq, last = c.seq, c.start + c.n - 1
+            completes = last + 1 == len(seq.tokens)
+            if not seq.wants_prompt_logprobs:
+                rows.append([last] if completes else [])
+                continue
+            first = max(c.start, len(seq.prompt_logprobs) - 1)
+            r = list(range(first, min(last + 1, len(seq.prompt) - 1)))
+            if completes and (not r or r[-1] != last):
+                r.append(last)
             rows.append(r)
         return rows
 
-    @staticmethod
-    def _order(chunks: list[Chunk]) -> tuple[list[Chunk], int, int]:
-        """The step's chunks as the batch lays them out: decode tokens by context length, then prompt
-        chunks from position 0 by length, then chunks after cached tokens by length; with the two counts."""
-        decode = sorted((c for c in chunks if c.n == 1), key=lambda c: c.start)
-        fresh = sorted((c for c in chunks if c.n > 1 and c.start == 0), key=lambda c: c.n)
-        cached = sorted((c for c in chunks if c.n > 1 and c.start > 0), key=lambda c: c.n)
-        return decode + fresh + cached, len(decode), len(fresh)
+    def _order(self, chunks: list[Chunk]) -> tuple[list[Chunk], list[tuple[str, int]]]:
+        """The step's chunks as the batch lays them out, and its segments (attention kind, chunk count).
 
-    def _batch(self, chunks: list[Chunk], logits_rows: list[list[int]], n_decode: int, n_fresh: int) -> PagedBatch:
+        With the fused paged-attention kernel: decode tokens and prompt chunks up to ``PAGED_MAX_CHUNK``
+        tokens first (one ``paged`` group: each row reads its sequence's blocks in place), then longer
+        chunks from position 0 by length, then longer chunks after cached tokens by length. Without it:
+        decode tokens by context length (``decode`` buckets), then the fresh and cached chunks by length.
+        Under an int8 KV cache, chunks from position 0 keep attending to their own unquantized keys
+        (``fresh``), as they do without the kernel.
+        """
+        if self.model.paged_kernel:
+            paged = [c for c in chunks if c.n <= PAGED_MAX_CHUNK and not (c.start == 0 and c.n > 1 and self.cache.int8)]
+            taken = set(map(id, paged))
+            rest = [c for c in chunks if id(c) not in taken]
+            decode = []
+        else:
+            paged, rest = [], [c for c in chunks if c.n > 1]
+            decode = sorted((c for c in chunks if c.n == 1), key=lambda c: c.start)
+        fresh = sorted((c for c in rest if c.start == 0), key=lambda c: c.n)
+        cached = sorted((c for c in rest if c.start > 0), key=lambda c: c.n)
+        segments = [("paged", len(paged)), ("decode", len(decode)), ("fresh", len(fresh)), ("cached", len(cached))]
+        return paged + decode + fresh + cached, [seg for seg in segments if seg[1]]
+
+    def _batch(self, chunks: list[Chunk], logits_rows: list[list[int]], segments: list[tuple[str, int]]) -> PagedBatch:
         """Flatten the step's chunks (in ``_order``'s order) into one ragged batch (see ``PagedBatch``)."""
         bs = self.cfg.block_size
-        dec = chunks[:n_decode]
-        tokens = [c.seq.tokens[c.start] for c in dec]
-        positions = [c.start for c in dec]
-        slots = [c.seq.block_table[p // bs] * bs + p % bs for c, p in zip(dec, positions)]
-        logits_index = [i for i, rows in enumerate(logits_rows[:n_decode]) if rows]
-        starts = list(range(n_decode))
-        for c, rows in zip(chunks[n_decode:], logits_rows[n_decode:]):
+        tokens, positions, slots, logits_index, starts = [], [], [], [], []
+        for c, rows in zip(chunks, logits_rows):
             base = len(tokens)
             starts.append(base)
-            pos = range(c.start, c.start + c.n)
-            tokens += c.seq.tokens[c.start:c.start + c.n]
-            positions += pos
             table = c.seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in pos]
+            if c.n == 1:
+                tokens.append(c.seq.tokens[c.start])
+                positions.append(c.start)
+                slots.append(table[c.start // bs] * bs + c.start % bs)
+            else:
+                pos = range(c.start, c.start + c.n)
+                tokens += c.seq.tokens[c.start:c.start + c.n]
+                positions += pos
+                slots += [table[p // bs] * bs + p % bs for p in pos]
             logits_index += [base + p - c.start for p in rows]
+        starts.append(len(tokens))
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        positions_t = t(positions)
         groups = []
-        for i in range(0, n_decode, DECODE_BUCKET):  # by context length, so few are padded far beyond their own
-            members = dec[i:i + DECODE_BUCKET]
-            mb = members[-1].start // bs + 1
-            tables = [c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members]
-            groups.append(AttentionGroup("decode", i, i + len(members), block_tables=t(tables),
-                                         context=t([c.start + 1 for c in members])))
-        for kind, lo, hi in (("fresh", n_decode, n_decode + n_fresh), ("cached", n_decode + n_fresh, len(chunks))):
-            bucket: list[Chunk] = []
-            real = 0
-            first = lo
-            for j in range(lo, hi):  # ascending length: cap the padding of each group at 25%
-                c = chunks[j]
-                if bucket and c.n * (len(bucket) + 1) > 1.25 * (real + c.n):
+        lo = 0
+        for kind, count in segments:
+            hi = lo + count
+            if kind == "paged":  # every row: its sequence's block table and how many keys it sees
+                members = chunks[lo:hi]
+                mb = max(-(-(c.start + c.n) // bs) for c in members)
+                tables = t([c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members])
+                counts = t([c.n for c in members])
+                stop = starts[hi]
+                groups.append(AttentionGroup("paged", 0, stop, block_tables=tables.repeat_interleave(counts, dim=0),
+                                             context=positions_t[:stop] + 1))
+            elif kind == "decode":
+                for i in range(lo, hi, DECODE_BUCKET):  # by context length, so few are padded far beyond their own
+                    members = chunks[i:min(i + DECODE_BUCKET, hi)]
+                    mb = members[-1].start // bs + 1
+                    tables = [c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members]
+                    groups.append(AttentionGroup("decode", starts[i], starts[i] + len(members), block_tables=t(tables),
+                                                 context=t([c.start + 1 for c in members])))
+            else:
+                bucket: list[Chunk] = []
+                real = 0
+                first = lo
+                for j in range(lo, hi):  # ascending length: cap the padding of each group at 25%
+                    c = chunks[j]
+                    if bucket and c.n * (len(bucket) + 1) > 1.25 * (real + c.n):
+                        groups.append(self._padded_group(kind, bucket, starts[first]))
+                        bucket, real, first = [], 0, j
+                    bucket.append(c)
+                    real += c.n
+                if bucket:
                     groups.append(self._padded_group(kind, bucket, starts[first]))
-                    bucket, real, first = [], 0, j
-                bucket.append(c)
-                real += c.n
-            if bucket:
-                groups.append(self._padded_group(kind, bucket, starts[first]))
-        return PagedBatch(t(tokens), t(positions), t(slots), groups, t(logits_index))
+            lo = hi
+        return PagedBatch(t(tokens), positions_t, t(slots), groups, t(logits_index))
 
     def _padded_group(self, kind: str, chunks: list[Chunk], start: int) -> AttentionGroup:
         """A ``fresh`` or ``cached`` group of chunks whose tokens are the batch rows from ``start`` on."""
@@ -282,10 +315,13 @@ class LLM:
         Log-probabilities are picked for all wanted (row, token) pairs at once (``pick_logprobs``)."""
         row, sampled = 0, []
         pick_rows, pick_tokens, pick_seqs = [], [], []  # prompt logprobs of this step, in order
+        computed = sched.computed
         for c, rows in zip(chunks, logits_rows):
             seq = c.seq
-            sched.computed(c)
-            if rows and seq.wants_prompt_logprobs:
+            computed(c)
+            if not rows:
+                continue
+            if seq.wants_prompt_logprobs:
                 prompt, have = seq.prompt, len(seq.prompt_logprobs)
                 for j, p in enumerate(rows):  # positions p whose logits predict prompt[p + 1]
                     if p + 1 < len(prompt) and p + 1 >= have:

@@ -20,7 +20,7 @@ from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.kv_cache import BlockAllocator, block_hash
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)
 class Sequence:
     """One request's state. ``num_computed`` tokens of ``tokens`` have their K/V in the cache."""
 
@@ -65,7 +65,7 @@ class Sequence:
         return limit
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Chunk:
     """Tokens ``[start, start + n)`` of ``seq`` computed in this step."""
 
@@ -152,17 +152,20 @@ class Scheduler:
         pending: dict[int, int] = {}  # blocks this step's chunks fill, for requests admitted after them
         share = alloc.prefix_caching and bool(self.waiting)
         i = 0
+        bs = self.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = self._blocks_for(seq.num_computed + n) - len(seq.block_table)
-            while need > alloc.num_free and self.running[-1] is not seq:
-                self._preempt(self.running[-1])
-            if need > alloc.num_free:  # it is the lowest-priority one left: it yields
-                self._preempt(seq)
-                break
-            seq.block_table += [alloc.allocate() for _ in range(need)]
-            chunks.append(Chunk(seq, seq.num_computed, n))
+            done = seq.num_computed
+            n = min(len(seq.tokens) - done, budget)
+            need = -(-(done + n) // bs) - len(seq.block_table)
+            if need > 0:
+                while need > alloc.num_free and self.running[-1] is not seq:
+                    self._preempt(self.running[-1])
+                if need > alloc.num_free:  # it is the lowest-priority one left: it yields
+                    self._preempt(seq)
+                    break
+                seq.block_table += [alloc.allocate() for _ in range(need)]
+            chunks.append(Chunk(seq, done, n))
             if share:
                 self._fills(seq, seq.num_computed + n, pending)
             budget -= n
@@ -192,6 +195,8 @@ class Scheduler:
         """After the forward: count the chunk's tokens as cached and publish newly full blocks."""
         seq, bs = chunk.seq, self.block_size
         seq.num_computed = chunk.start + chunk.n
+        if seq.num_computed // bs == len(seq.block_hashes):  # no block became full (most decode steps)
+            return
         tokens = seq.tokens
         for j in range(len(seq.block_hashes), seq.num_computed // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
