@@ -1,7 +1,7 @@
 """Token selection from logits: repetition penalty, temperature, top-k, top-p, per-request generators.
 
-Greedy rows (temperature 0, no penalty) are one batched argmax, the same op the reference generation
-uses, so greedy output is bit-for-bit the model's choice. Other rows draw from their own
+Greedy rows (temperature 0, no penalty) are one batched argmax with the reference generation's rule
+(the first maximal logit), so greedy output is bit-for-bit the model's choice. Other rows draw from their own
 ``torch.Generator`` seeded per request, so a request's output does not depend on what it was batched
 with or whether it was preempted.
 """
@@ -37,6 +37,14 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Index of the first maximal value of each row of logits [B, V]. On CPU through NumPy, whose
+    vectorised argmax is ~10x torch's on [256, 2000] fp32 (41 vs 452 us at one thread); same rule."""
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
+
+
 def sample_rows(
     logits: torch.Tensor,  # [B, V] fp32
     params: list[SamplingParams],
@@ -46,11 +54,11 @@ def sample_rows(
     """One next token per row."""
     greedy = [p.temperature == 0 and p.repetition_penalty == 1.0 for p in params]
     if all(greedy):
-        return logits.argmax(-1).tolist()
+        return argmax_rows(logits)
     out = [0] * len(params)
     if any(greedy):
         rows = [i for i, g in enumerate(greedy) if g]
-        for i, tok in zip(rows, logits[rows].argmax(-1).tolist()):
+        for i, tok in zip(rows, argmax_rows(logits[rows])):
             out[i] = tok
     for i, p in enumerate(params):
         if greedy[i]:

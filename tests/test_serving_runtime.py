@@ -256,3 +256,14 @@ def test_a_failed_generate_leaves_the_runtime_usable(model, prompts, monkeypatch
             llm.generate(prompts[:4], sp)
     assert not llm.scheduler.has_work() and llm.scheduler.allocator.num_free == 64
     assert [o.token_ids for o in llm.generate(prompts[:2], sp)] == [reference(model, p, 4) for p in prompts[:2]]
+
+
+def test_argmax_rows_picks_the_first_maximum_like_torch():
+    from puyu.serving.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (64, 50), generator=g).float()  # many ties within a row
+    logits[3] = float("-inf")
+    logits[5, 7] = float("inf")
+    assert argmax_rows(logits) == logits.argmax(-1).tolist()
+    assert argmax_rows(logits[::2]) == logits[::2].argmax(-1).tolist()  # strided rows
