@@ -118,6 +118,37 @@ def test_fused_matches_reference_int8_cache(Hq, Hk, d, bs, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("trend", [1.0, -1.0, 0.0])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_fused_matches_reference_long_contexts(bs, trend):
+    """Contexts over the kernel's 256-key chunk (merged by an online softmax), with scores that grow (the
+    running max moves up chunk after chunk), shrink or stay level along the context."""
+    q, k, v, tables, lens, scale = _case(5, 8, 2, 64, bs)
+    lens = torch.tensor([255, 256, 257, 700, 1000])
+    need = (lens + bs - 1) // bs
+    ids = (torch.randperm(int(need.sum()), generator=torch.Generator().manual_seed(3)) + 1).tolist()
+    tables = torch.zeros(5, int(need.max()) + 2, dtype=torch.int64)
+    for i, n in enumerate(need.tolist()):
+        tables[i, :n] = torch.tensor([ids.pop() for _ in range(n)])
+    NB = int(tables.max()) + 1
+    k = torch.randn(2, NB, bs, 64, generator=torch.Generator().manual_seed(4))
+    v = torch.randn(2, NB, bs, 64, generator=torch.Generator().manual_seed(5))
+    u = torch.randn(64, generator=torch.Generator().manual_seed(6))
+    q = q + u  # every query head leans towards u; key t gets trend * t / 300 of u
+    for i in range(5):
+        for t in range(int(lens[i])):
+            k[:, tables[i, t // bs], t % bs] += trend * t / 300 * u
+    args = (q, k, v, tables, lens, scale)
+    torch.testing.assert_close(ops.paged_decode_attention(*args), ops.paged_decode_attention_reference(*args),
+                               **TOL[torch.float32])
+    k8, v8 = (k * 20).clamp(-127, 127).to(torch.int8), (v * 40).clamp(-127, 127).to(torch.int8)
+    ks, vs = torch.full(k.shape[:3], 1 / 20), torch.full(v.shape[:3], 1 / 40)
+    args = (q, k8, v8, tables, lens, scale, ks, vs)
+    torch.testing.assert_close(ops.paged_decode_attention(*args), ops.paged_decode_attention_reference(*args),
+                               **TOL[torch.float32])
+
+
+@needs_ext
 def test_padding_entries_are_never_read():
     """Entries past a context may name any block, even block 0 full of NaN, or none at all (-1)."""
     q, k, v, tables, lens, scale = _case(37, 8, 2, 32, 16)
