@@ -329,7 +329,7 @@ class LLM:
                         pick_tokens.append(prompt[p + 1])
                         pick_seqs.append(seq)
             row += len(rows)
-            if c.completes:
+            if c.start + c.n == len(seq.tokens):  # the chunk completes the sequence
                 sampled.append((seq, row - 1))
         if pick_rows:
             for seq, lp in zip(pick_seqs, pick_logprobs(logits, pick_rows, pick_tokens)):
@@ -344,7 +344,7 @@ class LLM:
         if want:
             for j, lp in zip(want, pick_logprobs(logits, [sampled[j][1] for j in want], [new[j] for j in want])):
                 seqs[j].logprobs.append(lp)
-        for (seq, r), tok in zip(sampled, new):
+        for seq, tok in zip(seqs, new):
             seq.append(tok)
             reason = self._finish_reason(seq, tok)
             if reason:
@@ -363,7 +363,7 @@ class LLM:
             if cut >= 0:
                 seq.text = text[:cut]
                 return "stop"
-        if len(seq.output) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"
         return None
 
