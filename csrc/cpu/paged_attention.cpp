@@ -11,6 +11,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#ifdef PUYU_CPU_AVX2
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <limits>
 #include <type_traits>
@@ -59,6 +63,28 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t d) {
   }
 }
 
+#ifdef PUYU_CPU_AVX2
+// The 8 dot products q . k_r of one query row with 8 consecutive key rows k_r (stride D), as one vector.
+// Each product runs in its own register (8 independent FMA chains), and the 8 registers are reduced
+// together by a horizontal-add tree (hadd, hadd, cross-lane add): ~1 reduction op per key instead of the
+// ~5 a dot product ending in its own horizontal sum needs, which is what bounded the score pass at d = 32.
+template <int64_t D>
+inline __m256 dot8(const float* q, const float* k) {
+  static_assert(D > 0 && D % 8 == 0, "dot8: head dim a multiple of 8");
+  __m256 a[8];
+  const __m256 q0 = _mm256_loadu_ps(q);
+  for (int r = 0; r < 8; ++r) a[r] = _mm256_mul_ps(q0, _mm256_loadu_ps(k + r * D));
+  for (int64_t c = 8; c < D; c += 8) {
+    const __m256 qc = _mm256_loadu_ps(q + c);
+    for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + r * D + c), a[r]);
+  }
+  // per 128-bit lane: s01 = [a0 01, a0 23, a1 01, a1 23], then s0123 = [a0 0123, a1 0123, a2 0123, a3 0123]
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+#endif
+
 // Asks for the cache lines of `bytes` bytes at `p` ahead of use (into all cache levels): blocks sit at
 // scattered addresses and are only a few KiB, too short for the hardware prefetcher to catch up on.
 inline void prefetch(const void* p, int64_t bytes) {
@@ -90,7 +116,7 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
   at::parallel_for(0, b * Hk, 1, [&](int64_t begin, int64_t end) {
     // Per-thread buffers: the scaled queries [g, d], the output accumulators [g, d], two converted cache
     // rows [2, d], one chunk's scores [g, chunk], the running max and sum of exp per query head [g].
-    std::vector<acc_t> qf(g * d), acc(g * d), row(2 * d), scores(g * chunk), run_max(g), run_sum(g);
+    std::vector<acc_t> qf(g * d), acc(g * d), row(2 * d), scores(g * chunk), run_max(g), run_sum(g), tile(8 * d);
     acc_t* sc = scores.data();
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t i = pair / Hk, h = pair % Hk;
@@ -116,7 +142,30 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
           const int64_t slot0 = (h * NB + table[blk]) * bs;  // the block's first token slot in [Hk * NB * bs]
           const int64_t n = std::min(bs, L - blk * bs);
           const kv_t* k_next = blk + 1 < n_blocks ? k_block(blk + 1) : nullptr;
-          for (int64_t o = 0; o < n; ++o) {
+          int64_t o = 0;
+#ifdef PUYU_CPU_AVX2
+          if constexpr (std::is_same_v<acc_t, float> && D > 0 && D % 8 == 0) {
+            for (; o + 8 <= n; o += 8) {  // 8 keys at a time: their scores for all g heads
+              for (int64_t r = 0; r < 8; ++r) {
+                if (k_next != nullptr) prefetch(k_next + (o + r) * d, d * sizeof(kv_t));
+                prefetch(vp + (slot0 + o + r) * d, d * sizeof(kv_t));
+              }
+              const float* kt;  // the 8 rows [8, D], converted unless fp32 already
+              if constexpr (std::is_same_v<kv_t, float>) {
+                kt = kp + (slot0 + o) * d;
+              } else {
+                for (int64_t r = 0; r < 8; ++r) opmath_row<D>(kp + (slot0 + o + r) * d, tile.data() + r * D, d);
+                kt = tile.data();
+              }
+              for (int64_t j = 0; j < g; ++j) {
+                __m256 s = dot8<D>(qf.data() + j * D, kt);
+                if constexpr (quantized) s = _mm256_mul_ps(s, _mm256_loadu_ps(ksp + slot0 + o));
+                _mm256_storeu_ps(sc + j * chunk + blk * bs + o - t0, s);
+              }
+            }
+          }
+#endif
+          for (; o < n; ++o) {
             if (k_next != nullptr) prefetch(k_next + o * d, d * sizeof(kv_t));
             prefetch(vp + (slot0 + o) * d, d * sizeof(kv_t));
             const acc_t* kr = opmath_row<D>(kp + (slot0 + o) * d, row.data(), d);
@@ -167,6 +216,32 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
           const acc_t* p = sc + blk * bs - t0;  // p[j * chunk + o]: token o of this block, head j
           if (blk + 1 < blk1) prefetch(vp + (h * NB + table[blk + 1]) * bs * d, bs * d * sizeof(kv_t));  // L2 -> L1
           int64_t o = 0;
+#ifdef PUYU_CPU_AVX2
+          if constexpr (std::is_same_v<kv_t, float> && std::is_same_v<acc_t, float> && D > 0 && D % 32 == 0) {
+            // fp32 cache: per head and 32 columns, the accumulators stay in 4 registers over the whole block
+            // (the block's value rows, 2 KiB at d = 32, are re-read from L1 for each head).
+            const float* vb = vp + slot0 * D;
+            for (int64_t j = 0; j < g; ++j) {
+              const float* pj = p + j * chunk;
+              for (int64_t c0 = 0; c0 < D; c0 += 32) {
+                float* aj = acc.data() + j * D + c0;
+                __m256 a0 = _mm256_loadu_ps(aj), a1 = _mm256_loadu_ps(aj + 8);
+                __m256 a2 = _mm256_loadu_ps(aj + 16), a3 = _mm256_loadu_ps(aj + 24);
+                for (int64_t t = 0; t < n; ++t) {
+                  const __m256 w = _mm256_set1_ps(pj[t]);
+                  const float* v = vb + t * D + c0;
+                  a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), a0);
+                  a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), a1);
+                  a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), a2);
+                  a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), a3);
+                }
+                _mm256_storeu_ps(aj, a0), _mm256_storeu_ps(aj + 8, a1);
+                _mm256_storeu_ps(aj + 16, a2), _mm256_storeu_ps(aj + 24, a3);
+              }
+            }
+            o = n;
+          }
+#endif
           for (; o + 1 < n; o += 2) {  // two value rows per update of the accumulators (half their traffic)
             const acc_t* v0 = opmath_row<D>(vp + (slot0 + o) * d, row.data(), d);
             const acc_t* v1 = opmath_row<D>(vp + (slot0 + o + 1) * d, row.data() + d, d);
