@@ -20,7 +20,7 @@ from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.engine import Engine, engine_tensors, load_engine
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.kv_cache import PagedKVCache
-from puyu.serving.sampling import sample_rows
+from puyu.serving.sampling import argmax_rows, sample_rows
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
 from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt
 
@@ -127,7 +127,8 @@ class LLM:
             raise ServingError(f"prompt_logprobs_start ({params.prompt_logprobs_start}) is beyond the prompt "
                                f"({len(tokens)} tokens)")
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + index
-        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed))
+        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed),
+                        greedy=params.temperature == 0 and params.repetition_penalty == 1.0)
 
     def chat(self, conversations: list[list[dict]], sampling: Union[SamplingParams, list[SamplingParams], None] = None):
         """``generate`` over InternLM2 chat renderings; ``<|im_end|>`` is added to the stop strings."""
@@ -248,7 +249,11 @@ class LLM:
                 tokens += c.seq.tokens[c.start:c.start + c.n]
                 positions += pos
                 slots += [table[p // bs] * bs + p % bs for p in pos]
-            logits_index += [base + p - c.start for p in rows]
+            if c.n == 1:
+                if rows:
+                    logits_index.append(base)
+            else:
+                logits_index += [base + p - c.start for p in rows]
         starts.append(len(tokens))
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         positions_t = t(positions)
@@ -259,7 +264,11 @@ class LLM:
             if kind == "paged":  # every row: its sequence's block table and how many keys it sees
                 members = chunks[lo:hi]
                 mb = max(-(-(c.start + c.n) // bs) for c in members)
-                tables = t([c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members])
+                flat: list[int] = []
+                for c in members:
+                    table = c.seq.block_table
+                    flat += table[:mb] if len(table) >= mb else table + [0] * (mb - len(table))
+                tables = t(flat).view(len(members), mb)
                 counts = t([c.n for c in members])
                 stop = starts[hi]
                 groups.append(AttentionGroup("paged", 0, stop, block_tables=tables.repeat_interleave(counts, dim=0),
@@ -313,12 +322,15 @@ class LLM:
         """Record prompt logprobs, sample for completed chunks, finish sequences; returns tokens generated.
 
         Log-probabilities are picked for all wanted (row, token) pairs at once (``pick_logprobs``)."""
-        row, sampled = 0, []
+        row, seqs, rows_sampled = 0, [], []
         pick_rows, pick_tokens, pick_seqs = [], [], []  # prompt logprobs of this step, in order
-        computed = sched.computed
+        computed, bs = sched.computed, self.cfg.block_size
         for c, rows in zip(chunks, logits_rows):
             seq = c.seq
-            computed(c)
+            if (c.start + c.n) // bs == len(seq.block_hashes):  # no block became full: only the count moves
+                seq.num_computed = c.start + c.n
+            else:
+                computed(c)
             if not rows:
                 continue
             if seq.wants_prompt_logprobs:
@@ -330,28 +342,35 @@ class LLM:
                         pick_seqs.append(seq)
             row += len(rows)
             if c.start + c.n == len(seq.tokens):  # the chunk completes the sequence
-                sampled.append((seq, row - 1))
+                seqs.append(seq)
+                rows_sampled.append(row - 1)
         if pick_rows:
             for seq, lp in zip(pick_seqs, pick_logprobs(logits, pick_rows, pick_tokens)):
                 seq.prompt_logprobs.append(lp)
-        if not sampled:
+        if not seqs:
             return 0
-        seqs = [s for s, _ in sampled]
-        rows = [r for _, r in sampled]
-        picked = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows)]  # decode steps: all rows
-        new = sample_rows(picked, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
+        all_rows = len(rows_sampled) == logits.shape[0]  # decode steps: every row is sampled, in order
+        picked = logits if all_rows else logits[torch.tensor(rows_sampled)]
+        if all(seq.greedy for seq in seqs):
+            new = argmax_rows(picked)
+        else:
+            new = sample_rows(picked, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
         want = [j for j, s in enumerate(seqs) if s.params.logprobs]
         if want:
-            for j, lp in zip(want, pick_logprobs(logits, [sampled[j][1] for j in want], [new[j] for j in want])):
+            for j, lp in zip(want, pick_logprobs(logits, [rows_sampled[j] for j in want], [new[j] for j in want])):
                 seqs[j].logprobs.append(lp)
+        eos, max_len = self.eos_id, self.max_model_len
         for seq, tok in zip(seqs, new):
-            seq.append(tok)
-            reason = self._finish_reason(seq, tok)
-            if reason:
-                seq.finish_reason = reason
-                sched.finish(seq)
-                outputs[seq.index] = self._output(seq)
-        return len(sampled)
+            seq.output.append(tok)
+            seq.tokens.append(tok)
+            p = seq.params
+            if (tok == eos and not p.ignore_eos) or p.stop or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len:
+                reason = self._finish_reason(seq, tok)
+                if reason:
+                    seq.finish_reason = reason
+                    sched.finish(seq)
+                    outputs[seq.index] = self._output(seq)
+        return len(seqs)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params
