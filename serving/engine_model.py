@@ -63,9 +63,14 @@ def onednn_packed(weight: torch.Tensor) -> Optional[torch.Tensor]:
         return None
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """``x W^T`` through a weight from ``onednn_packed``; x [..., I] -> [..., O]."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T`` (+ ``residual``) through a weight from ``onednn_packed``; x [..., I] -> [..., O]. The residual
+    [..., O] is added in the matmul's epilogue (the same sum as a separate add, without its pass over memory)."""
+    if residual is None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise.binary(x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1]),
+                                                  packed, None, "add")
+    return y.view(residual.shape)
 
 
 class EngineLinear:
@@ -92,9 +97,14 @@ class EngineLinear:
                 self.zeros = self.quant["zeros"].to(dtype)
                 self.in_features = int(self.quant["in_features"])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [..., I] -> ``x W^T`` [..., O], plus ``residual`` [..., O] if given."""
         if self.packed is not None and x.dtype == self.weight.dtype:
-            return packed_linear(x, self.packed)
+            return packed_linear(x, self.packed, residual)
+        y = self._project(x)
+        return y if residual is None else residual + y
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return F.linear(x, self.weight)
         if self.act_scale is not None:
@@ -217,9 +227,9 @@ class EngineModel:
         if self.capture is not None:
             self.capture.setdefault(f"layers.{i}.{name}", []).append(x.reshape(-1, x.shape[-1]).detach())
 
-    def _linear(self, i: int, name: str, x: torch.Tensor) -> torch.Tensor:
+    def _linear(self, i: int, name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._capture(i, name, x)
-        return self.layers[i][name](x)
+        return self.layers[i][name](x, residual)
 
     def _qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [B, T, D], RoPE tables at the tokens' positions [B, T, d/2] -> q [B, T, Hq, d], k and v
@@ -238,7 +248,7 @@ class EngineModel:
         x = ops.rms_norm(h, self.layers[i]["ffn_norm"], a.norm_eps, fused=a.fused_ops)
         self._capture(i, "w13", x)
         gate, up = self.layers[i]["w1"](x), self.layers[i]["w3"](x)  # [.., F] each
-        return h + self._linear(i, "w2", ops.swiglu(gate, up, fused=a.fused_ops))
+        return self._linear(i, "w2", ops.swiglu(gate, up, fused=a.fused_ops), residual=h)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(ops.rms_norm(h, self.norm, self.args.norm_eps, fused=self.args.fused_ops))
@@ -254,7 +264,7 @@ class EngineModel:
             q, k, v = self._qkv(i, h, cos, sin)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=self.args.n_groups > 1)
-            h = h + self._linear(i, "wo", out.transpose(1, 2).reshape(B, T, -1))
+            h = self._linear(i, "wo", out.transpose(1, 2).reshape(B, T, -1), residual=h)
             h = self._ffn(i, h)
         return self._head(h)
 
@@ -276,8 +286,9 @@ class EngineModel:
                 masks.append((key_pos[None, None, :] <= grp.query_positions[:, :, None])[:, None])  # [b, 1, T, S]
             else:
                 masks.append(None)
-        cos, sin = self.rope_cos[batch.positions][None], self.rope_sin[batch.positions][None]
-        h = self.tok_embeddings[batch.tokens][None]  # [1, N, D]
+        # index_select: 3-5x faster than advanced indexing for these row gathers on CPU
+        cos, sin = (t.index_select(0, batch.positions)[None] for t in (self.rope_cos, self.rope_sin))  # [1, N, d/2]
+        h = self.tok_embeddings.index_select(0, batch.tokens)[None]  # [1, N, D]
         for i in range(a.n_layers):
             q, k, v = self._qkv(i, h, cos, sin)  # [1, N, H, d]
             q, k, v = q[0], k[0], v[0]
@@ -303,6 +314,6 @@ class EngineModel:
                     o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
                                                        attn_mask=mask, enable_gqa=g > 1)
                 out[grp.start:grp.stop] = o.transpose(1, 2).reshape(b * T, a.n_heads, a.head_dim)[grp.real]
-            h = h + self._linear(i, "wo", out.view(1, N, -1))
+            h = self._linear(i, "wo", out.view(1, N, -1), residual=h)
             h = self._ffn(i, h)
-        return self._head(h[0][batch.logits_index])  # [M, V]
+        return self._head(h[0].index_select(0, batch.logits_index))  # [M, V]
