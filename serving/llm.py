@@ -239,24 +239,23 @@ class LLM:
         for c, rows in zip(chunks, logits_rows):
             base = len(tokens)
             starts.append(base)
-            table = c.seq.block_table
+            table, start = c.seq.block_table, c.start
             if c.n == 1:
-                tokens.append(c.seq.tokens[c.start])
-                positions.append(c.start)
-                slots.append(table[c.start // bs] * bs + c.start % bs)
-            else:
-                pos = range(c.start, c.start + c.n)
-                tokens += c.seq.tokens[c.start:c.start + c.n]
-                positions += pos
-                slots += [table[p // bs] * bs + p % bs for p in pos]
-            if c.n == 1:
+                tokens.append(c.seq.tokens[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
                 if rows:
                     logits_index.append(base)
             else:
-                logits_index += [base + p - c.start for p in rows]
-        starts.append(len(tokens))
+                pos = range(start, start + c.n)
+                tokens += c.seq.tokens[start:start + c.n]
+                positions += pos
+                slots += [table[p // bs] * bs + p % bs for p in pos]
+                logits_index += [base + p - start for p in rows]
+        N = len(tokens)
+        starts.append(N)
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        positions_t = t(positions)
+        tokens_t, positions_t, slots_t = t(tokens + positions + slots).view(3, N)  # one conversion for the three
         groups = []
         lo = 0
         for kind, count in segments:
@@ -269,10 +268,10 @@ class LLM:
                     table = c.seq.block_table
                     flat += table[:mb] if len(table) >= mb else table + [0] * (mb - len(table))
                 tables = t(flat).view(len(members), mb)
-                counts = t([c.n for c in members])
                 stop = starts[hi]
-                groups.append(AttentionGroup("paged", 0, stop, block_tables=tables.repeat_interleave(counts, dim=0),
-                                             context=positions_t[:stop] + 1))
+                if stop > len(members):  # prompt chunks among them: one table row per query row
+                    tables = tables.repeat_interleave(t([c.n for c in members]), dim=0)
+                groups.append(AttentionGroup("paged", 0, stop, block_tables=tables, context=positions_t[:stop] + 1))
             elif kind == "decode":
                 for i in range(lo, hi, DECODE_BUCKET):  # by context length, so few are padded far beyond their own
                     members = chunks[i:min(i + DECODE_BUCKET, hi)]
@@ -294,7 +293,7 @@ class LLM:
                 if bucket:
                     groups.append(self._padded_group(kind, bucket, starts[first]))
             lo = hi
-        return PagedBatch(t(tokens), positions_t, t(slots), groups, t(logits_index))
+        return PagedBatch(tokens_t, positions_t, slots_t, groups, t(logits_index))
 
     def _padded_group(self, kind: str, chunks: list[Chunk], start: int) -> AttentionGroup:
         """A ``fresh`` or ``cached`` group of chunks whose tokens are the batch rows from ``start`` on."""
