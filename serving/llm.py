@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence as Seq, Union
 
+import numpy as np
 import torch
 
 from puyu.model import Transformer
@@ -27,6 +28,11 @@ from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt
 Prompt = Union[str, list[int]]
 DECODE_BUCKET = 32  # decode sequences per attention group (smaller: less padding; 16-32 measured best)
 PAGED_MAX_CHUNK = 128  # longest prompt chunk the paged-attention kernel takes (longer ones: SDPA over a padded group)
+
+
+def long_tensor(values: list[int]) -> torch.Tensor:
+    """An int64 tensor from a list of ints, through NumPy's C loop (~4x faster than ``torch.tensor``)."""
+    return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
 
 
 def pick_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 256) -> list[float]:
@@ -254,7 +260,7 @@ class LLM:
                 logits_index += [base + p - start for p in rows]
         N = len(tokens)
         starts.append(N)
-        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        t = long_tensor
         tokens_t, positions_t, slots_t = t(tokens + positions + slots).view(3, N)  # one conversion for the three
         groups = []
         lo = 0
@@ -276,8 +282,9 @@ class LLM:
                 for i in range(lo, hi, DECODE_BUCKET):  # by context length, so few are padded far beyond their own
                     members = chunks[i:min(i + DECODE_BUCKET, hi)]
                     mb = members[-1].start // bs + 1
-                    tables = [c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in members]
-                    groups.append(AttentionGroup("decode", starts[i], starts[i] + len(members), block_tables=t(tables),
+                    flat = [b for c in members for b in c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table))]
+                    groups.append(AttentionGroup("decode", starts[i], starts[i] + len(members),
+                                                 block_tables=t(flat).view(len(members), mb),
                                                  context=t([c.start + 1 for c in members])))
             else:
                 bucket: list[Chunk] = []
@@ -308,7 +315,7 @@ class LLM:
             base += c.n
             if kind == "cached":
                 qpos.append(list(range(c.start, c.start + c.n)) + [-1] * pad)
-        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731  (nested lists)
         grp = AttentionGroup(kind, start, base, query_index=t(qidx), real=t(real))
         if kind == "cached":
             mb = max(-(-(c.start + c.n) // bs) for c in chunks)
