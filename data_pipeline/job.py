@@ -213,6 +213,9 @@ def validate(cfg: DataJobConfig) -> None:
             raise ValueError(f"data job: inputs[{i}].path is empty (kind {spec.kind})")
         if spec.kind in ("debian", "fortunes") and not spec.package:
             raise ValueError(f"data job: inputs[{i}].package is empty (kind {spec.kind})")
+        if spec.include_eval_tail and spec.kind != "wiki_summaries":
+            raise ValueError(f"data job: inputs[{i}].include_eval_tail is only for wiki_summaries inputs "
+                             f"(kind {spec.kind})")
     if cfg.shards < 1:
         raise ValueError(f"data job: shards must be >= 1, got {cfg.shards}")
     if cfg.output.format not in OUTPUT_FORMATS:

@@ -252,14 +252,23 @@ def read_text_file(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
 
 
 def read_wiki(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    """Articles whose proportional position ``i * size / n`` lies in [u.start, u.end)."""
+    """Articles whose proportional position ``i * size / n`` lies in [u.start, u.end).
+
+    The evaluation tail (:func:`corpora.wiki_eval_titles`, the documents ``wiki_bpb`` scores) is skipped
+    and counted under ``extra.wiki_eval_held_out`` unless ``spec.include_eval_tail``; ``max_docs`` counts
+    the documents read, not the skipped ones.
+    """
     articles = json.loads(Path(u.path).read_text(encoding="utf-8"))
+    held_out = set() if spec.include_eval_tail else set(corpora.wiki_eval_titles(articles))
     titles = list(articles)
     if spec.max_docs:
-        titles = titles[: spec.max_docs]
+        titles = [t for t in titles if t not in held_out][: spec.max_docs]
     n = len(titles)
     for i, title in enumerate(titles):
         if not u.start <= i * u.size // max(n, 1) < u.end:
+            continue
+        if title in held_out:
+            stats.add("wiki_eval_held_out", 1)
             continue
         entry = articles[title]
         text = entry.get("extract") if isinstance(entry, dict) else None

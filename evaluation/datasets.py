@@ -5,7 +5,9 @@ The benchmark files ship inside pip packages (see ``scripts/fetch_data.sh``); th
 ``importlib.metadata`` and never imported. None of them has a training split, so few-shot examples are
 taken deterministically from the test file itself and left out of the scored items (``Dataset.fewshot``):
 MMLU the first ``MMLU_FEWSHOT`` questions of every subject (lm-eval would use the dev split, which these
-files lack), GSM8K the last ``GSM8K_FEWSHOT`` problems.
+files lack), GSM8K the last ``GSM8K_FEWSHOT`` problems. wiki_bpb scores the evaluation tail of the
+Wikipedia leads (``corpora.wiki_eval_titles``: the last ``WIKI_HELD_OUT`` titles in sorted order), which
+the data stage's ``wiki_summaries`` reader leaves out of the corpus it builds for pretraining.
 
 Item ids are ``"<dataset>/<0-based line of the row in the file>"`` (HumanEval: the problem's position,
 wiki_bpb: the document's position in title order), so they stay the same however the items are limited
@@ -26,11 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from puyu.data_pipeline import corpora
 from puyu.evaluation.items import Dataset, EvalError, Item
 
 MMLU_FEWSHOT = 5  # per subject, the most any prompt uses
 GSM8K_FEWSHOT = 8
-WIKI_HELD_OUT = 64  # the last documents in title order: the same ones build_engine's perplexity report holds out
+WIKI_HELD_OUT = corpora.WIKI_EVAL_DOCS  # corpora.wiki_eval_titles: the tail the data stage leaves out of the corpus
 LETTERS = string.ascii_uppercase
 CUSTOM_KINDS = ("mc", "gen")
 
@@ -141,15 +144,16 @@ def _humaneval() -> Dataset:
 
 
 def _wiki_bpb() -> Dataset:
-    from puyu.data_pipeline.corpora import CorpusMissing, wiki_summaries_file
-
+    """The evaluation tail of the wiki summaries (``corpora.wiki_eval_titles``), which the data stage's
+    ``wiki_summaries`` reader leaves out of the corpus; item ids number the titles in sorted order."""
     try:
-        data = json.loads(wiki_summaries_file().read_text(encoding="utf-8"))
-    except CorpusMissing as exc:
+        data = json.loads(corpora.wiki_summaries_file().read_text(encoding="utf-8"))
+    except corpora.CorpusMissing as exc:
         raise EvalError(f"dataset 'wiki_bpb': {exc}") from None
-    docs = [data[k]["extract"] for k in sorted(data) if data[k].get("extract")]
-    start = len(docs) - WIKI_HELD_OUT
-    return Dataset("wiki_bpb", "bpb", [Item(f"wiki_bpb/{i}", docs[i]) for i in range(start, len(docs))])
+    titles = corpora.wiki_eval_titles(data)
+    start = len(corpora.wiki_titles(data)) - len(titles)
+    items = [Item(f"wiki_bpb/{start + j}", data[title]["extract"]) for j, title in enumerate(titles)]
+    return Dataset("wiki_bpb", "bpb", items)
 
 
 BUILTIN: dict[str, Callable[[], Dataset]] = {"mmlu": _mmlu, "gsm8k": _gsm8k, "humaneval": _humaneval,
