@@ -3,7 +3,18 @@ from __future__ import annotations
 
 
 class PuyuError(Exception):
-    """Bad input or a failed run, explained in one line that names the key, file or task at fault."""
+    """Bad input or a failed run, explained in one line that names the key, file or task at fault.
+
+    The ``puyu`` command prints these as ``puyu: error: <message>`` without a traceback; any other
+    exception is a bug and keeps its traceback.
+    """
+
+
+class ConfigError(PuyuError, ValueError):
+    """A job's config or input is wrong (a stage builder's or a stage's own check of what the user gave).
+
+    Also a ``ValueError``, so callers that catch ``ValueError`` keep working.
+    """
 
 
 class StageFailed(PuyuError):

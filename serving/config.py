@@ -10,10 +10,15 @@ import dataclasses
 from typing import Optional
 
 from puyu.launcher.config import JobConfig
+from puyu.launcher.errors import PuyuError
 
 
-class ServingError(ValueError):
-    """A bad request, config or engine: the message names the field, file or tensor at fault."""
+class ServingError(PuyuError, ValueError):
+    """A bad request, config or engine: the message names the field, file or tensor at fault.
+
+    A :class:`PuyuError` (the ``puyu`` command prints it as one line) and a ``ValueError`` (for callers
+    that catch that).
+    """
 
 
 @dataclasses.dataclass
