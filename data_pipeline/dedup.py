@@ -27,6 +27,7 @@ from puyu.data_pipeline import minhash
 from puyu.data_pipeline.config import DedupConfig
 from puyu.data_pipeline.document import Document
 from puyu.launcher.atomic import atomic_open, atomic_write_text
+from puyu.launcher.errors import ConfigError
 
 log = logging.getLogger("puyu.data_pipeline.dedup")
 
@@ -40,7 +41,7 @@ BATCH = 2048
 def lsh_params(cfg: DedupConfig) -> tuple[int, int]:
     if cfg.bands and cfg.rows:
         if cfg.bands * cfg.rows > cfg.num_perm:
-            raise ValueError(f"dedup: bands*rows = {cfg.bands * cfg.rows} exceeds num_perm = {cfg.num_perm}")
+            raise ConfigError(f"dedup: bands*rows = {cfg.bands * cfg.rows} exceeds num_perm = {cfg.num_perm}")
         return cfg.bands, cfg.rows
     return minhash.optimal_bands(cfg.threshold, cfg.num_perm)
 

@@ -22,6 +22,7 @@ from puyu.data_pipeline.readers import InputReader
 from puyu.data_pipeline.summary import dropped_tokens, write_summary
 from puyu.data_pipeline.writers import DocWriter, ExclusionFile, read_docs
 from puyu.launcher.atomic import atomic_write_bytes
+from puyu.launcher.errors import ConfigError
 from puyu.launcher.stage import Stage, TaskContext
 
 log = logging.getLogger("puyu.data_pipeline.job")
@@ -159,7 +160,7 @@ def tokenizer_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
         source = "trained"
     tok = tokenize.Tokenizer.from_file(str(target))
     if cfg.tokenizer.append_eod and tok.token_to_id(tokenize.EOD) is None:
-        raise ValueError(f"tokenizer {source}: no {tokenize.EOD} token; add it or set tokenizer.append_eod=false")
+        raise ConfigError(f"tokenizer {source}: no {tokenize.EOD} token; add it or set tokenizer.append_eod=false")
     vocab = tok.get_vocab_size()
     log.info("tokenizer: %s, vocab %d (%.1fs)", source, vocab, time.perf_counter() - start)
     return {"source": source, "vocab_size": vocab, "path": str(target)}
@@ -205,26 +206,26 @@ def _as_dataclass(cfg: Any) -> DataJobConfig:
 def validate(cfg: DataJobConfig) -> None:
     """Reject a config that cannot run, with one line naming the key, before anything is submitted."""
     if not cfg.inputs:
-        raise ValueError("data job: inputs is empty; give at least one input (kind + path or package)")
+        raise ConfigError("data job: inputs is empty; give at least one input (kind + path or package)")
     for i, spec in enumerate(cfg.inputs):
         if spec.kind not in INPUT_KINDS:
-            raise ValueError(f"data job: inputs[{i}].kind {spec.kind!r} is not one of {', '.join(INPUT_KINDS)}")
+            raise ConfigError(f"data job: inputs[{i}].kind {spec.kind!r} is not one of {', '.join(INPUT_KINDS)}")
         if spec.kind in ("jsonl", "parquet", "text") and not spec.path:
-            raise ValueError(f"data job: inputs[{i}].path is empty (kind {spec.kind})")
+            raise ConfigError(f"data job: inputs[{i}].path is empty (kind {spec.kind})")
         if spec.kind in ("debian", "fortunes") and not spec.package:
-            raise ValueError(f"data job: inputs[{i}].package is empty (kind {spec.kind})")
+            raise ConfigError(f"data job: inputs[{i}].package is empty (kind {spec.kind})")
         if spec.include_eval_tail and spec.kind != "wiki_summaries":
-            raise ValueError(f"data job: inputs[{i}].include_eval_tail is only for wiki_summaries inputs "
-                             f"(kind {spec.kind})")
+            raise ConfigError(f"data job: inputs[{i}].include_eval_tail is only for wiki_summaries inputs "
+                              f"(kind {spec.kind})")
     if cfg.shards < 1:
-        raise ValueError(f"data job: shards must be >= 1, got {cfg.shards}")
+        raise ConfigError(f"data job: shards must be >= 1, got {cfg.shards}")
     if cfg.output.format not in OUTPUT_FORMATS:
-        raise ValueError(f"data job: output.format {cfg.output.format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+        raise ConfigError(f"data job: output.format {cfg.output.format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     if not 0 < cfg.dedup.threshold <= 1:
-        raise ValueError(f"data job: dedup.threshold must be in (0, 1], got {cfg.dedup.threshold}")
+        raise ConfigError(f"data job: dedup.threshold must be in (0, 1], got {cfg.dedup.threshold}")
     dedup.lsh_params(cfg.dedup)  # bands x rows must fit num_perm
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
-        raise ValueError(f"data job: tokenizer.path {cfg.tokenizer.path!r} does not exist")
+        raise ConfigError(f"data job: tokenizer.path {cfg.tokenizer.path!r} does not exist")
 
 
 def build_data_stages(cfg: Any) -> list[Stage]:

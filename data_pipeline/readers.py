@@ -20,6 +20,7 @@ import zstandard
 from puyu.data_pipeline import corpora
 from puyu.data_pipeline.config import InputSpec
 from puyu.data_pipeline.document import Document, Step, utf8_len
+from puyu.launcher.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,8 @@ def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> li
         name = spec.package or root.name
         return [unit("text", p, f"{name}/{p.relative_to(root)}") for p in _folder_files(root, pattern, spec.max_docs)]
     if spec.max_docs:
-        raise ValueError(f"input {index} ({spec.kind} {spec.path}): max_docs is only supported for text, debian "
-                         f"and wiki_summaries inputs")
+        raise ConfigError(f"input {index} ({spec.kind} {spec.path}): max_docs is only supported for text, debian "
+                          f"and wiki_summaries inputs")
     root = Path(spec.path)
     if spec.kind == "jsonl":
         files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.jsonl*", 0)
@@ -72,8 +73,8 @@ def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> li
     if spec.kind == "parquet":
         files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.parquet", 0)
         return [unit("parquet", p, p.name) for p in files]
-    raise ValueError(f"input {index}: unknown kind {spec.kind!r} "
-                     f"(jsonl, parquet, text, debian, fortunes, wiki_summaries)")
+    raise ConfigError(f"input {index}: unknown kind {spec.kind!r} "
+                      f"(jsonl, parquet, text, debian, fortunes, wiki_summaries)")
 
 
 def plan_shards(specs: list[InputSpec], world_size: int, data_dir: str | None = None) -> list[list[Unit]]:

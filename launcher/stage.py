@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from puyu.launcher.atomic import atomic_write_text
+from puyu.launcher.errors import ConfigError
 
 COMPLETIONS = "completions"
 
@@ -64,7 +65,8 @@ class Stage:
         if not self.name or os.sep in self.name:
             raise ValueError(f"stage name {self.name!r} must be a plain, non-empty folder name")
         if self.shards < 1:
-            raise ValueError(f"stage {self.name!r}: shards must be >= 1, got {self.shards}")
+            # a config's shard count (job.shards, job.infer.shards, ...): the user's to fix
+            raise ConfigError(f"stage {self.name!r}: shards must be >= 1, got {self.shards}")
 
     def contexts(self, run_dir: Path) -> list[TaskContext]:
         stage_dir = Path(run_dir) / self.name

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from puyu.data_pipeline import config as C
 from puyu.data_pipeline import job, layout
+from puyu.launcher.errors import ConfigError, PuyuError
 
 
 def test_structured_config_round_trip_builds_stages():
@@ -40,7 +41,8 @@ def test_without_dedup_the_chain_skips_the_minhash_stages():
     (lambda c: setattr(c.tokenizer, "path", "/nonexistent/tokenizer.json"), "tokenizer.path"),
 ])
 def test_bad_config_fails_naming_the_key(change, message):
+    assert issubclass(ConfigError, PuyuError) and issubclass(ConfigError, ValueError)
     cfg = C.DataJobConfig(inputs=[C.InputSpec(kind="jsonl", path="/data/x.jsonl")])
     change(cfg)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         job.build_data_stages(cfg)
