@@ -48,8 +48,24 @@ def _preflight_overrides(args: list[str]) -> list[str]:
 
 
 def _valid_keys(cfg: DictConfig, dotted_parent: str) -> list[str]:
-    node = OmegaConf.select(cfg, dotted_parent) if dotted_parent else cfg
+    node = OmegaConf.select(cfg, dotted_parent, throw_on_resolution_failure=False) if dotted_parent else cfg
     return sorted(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _compose_without_unknown_keys(overrides: list[str], full: str) -> DictConfig | None:
+    """The config without the override of ``full`` (and of any other unknown key), to list what is valid."""
+    dropped = {full}
+    for _ in range(len(overrides) + 1):
+        kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") not in dropped]
+        try:
+            return compose(config_name="config", overrides=kept)
+        except (HydraException, OmegaConfBaseException) as exc:
+            cause = exc.__cause__ if isinstance(exc.__cause__, OmegaConfBaseException) else exc
+            key = getattr(cause, "full_key", None)
+            if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not key or key in dropped:
+                return None
+            dropped.add(key)
+    return None
 
 
 def explain(exc: Exception, overrides: list[str]) -> str:
@@ -66,13 +82,12 @@ def explain(exc: Exception, overrides: list[str]) -> str:
     reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and full:
         parent, _, leaf = full.rpartition(".")
-        try:  # the same config without the offending override, to list what is valid there
-            base = compose(config_name="config", overrides=[o for o in overrides if not o.startswith(full + "=")])
-            valid = _valid_keys(base, parent)
-        except (HydraException, OmegaConfBaseException):
-            valid = []
+        base = _compose_without_unknown_keys(overrides, full)
+        valid = _valid_keys(base, parent) if base is not None else []
+        prefix = parent + "." if parent else ""
         close = difflib.get_close_matches(leaf, valid, n=1)
-        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+        nested = [f"{prefix}{k}.{leaf}" for k in valid if base is not None and leaf in _valid_keys(base, prefix + k)]
+        hint = f"; did you mean {prefix}{close[0]}?" if close else f"; did you mean {nested[0]}?" if nested else ""
         return f"unknown config key {full!r}{hint} (valid keys of {parent or 'the top level'}: {', '.join(valid)})"
     if isinstance(cause, ValidationError) and full:
         return f"bad value for {full}: {reason}"

@@ -49,6 +49,9 @@ def test_every_config_composes(group, option):
     (["job=probe", "job.shards=many"], "bad value for job.shards"),
     (["cluster.kind=cloud"], "bad value for cluster.kind"),
     (["bogus=1"], "unknown config key 'bogus' (valid keys of the top level: cluster, job, launcher, run)"),
+    # two unknown keys: the valid ones are still listed, and a job key given at the top level is pointed to
+    (["job=infer", "engine=/x", "input=/y"],
+     "unknown config key 'engine'; did you mean job.engine? (valid keys of the top level: cluster, job, launcher, run)"),
 ])
 def test_bad_input_is_named(args, expected):
     with pytest.raises(PuyuError) as info:
