@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -23,7 +24,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.config import ClusterKind, register_configs
-from puyu.launcher.errors import PuyuError
+from puyu.launcher.errors import PuyuError, StageFailed
 from puyu.launcher.jobs import JOB_KINDS
 from puyu.launcher.pipeline import Pipeline
 
@@ -128,12 +129,9 @@ def run_job(cfg: DictConfig) -> int:
             cfg.cluster.kind = ClusterKind.inline
     run_dir = Path(cfg.run).absolute()
     job_cfg = OmegaConf.to_object(cfg.job)
-    try:
-        stages = spec.load("stages")(job_cfg)
-    except PuyuError:
-        raise
-    except (ValueError, FileNotFoundError) as exc:  # stage builders check the job's config and inputs
-        raise PuyuError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+    # A builder's checks of the job's config and inputs raise PuyuError (ConfigError, ServingError,
+    # EvalError, ...), printed as one line by _hydra_entry; anything else is a bug and keeps its traceback.
+    stages = spec.load("stages")(job_cfg)
     if not cfg.launcher.dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -152,6 +150,10 @@ def _hydra_entry(cfg: DictConfig) -> None:
     try:
         code = run_job(cfg)
     except PuyuError as exc:
+        cause = exc.__cause__
+        if isinstance(exc, StageFailed) and cause is not None and not isinstance(cause, PuyuError):
+            # an inline task's bug: its traceback went nowhere else ("log: this process's output")
+            traceback.print_exception(cause, file=sys.stderr)
         print(f"puyu: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -9,7 +9,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from puyu.launcher.cli import preflight
+from puyu.launcher import jobs
+from puyu.launcher.cli import preflight, run_job
 from puyu.launcher.config import register_configs
 from puyu.launcher.errors import PuyuError
 
@@ -75,12 +76,66 @@ def test_sweep_values_are_checked_before_submission():
     (["job=agent", "job.engine=/x", "job.input=/nonexistent.jsonl", "run=/tmp/puyu-never"],
      "puyu: error: job=agent: input /nonexistent.jsonl not found"),
     (["job=data", "job.data.shards=0", "run=/tmp/puyu-never"], "puyu: error: data job: shards must be >= 1"),
+    (["job=data", "job.data.dedup.bands=20", "job.data.dedup.rows=10", "run=/tmp/puyu-never"],
+     "puyu: error: dedup: bands*rows = 200 exceeds num_perm = 128"),
+    (["job=probe", "job.shards=0", "run=/tmp/puyu-never"], "puyu: error: stage 'probe': shards must be >= 1, got 0"),
+    (["job=pipeline", "job.infer.shards=0", "run=/tmp/puyu-never", "launcher.dry_run=true"],
+     "puyu: error: stage 'infer': shards must be >= 1, got 0"),
 ])
 def test_cli_prints_one_error_line(args, expected):
     out = subprocess.run([*PUYU, *args], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(expected), out.stderr
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_module(config_module="puyu.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_missing_infer_input_is_a_puyu_error_naming_the_file(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    cfg = _compose(["job=infer", f"job.engine={tmp_path}", f"job.input={missing}", f"run={tmp_path}/run"])
+    with pytest.raises(PuyuError) as info:
+        run_job(cfg)
+    assert str(info.value) == f"job=infer: input {missing} not found"
+    assert isinstance(info.value, ValueError)  # ServingError: callers catching ValueError still do
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_builders_bug_is_not_turned_into_one_line(monkeypatch, tmp_path):
+    """Only PuyuError is the user's to fix; a ValueError from a bug in a builder propagates as itself."""
+    def buggy_builder(cfg):
+        raise ValueError("a bug in the stage builder")
+
+    monkeypatch.setattr(jobs, "probe_stages", buggy_builder)
+    cfg = _compose(["job=probe", f"run={tmp_path}/run"])
+    with pytest.raises(ValueError, match="a bug in the stage builder") as info:
+        run_job(cfg)
+    assert not isinstance(info.value, PuyuError)
+
+
+def test_cli_shows_the_traceback_of_a_stage_builders_bug(tmp_path):
+    code = ("import sys, puyu.launcher.jobs as jobs\n"
+            "def buggy(cfg):\n    raise ValueError('a bug in the stage builder')\n"
+            "jobs.probe_stages = buggy\n"
+            f"sys.argv = ['puyu', 'job=probe', 'run={tmp_path}/run']\n"
+            "from puyu.launcher.cli import main\nmain()\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "Traceback" in out.stderr and "ValueError: a bug in the stage builder" in out.stderr, out.stderr
+    assert "puyu: error:" not in out.stderr, out.stderr
+
+
+def test_cli_shows_the_traceback_of_an_inline_tasks_failure(tmp_path):
+    """Inline, a task's non-PuyuError failure has no log file: its traceback is printed before the error line."""
+    out = subprocess.run([*PUYU, "job=probe", "cluster=inline", "job.fail_rank=0", f"run={tmp_path}/run"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr and "RuntimeError: probe shard 0 failed on purpose" in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("puyu: error: stage 'probe' task inline (shard 0) ended FAILED: RuntimeError: "), out.stderr
 
 
 def test_dry_run_prints_sbatch_scripts_and_submits_nothing(tmp_path):
