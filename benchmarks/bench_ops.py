@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -27,6 +28,19 @@ from puyu.model import ops
 SPEED_GOAL, MEMORY_GOAL = 1.5, 0.25
 VOCAB, CE_TOKENS, CE_DIM = 92544, 1024, 256
 PAGED_SPEED_GOAL = 3.0  # paged decode attention, forward only, vs the reference's gather + matmuls
+
+
+def interleaved_times(runs: list[tuple[str, Callable[[], object]]], repeat: int) -> dict[str, list[float]]:
+    """Wall seconds of each labelled run over ``repeat`` rounds, the runs alternating within a round so a
+    change of machine load hits all of them; one warm-up round first, not counted."""
+    times: dict[str, list[float]] = {label: [] for label, _ in runs}
+    for i in range(repeat + 1):
+        for label, run in runs:
+            start = time.perf_counter()
+            run()
+            if i:
+                times[label].append(time.perf_counter() - start)
+    return times
 
 
 def _fwd_bwd(fn, inputs, grads):
@@ -71,17 +85,11 @@ def time_ops(repeat: int) -> list[float]:
             with torch.no_grad():
                 outs = reference(*inputs)
             grads = tuple(torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,)))
-            times = {"fused": [], "reference": [], "floor": []}
             runs = [("fused", lambda: _fwd_bwd(fused, inputs, grads)),
                     ("reference", lambda: _fwd_bwd(reference, inputs, grads))]
             if floor is not None:
                 runs.append(("floor", lambda: floor(*inputs)))
-            for i in range(repeat + 1):
-                for label, run in runs:
-                    start = time.perf_counter()
-                    run()
-                    if i:  # the first round is warm-up
-                        times[label].append(time.perf_counter() - start)
+            times = interleaved_times(runs, repeat)
             f, r = statistics.median(times["fused"]), statistics.median(times["reference"])
             ratios.append(r / f)
             extra = f", the 3 matmuls alone {statistics.median(times['floor']) * 1e3:.1f} ms" if floor else ""
@@ -118,16 +126,10 @@ def time_paged_attention(repeat: int) -> list[float]:
     for kind, shape, kv_int8, threads in cases:
         inputs = _paged_inputs(*shape, kv_int8=kv_int8)
         torch.set_num_threads(threads or default_threads)
-        times = {"fused": [], "reference": []}
         runs = [("fused", lambda: ops.paged_decode_attention(*inputs)),
                 ("reference", lambda: ops.paged_decode_attention_reference(*inputs))]
         with torch.no_grad():
-            for i in range(repeat + 1):
-                for label, run in runs:
-                    start = time.perf_counter()
-                    run()
-                    if i:  # the first round is warm-up
-                        times[label].append(time.perf_counter() - start)
+            times = interleaved_times(runs, repeat)
         torch.set_num_threads(default_threads)
         f, r = statistics.median(times["fused"]), statistics.median(times["reference"])
         ratios.append(r / f)
