@@ -53,7 +53,7 @@ def onednn_packed(weight: torch.Tensor) -> Optional[torch.Tensor]:
     Why: torch's ``F.linear`` hands fp32 to MKL's sgemm, which repacks the weight on every call; with
     the packing done once, oneDNN's kernels run 8-25% faster on the runtime's shapes ([32-2048 rows,
     256-2048 columns] on this repo's 2-core AMD VM: 98-112 vs 81-98 GFLOP/s at one thread). It is the
-    same reorder inductor's CPU weight prepacking uses. Costs a second copy of the weight.
+    same reorder inductor's CPU weight prepacking uses. ``EngineLinear`` then keeps only the packed copy.
     """
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
@@ -91,7 +91,9 @@ class EngineLinear:
         self.act_scale = self.quant.pop("act_scale", None)
         self.dtype = dtype
         self.scratch = scratch or Scratch()
-        if self.weight is None:
+        if self.packed is not None:
+            self.weight = None  # the packed copy serves every call; not holding both halves the weights' memory
+        elif self.weight is None:
             self.scales = self.quant["scales"].to(dtype)  # [O] (w8) or [O, G] (w4)
             if "zeros" in self.quant:
                 self.zeros = self.quant["zeros"].to(dtype)
@@ -99,8 +101,8 @@ class EngineLinear:
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., I] -> ``x W^T`` [..., O], plus ``residual`` [..., O] if given."""
-        if self.packed is not None and x.dtype == self.weight.dtype:
-            return packed_linear(x, self.packed, residual)
+        if self.packed is not None:
+            return packed_linear(x.to(self.dtype), self.packed, residual)
         y = self._project(x)
         return y if residual is None else residual + y
 
