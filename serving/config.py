@@ -45,6 +45,11 @@ class SamplingParams:
     prompt_logprobs: bool = False
     prompt_logprobs_start: int = 0  # first prompt position whose logprob is returned (earlier: None)
 
+    @property
+    def greedy(self) -> bool:
+        """The next token is the argmax of the raw logits (temperature 0 and no repetition penalty)."""
+        return self.temperature == 0 and self.repetition_penalty == 1.0
+
     def validate(self) -> None:
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens must be an integer >= 1"),

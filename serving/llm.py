@@ -133,8 +133,7 @@ class LLM:
             raise ServingError(f"prompt_logprobs_start ({params.prompt_logprobs_start}) is beyond the prompt "
                                f"({len(tokens)} tokens)")
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + index
-        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed),
-                        greedy=params.temperature == 0 and params.repetition_penalty == 1.0)
+        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed), greedy=params.greedy)
 
     def chat(self, conversations: list[list[dict]], sampling: Union[SamplingParams, list[SamplingParams], None] = None):
         """``generate`` over InternLM2 chat renderings; ``<|im_end|>`` is added to the stop strings."""

@@ -52,7 +52,7 @@ def sample_rows(
     generators: list[torch.Generator],
 ) -> list[int]:
     """One next token per row."""
-    greedy = [p.temperature == 0 and p.repetition_penalty == 1.0 for p in params]
+    greedy = [p.greedy for p in params]
     if all(greedy):
         return argmax_rows(logits)
     out = [0] * len(params)
