@@ -61,11 +61,6 @@ def _use_ext(fused: bool, t: torch.Tensor) -> bool:
     return False
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd would record this call (otherwise the fused ops skip their autograd.Function)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -98,8 +93,6 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
     """RMSNorm over the last dim; x [..., N], weight [N]."""
     if _use_ext(fused, x):
-        if not _needs_grad(x, weight):  # inference: the kernel alone, without autograd's bookkeeping
-            return _ext.rms_norm_fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)[0].view(x.shape)
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -142,10 +135,7 @@ def apply_rope(
     """RoPE on q [B, T, Hq, d] and k [B, T, Hk, d] in one pass; cos/sin [B, T, d/2] (no gradient)."""
     if _use_ext(fused, q):
         opmath = _opmath(q.dtype)
-        cos, sin = cos.to(opmath), sin.to(opmath)
-        if not _needs_grad(q, k):
-            return tuple(_ext.rope_fwd(q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous(), False))
-        return _RoPE.apply(q, k, cos, sin)
+        return _RoPE.apply(q, k, cos.to(opmath), sin.to(opmath))
     return rope_reference(q, k, cos, sin)
 
 
@@ -175,8 +165,6 @@ class _SwiGLU(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """SwiGLU activation of the FFN: ``silu(gate) * up`` for two same-shaped tensors."""
     if _use_ext(fused, gate):
-        if not _needs_grad(gate, up):
-            return _ext.swiglu_fwd(gate.contiguous(), up.contiguous())
         return _SwiGLU.apply(gate, up)
     return swiglu_reference(gate, up)
 
