@@ -35,6 +35,16 @@ def long_tensor(values: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
 
 
+def padded_tables(chunks: list[Chunk], max_blocks: int) -> torch.Tensor:
+    """The chunks' sequences' block tables [len(chunks), max_blocks], cut or padded with block 0 (entries past
+    a context are masked by position or never read)."""
+    flat: list[int] = []
+    for c in chunks:
+        table = c.seq.block_table
+        flat += table[:max_blocks] if len(table) >= max_blocks else table + [0] * (max_blocks - len(table))
+    return long_tensor(flat).view(len(chunks), max_blocks)
+
+
 def pick_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 256) -> list[float]:
     """``log_softmax(logits)[rows, tokens]``, with the log-softmax computed only over the rows asked for
     and ``chunk`` rows at a time (its [rows, V] result is never held whole for a large vocabulary)."""
@@ -225,9 +235,10 @@ class LLM:
         (``fresh``), as they do without the kernel.
         """
         if self.model.paged_kernel:
-            paged = [c for c in chunks if c.n <= PAGED_MAX_CHUNK and not (c.start == 0 and c.n > 1 and self.cache.int8)]
-            taken = set(map(id, paged))
-            rest = [c for c in chunks if id(c) not in taken]
+            paged, rest = [], []
+            for c in chunks:
+                fresh_int8 = c.start == 0 and c.n > 1 and self.cache.int8
+                (paged if c.n <= PAGED_MAX_CHUNK and not fresh_int8 else rest).append(c)
             decode = []
         else:
             paged, rest = [], [c for c in chunks if c.n > 1]
@@ -259,32 +270,24 @@ class LLM:
                 logits_index += [base + p - start for p in rows]
         N = len(tokens)
         starts.append(N)
-        t = long_tensor
-        tokens_t, positions_t, slots_t = t(tokens + positions + slots).view(3, N)  # one conversion for the three
+        tokens_t, positions_t, slots_t = long_tensor(tokens + positions + slots).view(3, N)  # one conversion for the three
         groups = []
         lo = 0
         for kind, count in segments:
             hi = lo + count
             if kind == "paged":  # every row: its sequence's block table and how many keys it sees
                 members = chunks[lo:hi]
-                mb = max(-(-(c.start + c.n) // bs) for c in members)
-                flat: list[int] = []
-                for c in members:
-                    table = c.seq.block_table
-                    flat += table[:mb] if len(table) >= mb else table + [0] * (mb - len(table))
-                tables = t(flat).view(len(members), mb)
+                tables = padded_tables(members, max(-(-(c.start + c.n) // bs) for c in members))
                 stop = starts[hi]
                 if stop > len(members):  # prompt chunks among them: one table row per query row
-                    tables = tables.repeat_interleave(t([c.n for c in members]), dim=0)
+                    tables = tables.repeat_interleave(long_tensor([c.n for c in members]), dim=0)
                 groups.append(AttentionGroup("paged", 0, stop, block_tables=tables, context=positions_t[:stop] + 1))
             elif kind == "decode":
                 for i in range(lo, hi, DECODE_BUCKET):  # by context length, so few are padded far beyond their own
                     members = chunks[i:min(i + DECODE_BUCKET, hi)]
-                    mb = members[-1].start // bs + 1
-                    flat = [b for c in members for b in c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table))]
                     groups.append(AttentionGroup("decode", starts[i], starts[i] + len(members),
-                                                 block_tables=t(flat).view(len(members), mb),
-                                                 context=t([c.start + 1 for c in members])))
+                                                 block_tables=padded_tables(members, members[-1].start // bs + 1),
+                                                 context=long_tensor([c.start + 1 for c in members])))
             else:
                 bucket: list[Chunk] = []
                 real = 0
@@ -299,7 +302,7 @@ class LLM:
                 if bucket:
                     groups.append(self._padded_group(kind, bucket, starts[first]))
             lo = hi
-        return PagedBatch(tokens_t, positions_t, slots_t, groups, t(logits_index))
+        return PagedBatch(tokens_t, positions_t, slots_t, groups, long_tensor(logits_index))
 
     def _padded_group(self, kind: str, chunks: list[Chunk], start: int) -> AttentionGroup:
         """A ``fresh`` or ``cached`` group of chunks whose tokens are the batch rows from ``start`` on."""
@@ -317,8 +320,7 @@ class LLM:
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731  (nested lists)
         grp = AttentionGroup(kind, start, base, query_index=t(qidx), real=t(real))
         if kind == "cached":
-            mb = max(-(-(c.start + c.n) // bs) for c in chunks)
-            grp.block_tables = t([c.seq.block_table[:mb] + [0] * (mb - len(c.seq.block_table)) for c in chunks])
+            grp.block_tables = padded_tables(chunks, max(-(-(c.start + c.n) // bs) for c in chunks))
             grp.query_positions = t(qpos)
         return grp
 
@@ -329,13 +331,9 @@ class LLM:
         Log-probabilities are picked for all wanted (row, token) pairs at once (``pick_logprobs``)."""
         row, seqs, rows_sampled = 0, [], []
         pick_rows, pick_tokens, pick_seqs = [], [], []  # prompt logprobs of this step, in order
-        computed, bs = sched.computed, self.cfg.block_size
         for c, rows in zip(chunks, logits_rows):
             seq = c.seq
-            if (c.start + c.n) // bs == len(seq.block_hashes):  # no block became full: only the count moves
-                seq.num_computed = c.start + c.n
-            else:
-                computed(c)
+            sched.computed(c)
             if not rows:
                 continue
             if seq.wants_prompt_logprobs:
@@ -346,7 +344,7 @@ class LLM:
                         pick_tokens.append(prompt[p + 1])
                         pick_seqs.append(seq)
             row += len(rows)
-            if c.start + c.n == len(seq.tokens):  # the chunk completes the sequence
+            if c.completes:
                 seqs.append(seq)
                 rows_sampled.append(row - 1)
         if pick_rows:
@@ -366,8 +364,7 @@ class LLM:
                 seqs[j].logprobs.append(lp)
         eos, max_len = self.eos_id, self.max_model_len
         for seq, tok in zip(seqs, new):
-            seq.output.append(tok)
-            seq.tokens.append(tok)
+            seq.append(tok)
             p = seq.params
             if (tok == eos and not p.ignore_eos) or p.stop or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len:
                 reason = self._finish_reason(seq, tok)
