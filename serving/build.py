@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from puyu.data_pipeline.corpora import wiki_summaries_file, wiki_titles
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
@@ -29,15 +30,13 @@ CALIB_ROWS = 2048  # calibration input rows per linear kept for the AWQ search
 def load_texts(calib_file: str) -> list[str]:
     """Documents of real text: a wiki-summaries JSON ({title: {extract}}), a jsonl with "text", or lines."""
     if not calib_file:
-        from puyu.data_pipeline.corpora import wiki_summaries_file
-
         calib_file = str(wiki_summaries_file())
     path = Path(calib_file)
     if not path.is_file():
         raise ServingError(f"build.calib_file {path} not found")
     if path.suffix == ".json":
         data = json.loads(path.read_text())
-        return [data[k]["extract"] for k in sorted(data) if data[k].get("extract")]
+        return [data[title]["extract"] for title in wiki_titles(data)]
     if path.suffix == ".jsonl":
         return [json.loads(ln)["text"] for ln in path.read_text().splitlines() if ln.strip()]
     return [ln for ln in path.read_text().splitlines() if ln.strip()]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from puyu.data_pipeline.corpora import wiki_summaries_file
+from puyu.data_pipeline.corpora import wiki_summaries_file, wiki_titles
 from puyu.data_pipeline.tokenize import train_tokenizer
 from puyu.model import Transformer, get_flavor
 from puyu.serving.tokenizer import TextTokenizer
@@ -19,7 +19,7 @@ from puyu.serving.tokenizer import TextTokenizer
 
 def wiki_texts() -> list[str]:
     data = json.loads(wiki_summaries_file().read_text())
-    return [data[k]["extract"] for k in sorted(data) if data[k].get("extract")]
+    return [data[title]["extract"] for title in wiki_titles(data)]
 
 
 def make_tokenizer(texts: list[str], path: Path, vocab_size: int = 2000) -> TextTokenizer:
