@@ -177,6 +177,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "attention of one query per sequence over a paged KV cache read in place (CPU, inference only)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("scale"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+  m.def("caching_allocator_enable", &puyu::caching_allocator_enable,
+        "install the caching CPU allocator (counted); False if another allocator outranks it", py::arg("limit_bytes"));
+  m.def("caching_allocator_disable", &puyu::caching_allocator_disable,
+        "drop one user of the caching CPU allocator; the last restores the previous one -> (hits, misses)");
   m.def("has_cuda", &puyu::has_cuda, "whether CUDA kernels are compiled in");
   m.def("cpu_isa", &puyu::cpu_isa, "vector ISA of the CPU kernels: avx2 or baseline");
 }

@@ -39,6 +39,13 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& k_scale,
                                       const std::optional<at::Tensor>& v_scale);
 
+// Caching CPU allocator for the serving step loop (csrc/cpu/caching_allocator.cpp): enable installs it as
+// torch's CPU allocator (false if another allocator with a higher priority is installed), caching at most
+// limit_bytes of freed blocks; disable restores the previous allocator once the last user is gone, frees
+// the cache, and returns (hits, misses) of the installation's large allocations.
+bool caching_allocator_enable(int64_t limit_bytes);
+std::tuple<int64_t, int64_t> caching_allocator_disable();
+
 #ifdef WITH_CUDA
 // ---- CUDA (csrc/cuda); same contracts, launched on `stream` ----------------------------------------
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const at::Tensor& w, double eps,

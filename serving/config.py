@@ -98,11 +98,14 @@ class RuntimeConfig:
     prefix_caching: bool = True
     max_model_len: int = 0  # 0: the model's max_seq_len
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    cpu_alloc_cache_mb: int = 1024  # freed CPU activations kept for reuse during generate (host_memory); 0 = off
     seed: int = 0
 
     def validate(self) -> None:
         if self.kv_dtype not in ("fp", "int8"):
             raise ServingError(f"runtime.kv_dtype must be fp or int8, got {self.kv_dtype!r}")
+        if self.cpu_alloc_cache_mb < 0:
+            raise ServingError(f"runtime.cpu_alloc_cache_mb must be >= 0, got {self.cpu_alloc_cache_mb}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ServingError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")

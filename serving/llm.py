@@ -20,6 +20,7 @@ from puyu.model.state_dict import puyu_state_dict
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.engine import Engine, engine_tensors, load_engine
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
+from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
 from puyu.serving.sampling import argmax_rows, sample_rows
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
@@ -177,26 +178,27 @@ class LLM:
         sched = self.scheduler
         sched.reset_counters()
         t0, steps, out_tokens, computed = time.perf_counter(), 0, 0, 0
-        try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
-                try:
-                    sched.add(self._sequence(i, prompt, p))
-                except ServingError as exc:
-                    outputs[i] = RequestOutput(i, error=str(exc))
-            while sched.has_work():
-                chunks = sched.schedule()
-                if not chunks:
-                    raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
-                chunks, segments = self._order(chunks)
-                logits_rows = self._logits_rows(chunks)
-                batch = self._batch(chunks, logits_rows, segments)
-                logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
-                steps += 1
-                computed += sum(c.n for c in chunks)
-                out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
-        except BaseException:
-            sched.abort_all()
-            raise
+        with cached_cpu_allocations(self.cfg.cpu_alloc_cache_mb):  # the steps reuse their activations' pages
+            try:
+                for i, (prompt, p) in enumerate(zip(prompts, params)):
+                    try:
+                        sched.add(self._sequence(i, prompt, p))
+                    except ServingError as exc:
+                        outputs[i] = RequestOutput(i, error=str(exc))
+                while sched.has_work():
+                    chunks = sched.schedule()
+                    if not chunks:
+                        raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
+                    chunks, segments = self._order(chunks)
+                    logits_rows = self._logits_rows(chunks)
+                    batch = self._batch(chunks, logits_rows, segments)
+                    logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
+                    steps += 1
+                    computed += sum(c.n for c in chunks)
+                    out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
+            except BaseException:
+                sched.abort_all()
+                raise
         elapsed = time.perf_counter() - t0
         self.stats = {"requests": len(prompts), "steps": steps, "output_tokens": out_tokens,
                       "seconds": elapsed, "output_tokens_per_s": out_tokens / elapsed if elapsed else 0.0,
