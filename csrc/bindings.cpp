@@ -67,6 +67,38 @@ std::tuple<at::Tensor, at::Tensor> rope_fwd(const at::Tensor& q, const at::Tenso
                [&](auto stream) { return rope_cuda(q, k, cos, sin, inverse, stream); });
 }
 
+at::Tensor rope_cache_write(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, at::Tensor k_cache,
+                            at::Tensor v_cache, const at::Tensor& slots, int64_t n_heads) {
+  for (auto [t, name] : {std::pair{&qkv, "qkv"}, {&cos, "cos"}, {&sin, "sin"}, {&k_cache, "k_cache"},
+                         {&v_cache, "v_cache"}})
+    check_input(*t, name);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "rope_cache_write: k_cache and v_cache must be [Hk, num_blocks, block_size, d] alike, got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const int64_t hk = k_cache.size(0), d = k_cache.size(3);
+  TORCH_CHECK(n_heads > 0 && d % 2 == 0 && qkv.dim() == 2 && qkv.size(1) == (n_heads + 2 * hk) * d,
+              "rope_cache_write: qkv must be [N, (n_heads + 2 Hk) d] = [N, ", (n_heads + 2 * hk) * d, "] with an even d, got ",
+              qkv.sizes());
+  TORCH_CHECK(k_cache.scalar_type() == qkv.scalar_type(), "rope_cache_write: the cache must have qkv's dtype (",
+              qkv.scalar_type(), "), got ", k_cache.scalar_type());
+  const auto opmath = qkv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(cos.scalar_type() == opmath && sin.scalar_type() == opmath && cos.dim() == 2 &&
+                  cos.sizes() == sin.sizes() && cos.size(0) == qkv.size(0) && cos.size(1) == d / 2,
+              "rope_cache_write: cos/sin must be ", opmath, " [N, d/2] = [", qkv.size(0), ", ", d / 2, "], got ",
+              cos.scalar_type(), " ", cos.sizes());
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous() &&
+                  slots.size(0) == qkv.size(0),
+              "rope_cache_write: slots must be contiguous int64 [N = ", qkv.size(0), "], got ", slots.scalar_type(),
+              " ", slots.sizes());
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&cos, &sin, &k_cache, &v_cache, &slots})
+    TORCH_CHECK(t->device() == qkv.device(), "rope_cache_write: all tensors must be on ", qkv.device());
+  return route(qkv, [&] { return rope_cache_write_cpu(qkv, cos, sin, k_cache, v_cache, slots, n_heads); },
+               [&](auto) -> at::Tensor {
+                 TORCH_CHECK(false, "rope_cache_write: no CUDA kernel (use the PyTorch reference)");
+                 return {};
+               });
+}
+
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   check_input(gate, "gate");
   check_input(up, "up");
@@ -166,10 +198,14 @@ std::string cpu_isa() {
 }  // namespace puyu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "puyu fused ops: RMSNorm, RoPE (q and k), SwiGLU, chunked cross-entropy, paged decode attention";
+  m.doc() = "puyu fused ops: RMSNorm, RoPE (q and k; into a paged cache), SwiGLU, chunked cross-entropy, paged decode attention";
   m.def("rms_norm_fwd", &puyu::rms_norm_fwd, "RMSNorm forward -> (y, rstd)");
   m.def("rms_norm_bwd", &puyu::rms_norm_bwd, "RMSNorm backward -> (dx, dweight)");
   m.def("rope_fwd", &puyu::rope_fwd, "RoPE on q and k (inverse=True rotates back, i.e. the backward)");
+  m.def("rope_cache_write", &puyu::rope_cache_write,
+        "RoPE on the q and k heads of packed QKV rows; k and v written into a paged cache layer at slots -> q",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slots"),
+        py::arg("n_heads"));
   m.def("swiglu_fwd", &puyu::swiglu_fwd, "silu(gate) * up");
   m.def("swiglu_bwd", &puyu::swiglu_bwd, "SwiGLU backward -> (dgate, dup)");
   m.def("ce_chunk", &puyu::ce_chunk, "per-row CE loss of a logits chunk; in place softmax gradient");

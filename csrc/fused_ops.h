@@ -23,6 +23,11 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(
 // q [B, T, Hq, d], k [B, T, Hk, d], cos/sin [B, T, d/2] (opmath) -> rotated q, k (inverse: by -angle)
 std::tuple<at::Tensor, at::Tensor> rope_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin, bool inverse);
+// qkv [N, (Hq + 2 Hk) d] (q | k | v per row), cos/sin [N, d/2] (opmath), k_cache/v_cache [Hk, num_blocks,
+// block_size, d] (one layer, qkv's dtype), slots [N] int64 -> rotated q [N, Hq, d]; rotated k and v are
+// written to the cache at slots (inference only)
+at::Tensor rope_cache_write_cpu(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, int64_t n_heads);
 // gate, up [*] -> silu(gate) * up
 at::Tensor swiglu_fwd_cpu(const at::Tensor& gate, const at::Tensor& up);
 // dy, gate, up [*] -> dgate, dup

@@ -139,6 +139,56 @@ def apply_rope(
     return rope_reference(q, k, cos, sin)
 
 
+def rope_cache_write_reference(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """Split packed QKV rows, rotate q and k (``rope_reference``), store k and v in a paged cache; -> q.
+
+    qkv [N, (n_heads + 2 Hk) d] (each row q | k | v), cos/sin [N, d/2], k_cache/v_cache [Hk, num_blocks,
+    block_size, d] (one layer, qkv's dtype), slots [N] int64: token r's key and value go to flat slot
+    ``slots[r]`` (= block * block_size + offset) of every kv head. Returns q [N, n_heads, d].
+    """
+    N, (Hk, _, _, d) = qkv.shape[0], k_cache.shape
+    q, k, v = qkv.view(N, -1, d).split([n_heads, Hk, Hk], dim=1)
+    q, k = rope_reference(q[None], k[None], cos[None], sin[None])
+    for cache, t in ((k_cache, k[0]), (v_cache, v)):
+        cache.view(Hk, -1, d).index_copy_(1, slots, t.transpose(0, 1))
+    return q[0]
+
+
+def rope_cache_write(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    n_heads: int,
+    fused: bool = True,
+) -> torch.Tensor:
+    """RoPE on the q and k heads of packed QKV rows, with k and v written into a paged KV cache layer at
+    ``slots``; returns the rotated q [N, n_heads, d]. Semantics: ``rope_cache_write_reference``.
+
+    Why fused: serving's decode step would otherwise split the projection, copy q and k contiguous,
+    rotate them, then transpose and ``index_copy_`` k and v into the cache: five passes over small rows.
+    The CPU kernel reads each row once and writes q, k and v where they belong, with the same rotation
+    as ``apply_rope`` (bit for bit). Inference only; non-CPU tensors and ``fused=False`` take the reference.
+    """
+    if _use_ext(fused, qkv) and qkv.device.type == "cpu":
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            raise RuntimeError("rope_cache_write is inference-only: qkv must not require a gradient")
+        opmath = _opmath(qkv.dtype)
+        return _ext.rope_cache_write(qkv, cos.to(opmath).contiguous(), sin.to(opmath).contiguous(), k_cache, v_cache,
+                                     slots, n_heads)
+    return rope_cache_write_reference(qkv, cos, sin, k_cache, v_cache, slots, n_heads)
+
+
 # ----------------------------------------------------------------------------------------------------
 # SwiGLU
 # ----------------------------------------------------------------------------------------------------

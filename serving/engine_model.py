@@ -274,48 +274,70 @@ class EngineModel:
     def forward_paged(self, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:
         """Logits [M, V] for ``batch.logits_index``; writes the batch's keys/values into ``cache``."""
         a = self.args
-        N, g = batch.tokens.shape[0], a.n_groups
-        scale = 1.0 / math.sqrt(a.head_dim)
-        masks = []  # per group, computed once for all layers
-        for grp in batch.groups:
-            if grp.kind == "decode":
-                S = grp.block_tables.shape[1] * cache.block_size
-                hidden = torch.arange(S)[None, :] >= grp.context[:, None]  # [b, S]
-                bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
-                masks.append(bias[None].expand(a.n_kv_heads, -1, -1).reshape(-1, 1, S))  # [Hk b, 1, S]
-            elif grp.kind == "cached":
-                key_pos = torch.arange(grp.block_tables.shape[1] * cache.block_size)  # [S]
-                masks.append((key_pos[None, None, :] <= grp.query_positions[:, :, None])[:, None])  # [b, 1, T, S]
-            else:
-                masks.append(None)
+        N = batch.tokens.shape[0]
+        masks = [self._mask(grp, cache.block_size) for grp in batch.groups]  # computed once for all layers
         # index_select: 3-5x faster than advanced indexing for these row gathers on CPU
         cos, sin = (t.index_select(0, batch.positions)[None] for t in (self.rope_cos, self.rope_sin))  # [1, N, d/2]
         h = self.tok_embeddings.index_select(0, batch.tokens)[None]  # [1, N, D]
+        # Steps whose attention reads only the cache (no ``fresh`` chunks attending to their own keys) take
+        # q from the fused RoPE + cache write and never hold k and v apart (fp caches; int8 quantizes them).
+        write_fused = self.paged_kernel and not cache.int8 and all(grp.kind != "fresh" for grp in batch.groups)
         for i in range(a.n_layers):
-            q, k, v = self._qkv(i, h, cos, sin)  # [1, N, H, d]
-            q, k, v = q[0], k[0], v[0]
-            cache.write(i, batch.slots, k, v)
-            out = torch.empty(N, a.n_heads, a.head_dim, dtype=q.dtype)
-            for grp, mask in zip(batch.groups, masks):
-                if grp.kind == "paged":
-                    scales = (cache.k_scale[i], cache.v_scale[i]) if cache.int8 else (None, None)
-                    out[grp.start:grp.stop] = ops.paged_decode_attention(
-                        q[grp.start:grp.stop], cache.k[i], cache.v[i], grp.block_tables, grp.context, scale, *scales)
-                    continue
-                if grp.kind == "decode":
-                    keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
-                    out[grp.start:grp.stop] = decode_attention(q[grp.start:grp.stop], keys, values, mask, g)
-                    continue
-                qi = grp.query_index
-                b, T = qi.shape
-                if grp.kind == "fresh":  # causal within the chunk; right padding is never seen by real rows
-                    o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), k[qi].transpose(1, 2), v[qi].transpose(1, 2),
-                                                       is_causal=True, enable_gqa=g > 1)
-                else:
-                    keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
-                    o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
-                                                       attn_mask=mask, enable_gqa=g > 1)
-                out[grp.start:grp.stop] = o.transpose(1, 2).reshape(b * T, a.n_heads, a.head_dim)[grp.real]
+            if write_fused:
+                x = ops.rms_norm(h, self.layers[i]["attention_norm"], a.norm_eps, fused=a.fused_ops)
+                qkv = self._linear(i, "wqkv", x)[0]  # [N, (Hq + 2 Hk) d]
+                q = ops.rope_cache_write(qkv, cos[0], sin[0], cache.k[i], cache.v[i], batch.slots, a.n_heads)
+                k = v = None
+            else:
+                q, k, v = self._qkv(i, h, cos, sin)  # [1, N, H, d]
+                q, k, v = q[0], k[0], v[0]
+                cache.write(i, batch.slots, k, v)
+            out = self._attention(i, q, k, v, batch.groups, masks, cache)  # [N, Hq, d]
             h = self._linear(i, "wo", out.view(1, N, -1), residual=h)
             h = self._ffn(i, h)
         return self._head(h[0].index_select(0, batch.logits_index))  # [M, V]
+
+    def _mask(self, grp: AttentionGroup, block_size: int) -> Optional[torch.Tensor]:
+        """The additive (``decode``) or boolean (``cached``) mask of a padded group; None for the others."""
+        if grp.kind == "decode":
+            S = grp.block_tables.shape[1] * block_size
+            hidden = torch.arange(S)[None, :] >= grp.context[:, None]  # [b, S]
+            bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
+            return bias[None].expand(self.args.n_kv_heads, -1, -1).reshape(-1, 1, S)  # [Hk b, 1, S]
+        if grp.kind == "cached":
+            key_pos = torch.arange(grp.block_tables.shape[1] * block_size)  # [S]
+            return (key_pos[None, None, :] <= grp.query_positions[:, :, None])[:, None]  # [b, 1, T, S]
+        return None
+
+    def _attention(self, i: int, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
+                   groups: list[AttentionGroup], masks: list[Optional[torch.Tensor]], cache: PagedKVCache) -> torch.Tensor:
+        """Layer i's attention output [N, Hq, d] for the step's queries q [N, Hq, d], group by group; k, v
+        [N, Hk, d] are the step's own keys/values (needed by ``fresh`` groups only)."""
+        a = self.args
+        g, scale = a.n_groups, 1.0 / math.sqrt(a.head_dim)
+        scales = (cache.k_scale[i], cache.v_scale[i]) if cache.int8 else (None, None)
+        if len(groups) == 1 and groups[0].kind == "paged":  # the usual step: the kernel's output is the whole output
+            return ops.paged_decode_attention(q, cache.k[i], cache.v[i], groups[0].block_tables, groups[0].context, scale,
+                                              *scales)
+        out = torch.empty_like(q)
+        for grp, mask in zip(groups, masks):
+            rows = slice(grp.start, grp.stop)
+            if grp.kind == "paged":
+                out[rows] = ops.paged_decode_attention(q[rows], cache.k[i], cache.v[i], grp.block_tables, grp.context,
+                                                       scale, *scales)
+                continue
+            if grp.kind == "decode":
+                keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
+                out[rows] = decode_attention(q[rows], keys, values, mask, g)
+                continue
+            qi = grp.query_index
+            b, T = qi.shape
+            if grp.kind == "fresh":  # causal within the chunk; right padding is never seen by real rows
+                o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), k[qi].transpose(1, 2), v[qi].transpose(1, 2),
+                                                   is_causal=True, enable_gqa=g > 1)
+            else:
+                keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]
+                o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), keys.transpose(0, 1), values.transpose(0, 1),
+                                                   attn_mask=mask, enable_gqa=g > 1)
+            out[rows] = o.transpose(1, 2).reshape(b * T, a.n_heads, a.head_dim)[grp.real]
+        return out
