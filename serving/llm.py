@@ -19,6 +19,7 @@ from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.engine import Engine, engine_tensors, load_engine
+from puyu.serving.decode_run import DecodeRun, plain_decode
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
@@ -186,6 +187,13 @@ class LLM:
                     except ServingError as exc:
                         outputs[i] = RequestOutput(i, error=str(exc))
                 while sched.has_work():
+                    if plain_decode(self, sched):  # steady-state decoding: a run of array-only steps
+                        run_steps, run_tokens = DecodeRun(self, sched).run(outputs)
+                        if run_steps:
+                            steps += run_steps
+                            computed += run_tokens
+                            out_tokens += run_tokens
+                            continue
                     chunks = sched.schedule()
                     if not chunks:
                         raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")

@@ -1,0 +1,95 @@
+"""The array-only decode run (``puyu.serving.decode_run``) against the general step loop: the same tokens,
+finishes, statistics and prefix-cache entries, under memory pressure too, and no run where it does not
+apply (sampling, log-probabilities, stop strings, no fused kernel)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import puyu.serving.llm as llm_module
+from puyu.model import Transformer, get_flavor, ops
+from puyu.serving.config import RuntimeConfig, SamplingParams
+from puyu.serving.decode_run import DecodeRun
+from puyu.serving.llm import LLM
+
+pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="decode runs need the paged kernel")
+STATS = ("steps", "output_tokens", "computed_tokens", "preemptions", "prefix_cache_block_hits", "kv_peak_blocks")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(2)
+    return Transformer(get_flavor("tiny")).eval()
+
+
+def prompts(n=24):
+    g = torch.Generator().manual_seed(3)
+    out = [torch.randint(1, 1024, (int(k),), generator=g).tolist() for k in torch.randint(2, 70, (n,), generator=g)]
+    for i in range(0, n, 4):  # shared prefixes: full blocks come from the prefix cache
+        out[i] = out[0][:33] + out[i][:9]
+    return out
+
+
+def run(model, ps, params, monkeypatch, fast: bool, eos: int = 0, **runtime):
+    """Outputs, stats and prefix-cache hashes of one generate; counts the decode runs' steps."""
+    steps = []
+    real_run = DecodeRun.run
+
+    def counted(self, outputs):
+        n, tokens = real_run(self, outputs)
+        steps.append(n)
+        return n, tokens
+
+    monkeypatch.setattr(DecodeRun, "run", counted)
+    if not fast:
+        monkeypatch.setattr(llm_module, "plain_decode", lambda *a: False)
+    llm = LLM.from_model(model, runtime=RuntimeConfig(**runtime))
+    llm.eos_id = eos
+    outs = llm.generate(ps, params)
+    monkeypatch.undo()
+    return outs, {k: llm.stats[k] for k in STATS}, set(llm.scheduler.allocator.cached), sum(steps)
+
+
+def test_same_tokens_finishes_and_stats_as_the_general_loop(model, monkeypatch):
+    ps = prompts()
+    probe = SamplingParams(max_tokens=24, ignore_eos=True)
+    first, *_ = run(model, ps, probe, monkeypatch, fast=False, block_size=8, num_blocks=600)
+    eos = first[3].token_ids[6]  # a token request 3 (which honours EOS, max 18 tokens) reaches: its EOS
+    params = [SamplingParams(max_tokens=3 + (i * 5) % 22, ignore_eos=i % 3 != 0) for i in range(len(ps))]
+    runtime = dict(block_size=8, num_blocks=600, max_num_batched_tokens=256, max_num_seqs=16)
+    want, want_stats, want_cached, _ = run(model, ps, params, monkeypatch, fast=False, eos=eos, **runtime)
+    got, got_stats, got_cached, fast_steps = run(model, ps, params, monkeypatch, fast=True, eos=eos, **runtime)
+    assert fast_steps > want_stats["steps"] // 2  # most steps ran as decode runs
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+    assert "stop" in {o.finish_reason for o in got} and "length" in {o.finish_reason for o in got}
+    assert got_stats == want_stats
+    assert got_cached == want_cached  # every block that became full was published to the prefix cache
+
+
+def test_blocks_running_short_hand_over_to_the_general_loop(model, monkeypatch):
+    ps = prompts(12)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    runtime = dict(block_size=8, num_blocks=40, max_num_batched_tokens=128)  # preemption is forced
+    want, want_stats, *_ = run(model, ps, params, monkeypatch, fast=False, **runtime)
+    got, got_stats, _, fast_steps = run(model, ps, params, monkeypatch, fast=True, **runtime)
+    assert fast_steps > 0 and want_stats["preemptions"] > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert got_stats == want_stats
+
+
+@pytest.mark.parametrize("extra", [dict(temperature=0.7, seed=1), dict(logprobs=True), dict(stop=["a"])])
+def test_no_run_unless_every_request_decodes_greedily_without_extras(model, monkeypatch, extra):
+    ps = prompts(6)
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, **(extra if i == 2 else {})) for i in range(len(ps))]
+    *_, fast_steps = run(model, ps, params, monkeypatch, fast=True, num_blocks=200)
+    assert fast_steps == 0
+
+
+def test_no_run_without_the_fused_kernel(model, monkeypatch):
+    monkeypatch.setattr(type(LLM.from_model(model).model), "paged_kernel", property(lambda self: False))
+    ps = prompts(6)
+    llm = LLM.from_model(model, runtime=RuntimeConfig(num_blocks=200))
+    monkeypatch.setattr(DecodeRun, "run", lambda *a: pytest.fail("a decode run without the paged kernel"))
+    outs = llm.generate(ps, SamplingParams(max_tokens=5, ignore_eos=True))
+    assert all(len(o.token_ids) == 5 for o in outs)
