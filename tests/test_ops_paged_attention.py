@@ -98,6 +98,36 @@ def test_fused_matches_reference_fp32(Hq, Hk, d, bs, b):
 
 
 @needs_ext
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("bs", [16, 12, 4])
+def test_slots_past_a_context_never_reach_the_output(bs, int8):
+    """The kernel scores a context's last partial group of 8 keys as a whole group (their slots exist in
+    the block): NaN and inf in those slots must not matter. The reference sees the same cache with zeros there."""
+    args = list(_case(37, 8, 2, 32, bs, int8=int8))
+    k, v, tables, lens = args[1], args[2], args[3], args[4]
+    clean_k, clean_v = k.clone(), v.clone()
+    for i, n in enumerate(lens.tolist()):
+        if n % bs:
+            last = int(tables[i, (n - 1) // bs])
+            k[:, last, n % bs:] = 127 if int8 else float("nan")
+            v[:, last, n % bs:] = -127 if int8 else float("inf")
+            clean_k[:, last, n % bs:] = 0
+            clean_v[:, last, n % bs:] = 0
+    if int8:  # NaN/inf scales of the slots past the context instead
+        for scale, bad in ((args[6], float("nan")), (args[7], float("inf"))):
+            for i, n in enumerate(lens.tolist()):
+                if n % bs:
+                    scale[:, int(tables[i, (n - 1) // bs]), n % bs:] = bad
+    out = ops.paged_decode_attention(*args)
+    assert torch.isfinite(out).all()
+    clean = list(args)
+    clean[1], clean[2] = clean_k, clean_v
+    if int8:
+        clean[6], clean[7] = torch.nan_to_num(args[6], nan=0.0, posinf=0.0), torch.nan_to_num(args[7], nan=0.0, posinf=0.0)
+    torch.testing.assert_close(out, ops.paged_decode_attention_reference(*clean), **TOL[torch.float32])
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("d", [32, 128])
 def test_fused_matches_reference_other_dtypes(dtype, d):

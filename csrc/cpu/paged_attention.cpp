@@ -87,6 +87,13 @@ inline __m256 dot8(const float* q, const float* k) {
   const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
 }
+
+// The largest of 8 lanes (a NaN lane is passed over, as std::max(m, x) passes over a NaN x).
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+  m = _mm_max_ps(_mm_movehl_ps(m, m), m);
+  return _mm_cvtss_f32(_mm_max_ss(_mm_movehdup_ps(m), m));
+}
 #endif
 
 // Asks for the cache lines of `bytes` bytes at `p` ahead of use (into all cache levels): blocks sit at
@@ -141,8 +148,11 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
       const int64_t* table = btp + i * mb;
       const int64_t n_blocks = (L + bs - 1) / bs;
       auto k_block = [&](int64_t blk) { return kp + (h * NB + table[blk]) * bs * d; };
-      if (pair + 1 < end) {  // the next pair's whole context into L2 while this one is computed
-        const int64_t i2 = (pair + 1) / Hk, h2 = (pair + 1) % Hk;
+      const int64_t i2 = (pair + 1) / Hk, h2 = (pair + 1) % Hk;
+      // The next pair's whole context into L2 while this one is computed, unless its row continues the
+      // row before it (a prompt chunk's next token: same first block, one key more), whose keys are cached.
+      const bool continues = i2 > 0 && btp[(i2 - 1) * mb] == btp[i2 * mb] && clp[i2 - 1] + 1 == clp[i2];
+      if (pair + 1 < end && !continues) {
         for (int64_t blk = 0; blk * bs < clp[i2]; ++blk) {
           const int64_t slot0 = (h2 * NB + btp[i2 * mb + blk]) * bs, n = std::min(bs, clp[i2] - blk * bs);
           prefetch_l2(kp + slot0 * d, n * d * sizeof(kv_t));
@@ -170,7 +180,10 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
           int64_t o = 0;
 #ifdef PUYU_CPU_AVX2
           if constexpr (std::is_same_v<acc_t, float> && D > 0 && D % 8 == 0) {
-            for (; o + 8 <= n; o += 8) {  // 8 keys at a time: their scores for all g heads
+            // 8 keys at a time: their scores for all g heads. A context's last, partial group is scored as a
+            // whole group too while the block has room for 8 rows (their slots exist; the scores past the
+            // context land in the buffer's unused tail and are never read): no scalar remainder.
+            for (; o < n && o + 8 <= bs; o += 8) {
               for (int64_t r = 0; r < 8; ++r) {
                 if (k_next != nullptr) prefetch(k_next + (o + r) * d, d * sizeof(kv_t));
                 prefetch(vp + (slot0 + o + r) * d, d * sizeof(kv_t));
@@ -208,8 +221,15 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
         for (int64_t j = 0; j < g; ++j) {
           acc_t* sj = sc + j * chunk;
           acc_t m = run_max[j];
-#pragma omp simd reduction(max : m)
-          for (int64_t t = 0; t < n_tok; ++t) m = std::max(m, sj[t]);
+          int64_t t_max = 0;
+#ifdef PUYU_CPU_AVX2
+          if constexpr (std::is_same_v<acc_t, float>) {  // GCC leaves the `omp simd` max below scalar
+            __m256 mv = _mm256_set1_ps(m);
+            for (; t_max + 8 <= n_tok; t_max += 8) mv = _mm256_max_ps(_mm256_loadu_ps(sj + t_max), mv);
+            m = hmax8(mv);
+          }
+#endif
+          for (int64_t t = t_max; t < n_tok; ++t) m = std::max(m, sj[t]);
           acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t t = 0; t < n_tok; ++t) {
@@ -232,7 +252,6 @@ void paged_decode_kernel(const scalar_t* qp, const kv_t* kp, const kv_t* vp, con
         if (blk1 < n_blocks) {
           prefetch(k_block(blk1), bs * d * sizeof(kv_t));
         } else if (pair + 1 < end) {
-          const int64_t i2 = (pair + 1) / Hk, h2 = (pair + 1) % Hk;
           prefetch(kp + (h2 * NB + btp[i2 * mb]) * bs * d, std::min(bs, clp[i2]) * d * sizeof(kv_t));
         }
         for (int64_t blk = blk0; blk < blk1; ++blk) {
