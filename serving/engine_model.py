@@ -3,10 +3,12 @@
 - ``forward_paged``: a flat ragged batch of token chunks from many sequences (prefill chunks and
   single decode tokens mixed), keys/values written to and read from a ``PagedKVCache`` through block
   tables. The linear layers see all tokens of the step as one [N, D] matrix, which is what makes
-  continuous batching pay off. Attention runs per ``AttentionGroup``: decode tokens gather their
-  sequences' blocks into a padded [b, S] view (buckets of similar context length); prompt chunks that
-  start at position 0 attend only to their own keys (causal SDPA, nothing read from the cache); other
-  chunks gather what the cache holds before them.
+  continuous batching pay off. Attention runs per ``AttentionGroup``: with the fused CPU kernel, decode
+  tokens and short prompt chunks read their sequences' blocks in place (``paged``), and the step's q
+  comes from ``ops.rope_cache_write``, which also stores k and v in their slots; without it, decode
+  tokens gather their blocks into a padded [b, S] view (buckets of similar context length). Prompt
+  chunks that start at position 0 otherwise attend only to their own keys (causal SDPA, nothing read
+  from the cache); other chunks gather what the cache holds before them.
 - ``forward_dense``: plain causal [B, T] (no cache) for perplexity and AWQ calibration.
 
 Both use the same fused ops as ``puyu.model`` (``ModelArgs.fused_ops``), so greedy decoding matches the

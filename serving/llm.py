@@ -18,8 +18,8 @@ import torch
 from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
-from puyu.serving.engine import Engine, engine_tensors, load_engine
 from puyu.serving.decode_run import DecodeRun, plain_decode
+from puyu.serving.engine import Engine, engine_tensors, load_engine
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
@@ -178,7 +178,7 @@ class LLM:
         outputs: list[Optional[RequestOutput]] = [None] * len(prompts)
         sched = self.scheduler
         sched.reset_counters()
-        t0, steps, out_tokens, computed = time.perf_counter(), 0, 0, 0
+        t0 = time.perf_counter()
         with cached_cpu_allocations(self.cfg.cpu_alloc_cache_mb):  # the steps reuse their activations' pages
             try:
                 for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -186,24 +186,7 @@ class LLM:
                         sched.add(self._sequence(i, prompt, p))
                     except ServingError as exc:
                         outputs[i] = RequestOutput(i, error=str(exc))
-                while sched.has_work():
-                    if plain_decode(self, sched):  # steady-state decoding: a run of array-only steps
-                        run_steps, run_tokens = DecodeRun(self, sched).run(outputs)
-                        if run_steps:
-                            steps += run_steps
-                            computed += run_tokens
-                            out_tokens += run_tokens
-                            continue
-                    chunks = sched.schedule()
-                    if not chunks:
-                        raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
-                    chunks, segments = self._order(chunks)
-                    logits_rows = self._logits_rows(chunks)
-                    batch = self._batch(chunks, logits_rows, segments)
-                    logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
-                    steps += 1
-                    computed += sum(c.n for c in chunks)
-                    out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
+                steps, computed, out_tokens = self._steps(sched, outputs)
             except BaseException:
                 sched.abort_all()
                 raise
@@ -216,6 +199,30 @@ class LLM:
                       "kv_peak_blocks": sched.allocator.peak_used,
                       "kv_peak_bytes": sched.allocator.peak_used * self.block_bytes}
         return outputs  # type: ignore[return-value]
+
+    def _steps(self, sched: Scheduler, outputs: list[Optional[RequestOutput]]) -> tuple[int, int, int]:
+        """Forward steps until every request is done; returns (steps, tokens computed, tokens generated).
+
+        Steady-state decoding goes through ``DecodeRun`` (array-only steps); every other step is scheduled,
+        laid out and sampled here, sequence by sequence."""
+        steps = computed = out_tokens = 0
+        while sched.has_work():
+            if plain_decode(self, sched):
+                run_steps, run_tokens = DecodeRun(self, sched).run(outputs)
+                if run_steps:  # 0: its first step's blocks were not free; the general step preempts
+                    steps, computed, out_tokens = steps + run_steps, computed + run_tokens, out_tokens + run_tokens
+                    continue
+            chunks = sched.schedule()
+            if not chunks:
+                raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
+            chunks, segments = self._order(chunks)
+            logits_rows = self._logits_rows(chunks)
+            batch = self._batch(chunks, logits_rows, segments)
+            logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
+            steps += 1
+            computed += sum(c.n for c in chunks)
+            out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
+        return steps, computed, out_tokens
 
     def _logits_rows(self, chunks: list[Chunk]) -> list[list[int]]:
         """Per chunk, the positions whose logits are needed: prompt positions still lacking a logprob,
