@@ -139,15 +139,8 @@ def apply_rope(
     return rope_reference(q, k, cos, sin)
 
 
-def rope_cache_write_reference(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    n_heads: int,
-) -> torch.Tensor:
+def rope_cache_write_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Split packed QKV rows, rotate q and k (``rope_reference``), store k and v in a paged cache; -> q.
 
     qkv [N, (n_heads + 2 Hk) d] (each row q | k | v), cos/sin [N, d/2], k_cache/v_cache [Hk, num_blocks,
@@ -162,16 +155,8 @@ def rope_cache_write_reference(
     return q[0]
 
 
-def rope_cache_write(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    n_heads: int,
-    fused: bool = True,
-) -> torch.Tensor:
+def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, fused: bool = True) -> torch.Tensor:
     """RoPE on the q and k heads of packed QKV rows, with k and v written into a paged KV cache layer at
     ``slots``; returns the rotated q [N, n_heads, d]. Semantics: ``rope_cache_write_reference``.
 
