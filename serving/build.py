@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from puyu.data_pipeline.corpora import wiki_summaries_file, wiki_titles
+from puyu.data_pipeline.corpora import WIKI_EVAL_DOCS, wiki_summaries_file, wiki_titles
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
@@ -104,6 +104,11 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     if not cfg.checkpoint:
         raise ServingError("build_engine: checkpoint is not set")
+    wiki_json = not b.calib_file or Path(b.calib_file).suffix == ".json"  # the default is the wiki summaries
+    if cfg.tokenizer and wiki_json and b.eval_docs > WIKI_EVAL_DOCS:
+        raise ServingError(f"build.eval_docs={b.eval_docs}: a wiki summaries file holds out only its last "
+                           f"{WIKI_EVAL_DOCS} documents from the data stage (corpora.WIKI_EVAL_DOCS); more would "
+                           "score perplexity on text pretraining saw")
     args, state = read_checkpoint(cfg.checkpoint, cfg.layout, cfg.flavor, cfg.vocab_size)
     dtype = getattr(torch, b.dtype)
     tensors = engine_tensors(args, state, dtype)

@@ -99,6 +99,10 @@ def test_build_stage_and_bad_checkpoint(checkpoints, tmp_path):
         build_engine(read, tmp_path / "x")
     with pytest.raises(ServingError, match="build.quant"):
         build(checkpoints / "puyu", tmp_path / "y", quant="w3")
+    with pytest.raises(ServingError, match=r"build.eval_docs=65: a wiki summaries file holds out only its last 64"):
+        held_out_too_far = BuildEngineJobConfig(kind="build_engine", checkpoint=str(checkpoints / "puyu"),
+                                                tokenizer="tokenizer.json", build=BuildConfig(eval_docs=65))
+        build_engine(held_out_too_far, tmp_path / "z")
 
 
 def test_quantizers_round_trip_within_their_step():
