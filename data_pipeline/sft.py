@@ -101,17 +101,20 @@ def wiki_chat_jsonl(out_dir: str | Path, limit: int = 0, heldout: int = 32, lang
 
     Each title with a lead becomes user ``Tell me about <title>.`` → assistant ``<lead>``. Titles are
     sorted; the last ``heldout`` are written to ``wiki_heldout.jsonl``, the first ``limit`` of the rest
-    (all if 0) to ``wiki_train.jsonl``. Deterministic; returns the paths and counts.
+    (all if 0) to ``wiki_train.jsonl``, never one of the evaluation tail that ``wiki_bpb`` scores
+    (``corpora.wiki_eval_titles``). Deterministic; returns the paths and counts.
     """
-    from puyu.data_pipeline.corpora import wiki_summaries_file
+    from puyu.data_pipeline.corpora import wiki_eval_titles, wiki_summaries_file
 
     data = json.loads(wiki_summaries_file(lang).read_text())
+    titles = [title for title in sorted(data) if (data[title].get("extract") or "").strip()]
     convs = [[{"role": "user", "content": f"Tell me about {title}."},
-              {"role": "assistant", "content": data[title]["extract"].strip()}]
-             for title in sorted(data) if (data[title].get("extract") or "").strip()]
+              {"role": "assistant", "content": data[title]["extract"].strip()}] for title in titles]
     if heldout >= len(convs):
         raise PuyuError(f"wiki_heldout={heldout} leaves no training conversations (of {len(convs)})")
-    held, train = convs[len(convs) - heldout:], convs[:len(convs) - heldout]
+    scored = set(wiki_eval_titles(data))
+    held = convs[len(convs) - heldout:]
+    train = [c for t, c in zip(titles[:len(convs) - heldout], convs[:len(convs) - heldout]) if t not in scored]
     train = train[:limit] if limit else train
     out_dir = Path(out_dir)
     paths = {"train": out_dir / "wiki_train.jsonl", "heldout": out_dir / "wiki_heldout.jsonl"}

@@ -70,3 +70,17 @@ def test_the_option_is_checked():
     cfg = C.DataJobConfig(inputs=[C.InputSpec(kind="jsonl", path="/data/x.jsonl", include_eval_tail=True)])
     with pytest.raises(ValueError, match=r"inputs\[0\]\.include_eval_tail is only for wiki_summaries"):
         job.build_data_stages(cfg)
+
+
+def test_wiki_chat_finetuning_data_leaves_the_wiki_bpb_documents_out(articles, tmp_path):
+    """All of the wiki chat data (limit 0): its held-out tail is the last 32 titles; the training
+    conversations hold none of the evaluation tail, which wiki_bpb scores."""
+    from puyu.data_pipeline.sft import wiki_chat_jsonl
+
+    out = wiki_chat_jsonl(tmp_path, limit=0, heldout=32)
+    train = [json.loads(line)["messages"][0]["content"] for line in open(out["train"])]
+    held = [json.loads(line)["messages"][0]["content"] for line in open(out["heldout"])]
+    scored = {f"Tell me about {t}." for t in corpora.wiki_eval_titles(articles)}
+    assert not scored & set(train)
+    assert len(held) == 32 and set(held) <= scored
+    assert len(train) == out["train_conversations"] > 9000
