@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from puyu.serving.engine_model import AttentionGroup, PagedBatch
+from puyu.serving.sampling import first_argmax
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def plain_decode(llm: LLM, sched: Scheduler) -> bool:
         return False
     for seq in running:
         p = seq.params
-        if (not seq.greedy or p.logprobs or p.stop or seq.num_computed != len(seq.tokens) - 1
+        if (not p.greedy or p.logprobs or p.stop or seq.num_computed != len(seq.tokens) - 1
                 or seq.wants_prompt_logprobs):
             return False
     return True
@@ -86,7 +87,7 @@ class DecodeRun:
                                [AttentionGroup("paged", 0, b, block_tables=tables, context=positions + 1)],
                                torch.from_numpy(self.rows))
             logits = llm.model.forward_paged(batch, llm.cache)  # [b, V]
-            self.tokens = logits.float().numpy().argmax(-1)  # the first maximum, as argmax_rows
+            self.tokens = first_argmax(logits.float())  # [b] int64
             self.generated.append(self.tokens)
             self.pos += 1
             self.n_out += 1
@@ -109,8 +110,4 @@ class DecodeRun:
                 seq.append(tok)
             sched.computed(Chunk(seq, start, len(toks)))
         for seq, toks in zip(self.seqs, new):
-            reason = llm._finish_reason(seq, toks[-1])
-            if reason:
-                seq.finish_reason = reason
-                sched.finish(seq)
-                outputs[seq.index] = llm._output(seq)
+            llm._finish_if_done(sched, seq, toks[-1], outputs)

@@ -18,18 +18,16 @@ from typing import Iterator
 
 from puyu.model import ops
 
-try:
-    from puyu.model import _fused_ops
-except ImportError:  # ops has logged that the extension is missing
-    _fused_ops = None
-
 
 @contextlib.contextmanager
 def cached_cpu_allocations(limit_mb: int) -> Iterator[bool]:
     """Caches freed CPU blocks (at most ``limit_mb`` MiB) inside the block; yields whether it is active
     (False when ``limit_mb`` is 0, the extension is missing, or another allocator outranks it)."""
-    active = limit_mb > 0 and _fused_ops is not None and ops.extension_available("cpu") \
-        and _fused_ops.caching_allocator_enable(limit_mb << 20)
+    active = False
+    if limit_mb > 0 and ops.extension_available("cpu"):  # the extension imported (ops checked its ISA)
+        from puyu.model import _fused_ops
+
+        active = _fused_ops.caching_allocator_enable(limit_mb << 20)
     try:
         yield active
     finally:

@@ -145,7 +145,7 @@ class LLM:
             raise ServingError(f"prompt_logprobs_start ({params.prompt_logprobs_start}) is beyond the prompt "
                                f"({len(tokens)} tokens)")
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + index
-        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed), greedy=params.greedy)
+        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed))
 
     def chat(self, conversations: list[list[dict]], sampling: Union[SamplingParams, list[SamplingParams], None] = None):
         """``generate`` over InternLM2 chat renderings; ``<|im_end|>`` is added to the stop strings."""
@@ -371,7 +371,7 @@ class LLM:
             return 0
         all_rows = len(rows_sampled) == logits.shape[0]  # decode steps: every row is sampled, in order
         picked = logits if all_rows else logits[torch.tensor(rows_sampled)]
-        if all(seq.greedy for seq in seqs):
+        if all(seq.params.greedy for seq in seqs):
             new = argmax_rows(picked)
         else:
             new = sample_rows(picked, [s.params for s in seqs], [s.tokens for s in seqs], [s.generator for s in seqs])
@@ -384,12 +384,16 @@ class LLM:
             seq.append(tok)
             p = seq.params
             if (tok == eos and not p.ignore_eos) or p.stop or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len:
-                reason = self._finish_reason(seq, tok)
-                if reason:
-                    seq.finish_reason = reason
-                    sched.finish(seq)
-                    outputs[seq.index] = self._output(seq)
+                self._finish_if_done(sched, seq, tok, outputs)
         return len(seqs)
+
+    def _finish_if_done(self, sched: Scheduler, seq: Sequence, tok: int, outputs: list[Optional[RequestOutput]]) -> None:
+        """After ``seq`` got ``tok``: if that ended it, release its blocks and record its output."""
+        reason = self._finish_reason(seq, tok)
+        if reason:
+            seq.finish_reason = reason
+            sched.finish(seq)
+            outputs[seq.index] = self._output(seq)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params

@@ -7,6 +7,7 @@ with or whether it was preempted.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from puyu.serving.config import SamplingParams
@@ -37,11 +38,16 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def argmax_rows(logits: torch.Tensor) -> list[int]:
-    """Index of the first maximal value of each row of logits [B, V]. On CPU through NumPy, whose
+def first_argmax(logits: torch.Tensor) -> np.ndarray:
+    """Index [B] (int64) of the first maximal value of each row of CPU logits [B, V], through NumPy, whose
     vectorised argmax is ~10x torch's on [256, 2000] fp32 (41 vs 452 us at one thread); same rule."""
+    return logits.numpy().argmax(-1)
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """``first_argmax`` as a list of ints, on any device."""
     if logits.device.type == "cpu":
-        return logits.numpy().argmax(-1).tolist()
+        return first_argmax(logits).tolist()
     return logits.argmax(-1).tolist()
 
 

@@ -36,7 +36,6 @@ class Sequence:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     finish_reason: Optional[str] = None
     text: Optional[str] = None  # the output text cut at a stop string, once one appeared
-    greedy: bool = False  # temperature 0 and no repetition penalty: the next token is the argmax
     tokens: list[int] = dataclasses.field(init=False)  # prompt + output, kept up to date by append()
 
     def __post_init__(self) -> None:
