@@ -93,3 +93,35 @@ def test_no_run_without_the_fused_kernel(model, monkeypatch):
     monkeypatch.setattr(DecodeRun, "run", lambda *a: pytest.fail("a decode run without the paged kernel"))
     outs = llm.generate(ps, SamplingParams(max_tokens=5, ignore_eos=True))
     assert all(len(o.token_ids) == 5 for o in outs)
+
+
+def test_a_failure_inside_a_run_frees_its_blocks_and_the_allocator(model, monkeypatch):
+    """A forward that fails mid-run (after blocks were allocated inside it): every block is free again,
+    the caching allocator is uninstalled, and the next generate equals a fresh runtime's."""
+    from puyu.model import _fused_ops
+    from puyu.serving.engine_model import EngineModel
+
+    ps = prompts(8)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    llm = LLM.from_model(model, runtime=RuntimeConfig(block_size=4, num_blocks=200))
+    real_forward, calls = EngineModel.forward_paged, []
+
+    def fails_later(self, batch, cache):
+        calls.append(batch.tokens.shape[0])
+        if len(calls) == 9:  # a decode step well into the run: blocks have been opened in it
+            raise KeyboardInterrupt
+        return real_forward(self, batch, cache)
+
+    run_steps = []
+    real_run = DecodeRun.run
+    monkeypatch.setattr(DecodeRun, "run", lambda self, o: run_steps.append(1) or real_run(self, o))
+    with monkeypatch.context() as m:
+        m.setattr(EngineModel, "forward_paged", fails_later)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(ps, params)
+    assert run_steps  # the failure came inside a decode run
+    assert not llm.scheduler.has_work() and llm.scheduler.allocator.num_free == 200
+    with pytest.raises(RuntimeError, match="disable without enable"):
+        _fused_ops.caching_allocator_disable()
+    fresh = LLM.from_model(model, runtime=RuntimeConfig(block_size=4, num_blocks=200))
+    assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in fresh.generate(ps, params)]
