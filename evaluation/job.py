@@ -22,7 +22,7 @@ from typing import Optional
 
 from puyu.evaluation.config import EvalJobConfig
 from puyu.evaluation.items import EvalError
-from puyu.evaluation.partition import MANIFEST, ModelSpec, TaskSpec, plan_tasks, resolve_models
+from puyu.evaluation.partition import ModelSpec, TaskSpec, plan_tasks, resolve_models
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
 
@@ -42,10 +42,12 @@ def load_datasets(cfg: EvalJobConfig) -> dict:
 
 
 def engine_checksum(engine_dir: Path) -> str:
-    path = Path(engine_dir) / MANIFEST
-    if not path.is_file():
-        raise EvalError(f"model engine {engine_dir}: no {MANIFEST} (not an engine, or its build did not finish)")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """What names the weights behind cached predictions (``serving.engine.weights_fingerprint``)."""
+    from puyu.serving.engine import weights_fingerprint
+
+    if not Path(engine_dir).is_dir():
+        raise EvalError(f"model {engine_dir}: not a directory")
+    return weights_fingerprint(engine_dir)
 
 
 def meta_path(predictions: Path) -> Path:

@@ -68,14 +68,16 @@ def resolve_models(cfg: EvalJobConfig, in_run: dict[str, str] | None = None) -> 
         else:
             known = sorted(set(cfg.model_paths) | set(in_run))
             raise EvalError(f"job.models: unknown model {entry!r}: not a name in job.model_paths (known: "
-                            f"{', '.join(known) or 'none'}) and not an engine directory")
+                            f"{', '.join(known) or 'none'}) and not an engine or model directory")
     seen = [s.name for s in specs]
     if len(set(seen)) != len(seen):
         raise EvalError(f"job.models: model names must be unique, got {seen}")
     for spec in specs:
-        if not spec.in_run and not (Path(spec.path) / MANIFEST).is_file():
-            raise EvalError(f"job.models: model {spec.name!r} at {spec.path} is not an engine directory "
-                            f"(no {MANIFEST}; build one with `puyu job=build_engine`)")
+        path = Path(spec.path)
+        if not spec.in_run and not ((path / MANIFEST).is_file() or (path / "config.json").is_file()):
+            raise EvalError(f"job.models: model {spec.name!r} at {spec.path} is neither an engine directory "
+                            f"(no {MANIFEST}; build one with `puyu job=build_engine`) nor a Hugging Face model "
+                            "directory (no config.json)")
     return specs
 
 

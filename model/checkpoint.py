@@ -1,10 +1,9 @@
-"""safetensors checkpoints: single-file or sharded with a Hugging Face index, in any layout, plus the
-``config.json`` that lets ``transformers`` load an export as ``LlamaForCausalLM``.
+"""safetensors checkpoints: single-file or sharded with a Hugging Face index, in any layout, (Hugging Face model directories, with their ``config.json``, are read
+and written by :mod:`puyu.model.hf`).
 
 Directory format (the one HF uses, so either side can read the other's output):
 - ``model.safetensors``, or ``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``
   (``{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}``);
-- ``config.json`` when exported for ``transformers``.
 Loading validates the whole state dict before touching the model and fails once, naming every
 missing, unexpected or mis-shaped tensor.
 """
@@ -16,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from puyu.model.config import ModelArgs, RopeScaling
 from puyu.model.model import Transformer
 from puyu.model.state_dict import Tensors, check_state_dict, convert, expected_shapes, puyu_state_dict
 
@@ -91,67 +89,3 @@ def save_model(
 ) -> list[Path]:
     """Save ``model``'s weights in ``layout`` (puyu, internlm2 or llama) as safetensors."""
     return save_safetensors(convert(puyu_state_dict(model), "puyu", layout, model.args), directory, max_shard_bytes)
-
-
-def llama_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
-    """A ``config.json`` dict that ``transformers`` reads as a ``LlamaForCausalLM`` with ``args``' shapes.
-
-    RoPE is given both ways transformers has spelled it (``rope_theta``/``rope_scaling`` up to v4,
-    ``rope_parameters`` from v5), so the export loads in either.
-    """
-    scaling = args.rope_scaling
-    rope = {"rope_type": "default" if scaling.kind == "none" else scaling.kind, "rope_theta": args.rope_theta}
-    if scaling.kind != "none":
-        rope["factor"] = scaling.factor
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_scaling": None if scaling.kind == "none" else {"rope_type": scaling.kind, "factor": scaling.factor},
-        "rope_parameters": rope,
-        "tie_word_embeddings": args.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "initializer_range": args.init_std,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def export_llama(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None) -> list[Path]:
-    """Write ``model`` as a Llama HF checkpoint: safetensors weights (sharded if asked) and config.json."""
-    directory = Path(directory)
-    files = save_model(model, directory, "llama", max_shard_bytes)
-    dtype = next(model.parameters()).dtype
-    (directory / "config.json").write_text(json.dumps(llama_config(model.args, dtype), indent=2) + "\n")
-    return files + [directory / "config.json"]
-
-
-def args_from_hf_config(config: dict, **overrides) -> ModelArgs:
-    """``ModelArgs`` from an InternLM2 or Llama HF ``config.json`` dict (e.g. to load released weights)."""
-    rope = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or rope
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return ModelArgs(
-        dim=config["hidden_size"],
-        n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        vocab_size=config["vocab_size"],
-        ffn_hidden_dim=config["intermediate_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-5),
-        rope_theta=rope.get("rope_theta", config.get("rope_theta", 1e4)),
-        rope_scaling=RopeScaling() if kind == "default" else RopeScaling(kind, scaling["factor"]),
-        max_seq_len=config.get("max_position_embeddings", 2048),
-        tie_embeddings=config.get("tie_word_embeddings", False),
-        **overrides,
-    )

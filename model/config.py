@@ -1,6 +1,8 @@
 """Model configuration: one dataclass and the named flavors every stage refers to.
 
-The published InternLM2 shapes are fixed by the released checkpoints (vocab 92544, GQA with 8 KV heads,
+Shapes of other families (Llama, Qwen2) come from their Hugging Face ``config.json`` through
+:mod:`puyu.model.hf`; ``qkv_bias`` and the RoPE scaling kinds are what those families add. The
+published InternLM2 shapes are fixed by the released checkpoints (vocab 92544, GQA with 8 KV heads,
 RMSNorm eps 1e-5, RoPE base 1e6, SwiGLU, no biases). ``tiny`` is the same architecture small enough for
 CPU tests and the demo; it keeps GQA (4 query heads per KV head) so the grouped ``wqkv`` layout is exercised.
 """
@@ -10,22 +12,45 @@ import dataclasses
 from dataclasses import dataclass, field
 
 
+ROPE_KINDS = ("none", "linear", "dynamic", "llama3", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """How RoPE is stretched beyond ``max_seq_len``.
+    """How RoPE is stretched beyond the trained context; the formulas Hugging Face publishes for each kind.
 
-    ``kind``: ``"none"``, ``"linear"`` (positions divided by ``factor``) or ``"dynamic"`` (NTK-aware base
-    growth once the sequence is longer than ``max_seq_len``; the formula InternLM2 and Llama HF publish).
+    ``kind``:
+    - ``"none"``;
+    - ``"linear"``: inverse frequencies divided by ``factor`` (positions interpolated);
+    - ``"dynamic"``: NTK-aware base growth once the sequence is longer than ``max_seq_len`` (InternLM2);
+    - ``"llama3"``: Llama 3.1's per-frequency rule: wavelengths above ``original_max_seq_len /
+      low_freq_factor`` divided by ``factor``, below ``original_max_seq_len / high_freq_factor`` kept, a
+      smooth blend between;
+    - ``"yarn"``: NTK-by-parts interpolation between ``beta_fast`` and ``beta_slow`` rotations, cos/sin
+      scaled by ``attention_factor`` (from ``factor``/``mscale``/``mscale_all_dim`` when 0).
+    ``original_max_seq_len`` is the pretraining context of llama3/yarn (0: ``ModelArgs.max_seq_len``).
     """
 
     kind: str = "none"
     factor: float = 1.0
+    original_max_seq_len: int = 0
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn; 0: derived
+    mscale: float = 0.0  # yarn (DeepSeek-style attention factor)
+    mscale_all_dim: float = 0.0  # yarn
+    truncate: bool = True  # yarn: correction range rounded to whole dimensions
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "linear", "dynamic"):
-            raise ValueError(f"unknown RoPE scaling {self.kind!r}; expected none, linear or dynamic")
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"unknown RoPE scaling {self.kind!r}; expected one of {', '.join(ROPE_KINDS)}")
         if self.kind != "none" and self.factor < 1.0:
             raise ValueError(f"RoPE scaling factor must be >= 1, got {self.factor}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError(f"llama3 RoPE needs high_freq_factor > low_freq_factor > 0, got "
+                             f"{self.high_freq_factor} and {self.low_freq_factor}")
 
 
 @dataclass
@@ -41,6 +66,7 @@ class ModelArgs:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 32768  # the trained context length (HF max_position_embeddings)
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the query/key/value projections (Qwen2)
     # The one switch for the fused C++/CUDA kernels (puyu.model.ops); falls back to the PyTorch
     # reference, with a log line, when the extension was not built for the tensors' device.
     fused_ops: bool = True
@@ -73,7 +99,8 @@ class ModelArgs:
         hd = self.head_dim
         attn = self.dim * (self.n_heads + 2 * self.n_kv_heads) * hd + self.n_heads * hd * self.dim
         ffn = 3 * self.dim * self.ffn_hidden_dim
-        layer = attn + ffn + 2 * self.dim
+        bias = (self.n_heads + 2 * self.n_kv_heads) * hd if self.qkv_bias else 0
+        layer = attn + bias + ffn + 2 * self.dim
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return self.n_layers * layer + emb + self.dim
 

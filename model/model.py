@@ -1,7 +1,8 @@
 """The InternLM2 transformer, single-device and readable; ``puyu.parallel`` shards it from outside.
 
 Layout follows the released checkpoints so weights load without reshuffling: a packed ``wqkv`` per layer
-in InternLM2's grouped order (for each KV head: its ``g`` query heads, then its key, then its value),
+in InternLM2's grouped order (for each KV head: its ``g`` query heads, then its key, then its value;
+with ``qkv_bias`` its bias packed the same way, as Qwen2 has one),
 ``wo``, a SwiGLU FFN ``w2(silu(w1 x) * w3 x)``, pre-norm RMSNorms ``attention_norm``/``ffn_norm``, and
 untied ``tok_embeddings``/``output`` (tied is an option: ``output`` then reuses the embedding matrix).
 
@@ -85,7 +86,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.n_groups = args.n_groups
         self.fused = args.fused_ops
-        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=False)
+        self.wqkv = nn.Linear(args.dim, (args.n_heads + 2 * args.n_kv_heads) * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(
@@ -153,11 +154,14 @@ class Transformer(nn.Module):
 
     def init_weights(self) -> None:
         """Normal(0, init_std) for matrices, with the residual-stream outputs (wo, w2) scaled by
-        1/sqrt(2 * n_layers) so the residual variance does not grow with depth; ones for norms."""
+        1/sqrt(2 * n_layers) so the residual variance does not grow with depth; ones for norms, zeros
+        for biases."""
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, std=out_std if name.endswith(("wo.weight", "w2.weight")) else std)

@@ -1,10 +1,11 @@
-"""State-dict adapters: InternLM2 Hugging Face layout <-> puyu <-> Llama Hugging Face layout.
+"""State-dict adapters: InternLM2 Hugging Face layout <-> puyu <-> Llama (and Qwen2) Hugging Face layout.
 
 puyu's names are InternLM2's without the ``model.`` prefix, so that direction is a rename. Llama splits
 the packed ``wqkv`` into ``q_proj``/``k_proj``/``v_proj``; InternLM2 packs it per KV group as
 ``[q_1 .. q_g, k, v]`` (``g`` = query heads per KV head), i.e. the weight viewed as
 ``[n_kv_heads, g + 2, head_dim, dim]``. Both use the rotate-half RoPE convention, so no row permutation
-is needed. All conversions only move and reshape tensors, so round trips are exact.
+is needed. Qwen2 is the Llama layout plus ``q/k/v_proj.bias``, packed into ``wqkv.bias`` the same way.
+All conversions only move and reshape tensors, so round trips are exact.
 
 Tied embeddings: a tied puyu model has ``output.weight`` and ``tok_embeddings.weight`` as one tensor;
 the HF layouts then omit ``output.weight``/``lm_head.weight`` (``tie_word_embeddings=True``).
@@ -49,6 +50,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     for i in range(args.n_layers):
         p = f"layers.{i}."
         shapes[p + "attention.wqkv.weight"] = ((args.n_heads + 2 * args.n_kv_heads) * hd, d)
+        if args.qkv_bias:
+            shapes[p + "attention.wqkv.bias"] = ((args.n_heads + 2 * args.n_kv_heads) * hd,)
         shapes[p + "attention.wo.weight"] = (d, args.n_heads * hd)
         shapes[p + "feed_forward.w1.weight"] = (args.ffn_hidden_dim, d)
         shapes[p + "feed_forward.w3.weight"] = (args.ffn_hidden_dim, d)
@@ -94,7 +97,24 @@ def to_internlm2(state: Tensors) -> Tensors:
 
 # ---- Llama HF <-> puyu -----------------------------------------------------------------------------
 def _wqkv_view(args: ModelArgs, wqkv: torch.Tensor) -> torch.Tensor:
-    return wqkv.view(args.n_kv_heads, args.n_groups + 2, args.head_dim, args.dim)  # [Hk, g+2, d, D]
+    """A packed ``wqkv`` weight [(Hq+2Hk)*d, D] or bias [(Hq+2Hk)*d] as [Hk, g+2, d, ...]."""
+    return wqkv.view(args.n_kv_heads, args.n_groups + 2, args.head_dim, *wqkv.shape[1:])
+
+
+def _split_qkv(args: ModelArgs, wqkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed grouped ``wqkv`` (weight or bias) -> Llama's q [Hq*d, ...], k and v [Hk*d, ...]."""
+    w, g, rest = _wqkv_view(args, wqkv), args.n_groups, wqkv.shape[1:]
+    return (w[:, :g].reshape(-1, *rest), w[:, g].reshape(-1, *rest), w[:, g + 1].reshape(-1, *rest))
+
+
+def _pack_qkv(args: ModelArgs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_split_qkv``: interleave per KV head as [q_1 .. q_g, k, v]."""
+    hk, g, hd, rest = args.n_kv_heads, args.n_groups, args.head_dim, q.shape[1:]
+    packed = torch.cat([q.view(hk, g, hd, *rest), k.view(hk, 1, hd, *rest), v.view(hk, 1, hd, *rest)], dim=1)
+    return packed.reshape(-1, *rest)  # [Hk*(g+2)*d, ...]
+
+
+_QKV = {f"self_attn.{n}_proj.{kind}": (n, kind) for n in "qkv" for kind in ("weight", "bias")}
 
 
 def to_llama(state: Tensors, args: ModelArgs) -> Tensors:
@@ -106,49 +126,41 @@ def to_llama(state: Tensors, args: ModelArgs) -> Tensors:
             continue
         i, suffix = m.groups()
         p = f"model.layers.{i}."
-        if suffix == "attention.wqkv.weight":
-            w = _wqkv_view(args, t)
-            g = args.n_groups
-            out[p + "self_attn.q_proj.weight"] = w[:, :g].reshape(args.n_heads * args.head_dim, args.dim)
-            out[p + "self_attn.k_proj.weight"] = w[:, g].reshape(args.n_kv_heads * args.head_dim, args.dim)
-            out[p + "self_attn.v_proj.weight"] = w[:, g + 1].reshape(args.n_kv_heads * args.head_dim, args.dim)
+        if suffix in ("attention.wqkv.weight", "attention.wqkv.bias"):
+            kind = suffix.rsplit(".", 1)[1]
+            for n, part in zip("qkv", _split_qkv(args, t)):
+                out[p + f"self_attn.{n}_proj.{kind}"] = part
         else:
             out[p + _LAYER_TO_LLAMA.get(suffix, suffix)] = t
     return out
 
 
 def from_llama(state: Tensors, args: ModelArgs) -> Tensors:
-    """Llama HF names -> puyu names. q/k/v of a layer are packed into ``wqkv`` once all three are seen;
-    a layer missing one of them, or with the wrong shapes, keeps the pieces it has under their Llama
-    names so that ``check_state_dict`` reports them rather than this function failing half-way."""
+    """Llama/Qwen2 HF names -> puyu names. q/k/v of a layer (weights, and biases where present) are
+    packed into ``wqkv`` once all three are seen; a layer missing one of them, or with the wrong shapes,
+    keeps the pieces it has under their HF names so that ``check_state_dict`` reports them rather than
+    this function failing half-way."""
     out: Tensors = {}
-    qkv: dict[str, Tensors] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, t in state.items():
         m = _LLAMA_LAYER_KEY.match(key)
         if m is None:
             out[_TOP_FROM_LLAMA.get(key, key)] = t
             continue
         i, suffix = m.groups()
-        if suffix in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-            qkv.setdefault(i, {})[suffix] = t
+        if suffix in _QKV:
+            n, kind = _QKV[suffix]
+            qkv.setdefault((i, kind), {})[n] = t
         else:
             out[f"layers.{i}." + _LAYER_FROM_LLAMA.get(suffix, suffix)] = t
-    hd, d, g = args.head_dim, args.dim, args.n_groups
-    for i, parts in qkv.items():
-        q, k, v = (parts.get(f"self_attn.{n}_proj.weight") for n in "qkv")
-        shapes_ok = (
-            q is not None and k is not None and v is not None
-            and tuple(q.shape) == (args.n_heads * hd, d)
-            and tuple(k.shape) == tuple(v.shape) == (args.n_kv_heads * hd, d)
-        )
-        if not shapes_ok:
-            out.update({f"model.layers.{i}.{n}": t for n, t in parts.items()})
+    hd, d = args.head_dim, args.dim
+    for (i, kind), parts in qkv.items():
+        rest = (d,) if kind == "weight" else ()
+        want = {"q": (args.n_heads * hd, *rest), "k": (args.n_kv_heads * hd, *rest), "v": (args.n_kv_heads * hd, *rest)}
+        if set(parts) != set("qkv") or any(tuple(parts[n].shape) != want[n] for n in "qkv"):
+            out.update({f"model.layers.{i}.self_attn.{n}_proj.{kind}": t for n, t in parts.items()})
             continue
-        packed = torch.cat(
-            [q.view(args.n_kv_heads, g, hd, d), k.view(args.n_kv_heads, 1, hd, d), v.view(args.n_kv_heads, 1, hd, d)],
-            dim=1,
-        )  # [Hk, g+2, d, D]
-        out[f"layers.{i}.attention.wqkv.weight"] = packed.reshape(-1, d)
+        out[f"layers.{i}.attention.wqkv.{kind}"] = _pack_qkv(args, parts["q"], parts["k"], parts["v"])
     return out
 
 

@@ -3,12 +3,13 @@
 An engine directory holds:
 - ``engine.json``: format version, the ``ModelArgs``, the build settings and where the weights came from;
 - ``weights.safetensors``: per layer ``wqkv`` (query heads, then keys, then values: one matmul and a
-  split, instead of InternLM2's per-group interleave), ``w13`` (gate and up stacked: one tensor, so one
+  split, instead of InternLM2's per-group interleave; ``wqkv.bias`` in the same order for Qwen2), ``w13`` (gate and up stacked: one tensor, so one
   AWQ scale and one quantization pass cover both; the runtime splits it back into two linears whose
   outputs SwiGLU reads without copies), ``wo``, ``w2``, the norms; ``rope.cos``/``rope.sin`` [max_seq_len, head_dim/2] tables;
   quantized linears as described in :mod:`puyu.serving.quant`;
 - ``manifest.json``: shape, dtype and sha256 of every tensor and of every other file;
-- optionally ``tokenizer.json``, and ``build_report.{json,md}``.
+- optionally the tokenizer's files (``TOKENIZER_FILES``: puyu's ``tokenizer.json``, or a Hugging Face
+  model's tokenizer, config and chat template), and ``build_report.{json,md}``.
 Loading recomputes every checksum and refuses an engine whose bytes or shapes do not match, naming the
 tensor or file.
 """
@@ -26,43 +27,37 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from puyu.launcher.atomic import atomic_write_text
-from puyu.model import ModelArgs, args_from_hf_config, convert, get_flavor, load_safetensors
+from puyu.model import ModelArgs, is_hf_model_dir, read_model_dir
+from puyu.model.hf import FAMILIES, read_hf_config
 from puyu.model.rope import rope_cos_sin
-from puyu.model.state_dict import check_state_dict, expected_shapes
 from puyu.serving.config import ServingError
 
 FORMAT = "puyu-engine"
 VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE, TOKENIZER_FILE = "engine.json", "weights.safetensors", "manifest.json", "tokenizer.json"
+CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE = "engine.json", "weights.safetensors", "manifest.json"
+# What a Hugging Face directory keeps its tokenizer in; an engine copies those present (puyu's own: tokenizer.json)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 Tensors = dict[str, torch.Tensor]
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | Path, layout: str = "auto", flavor: str = "tiny", vocab_size: int = 0,
                     fused_ops: bool = True) -> tuple[ModelArgs, Tensors]:
-    """``ModelArgs`` and the puyu-layout state dict of a puyu or HF (InternLM2/Llama) checkpoint directory.
-
-    HF checkpoints carry their shapes in ``config.json``; a puyu export has none, so the shapes come from
-    ``flavor`` with the vocabulary and layer count read off the tensors.
-    """
+    """``ModelArgs`` and the puyu-layout state dict of a model directory, through the one loader
+    (:func:`puyu.model.read_model_dir`: an HF Llama/Qwen2/InternLM2 directory, or a puyu export whose
+    shapes come from ``flavor``). ``layout`` other than auto must agree with what the directory is."""
     path = Path(path)
-    hf_config = path / "config.json"
-    if layout == "auto":
-        layout = json.loads(hf_config.read_text()).get("model_type", "llama") if hf_config.exists() else "puyu"
-    if layout not in ("puyu", "internlm2", "llama"):
-        raise ServingError(f"checkpoint {path}: unknown layout {layout!r}; expected puyu, internlm2 or llama")
-    raw = load_safetensors(path)
-    if layout == "puyu":
-        emb = raw.get("tok_embeddings.weight")
-        if emb is None:
-            raise ServingError(f"checkpoint {path}: no tensor tok_embeddings.weight (is it a puyu export?)")
-        n_layers = 1 + max(int(k.split(".")[1]) for k in raw if k.startswith("layers."))
-        args = get_flavor(flavor, vocab_size=vocab_size or emb.shape[0], n_layers=n_layers, fused_ops=fused_ops,
-                          tie_embeddings="output.weight" not in raw)
-    else:
-        args = args_from_hf_config(json.loads(hf_config.read_text()), fused_ops=fused_ops)
-    state = convert(raw, layout, "puyu", args)
-    check_state_dict(state, expected_shapes(args), what=f"{layout} checkpoint {path}")
+    found = "puyu"
+    if is_hf_model_dir(path):
+        found = FAMILIES.get(read_hf_config(path)["model_type"], "unknown")
+    if layout not in ("auto", "puyu", "internlm2", "llama"):
+        raise ServingError(f"checkpoint {path}: unknown layout {layout!r}; expected auto, puyu, internlm2 or llama")
+    if layout != "auto" and layout != found:
+        raise ServingError(f"checkpoint {path}: layout={layout} but the directory holds a {found} checkpoint")
+    args, state = read_model_dir(path, fused_ops=fused_ops, flavor=flavor)
+    if vocab_size and vocab_size != args.vocab_size:
+        raise ServingError(f"checkpoint {path}: vocab_size={vocab_size} but its embeddings have {args.vocab_size} rows")
     return args, state
 
 
@@ -82,6 +77,9 @@ def engine_tensors(args: ModelArgs, state: Tensors, dtype: torch.dtype = torch.f
         p = f"layers.{i}."
         w = state[p + "attention.wqkv.weight"].view(args.n_kv_heads, g + 2, hd, D)  # grouped InternLM2 order
         out[p + "wqkv.weight"] = torch.cat([w[:, :g].reshape(-1, D), w[:, g].reshape(-1, D), w[:, g + 1].reshape(-1, D)])
+        if args.qkv_bias:  # the bias in the same q | k | v order
+            b = state[p + "attention.wqkv.bias"].view(args.n_kv_heads, g + 2, hd)
+            out[p + "wqkv.bias"] = torch.cat([b[:, :g].reshape(-1), b[:, g].reshape(-1), b[:, g + 1].reshape(-1)])
         out[p + "w13.weight"] = torch.cat([state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]])
         out[p + "wo.weight"] = state[p + "attention.wo.weight"]
         out[p + "w2.weight"] = state[p + "feed_forward.w2.weight"]
@@ -123,8 +121,11 @@ def save_engine(out_dir: str | Path, args: ModelArgs, tensors: Tensors, build: d
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     files = [CONFIG_FILE]
     if tokenizer:
-        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
-        files.append(TOKENIZER_FILE)
+        tokenizer = Path(tokenizer)
+        sources = [tokenizer / f for f in TOKENIZER_FILES] if tokenizer.is_dir() else [tokenizer]
+        for src in (s for s in sources if s.is_file()):
+            shutil.copyfile(src, out / src.name)
+            files.append(src.name)
     manifest = {
         "format": FORMAT,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "sha256": tensor_sha256(v)}
@@ -144,8 +145,49 @@ class Engine:
 
     @property
     def tokenizer_path(self) -> Optional[Path]:
-        p = self.path / TOKENIZER_FILE
-        return p if p.exists() else None
+        """The directory holding the engine's tokenizer files (an engine dir or the model dir), or None."""
+        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def is_engine_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def engine_from_model_dir(path: str | Path, fused_ops: bool = True, dtype: Optional[torch.dtype] = None) -> Engine:
+    """An unquantized in-memory engine straight from a model directory (HF or puyu export), so every job
+    that serves a model (``infer``, ``eval``, ``agent``) takes what the user has without a build step.
+    ``dtype``: the weights' (default: the checkpoint's own floating dtype)."""
+    args, state = read_model_dir(path, fused_ops=fused_ops)
+    dtype = dtype or state["tok_embeddings.weight"].dtype
+    config = {"format": "model-dir", "build": {"quant": "none", "kv": "fp"}, "source": {"checkpoint": str(path)}}
+    return Engine(Path(path), args, engine_tensors(args, state, dtype), config)
+
+
+def open_engine(path: str | Path, fused_ops: Optional[bool] = None) -> Engine:
+    """An engine directory (verified against its manifest) or, failing that, a model directory."""
+    path = Path(path)
+    if is_engine_dir(path) or not path.is_dir():
+        return load_engine(path, fused_ops)
+    if not is_hf_model_dir(path) and not any(path.glob("*.safetensors")):
+        raise ServingError(f"{path}: neither an engine (no {MANIFEST_FILE}) nor a model directory (no config.json "
+                           "or safetensors)")
+    return engine_from_model_dir(path, True if fused_ops is None else fused_ops)
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """A sha256 naming the weights a predictions file was made with: an engine's manifest (which holds
+    every tensor's checksum), or for a model directory its config and each file's name, size and mtime
+    (hashing a 7B model's bytes per task would cost more than the evaluation it guards)."""
+    path = Path(path)
+    if is_engine_dir(path):
+        return file_sha256(path / MANIFEST_FILE)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if f.name == "config.json":
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def load_engine(path: str | Path, fused_ops: Optional[bool] = None) -> Engine:
@@ -192,6 +234,8 @@ def check_engine_shapes(path: Path, args: ModelArgs, tensors: Tensors) -> None:
     for i in range(args.n_layers):
         p = f"layers.{i}."
         expected[p + "attention_norm.weight"] = expected[p + "ffn_norm.weight"] = (D,)
+        if args.qkv_bias:
+            expected[p + "wqkv.bias"] = ((args.n_heads + 2 * args.n_kv_heads) * hd,)
         for name, (n_rows, n_cols) in shapes.items():
             if p + name + ".weight" in tensors:
                 expected[p + name + ".weight"] = (n_rows, n_cols)

@@ -88,6 +88,7 @@ class EngineLinear:
 
     def __init__(self, tensors: Tensors, dtype: torch.dtype, scratch: Optional[Scratch] = None):
         self.weight = tensors.get("weight")
+        self.bias = tensors.get("bias")  # [O] or None (Qwen2's q/k/v)
         self.packed = onednn_packed(self.weight) if self.weight is not None else None
         self.quant = {k: v for k, v in tensors.items() if k in QUANT_PARTS}
         self.act_scale = self.quant.pop("act_scale", None)
@@ -102,10 +103,12 @@ class EngineLinear:
                 self.in_features = int(self.quant["in_features"])
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [..., I] -> ``x W^T`` [..., O], plus ``residual`` [..., O] if given."""
-        if self.packed is not None:
+        """x [..., I] -> ``x W^T`` (+ bias) [..., O], plus ``residual`` [..., O] if given."""
+        if self.packed is not None and self.bias is None:
             return packed_linear(x.to(self.dtype), self.packed, residual)
-        y = self._project(x)
+        y = packed_linear(x.to(self.dtype), self.packed) if self.packed is not None else self._project(x)
+        if self.bias is not None:
+            y = y + self.bias
         return y if residual is None else residual + y
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:

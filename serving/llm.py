@@ -19,7 +19,7 @@ from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.decode_run import DecodeRun, plain_decode
-from puyu.serving.engine import Engine, engine_tensors, load_engine
+from puyu.serving.engine import Engine, engine_tensors, open_engine
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
@@ -78,7 +78,8 @@ class RequestOutput:
 
 
 class LLM:
-    """The runtime over one engine (a directory, an ``Engine`` or a ``Transformer`` turned into one)."""
+    """The runtime over one engine (an engine or model directory, an ``Engine``, or an ``EngineModel``;
+    ``from_model`` turns a ``Transformer`` into one)."""
 
     def __init__(self, engine: Union[str, Path, Engine, EngineModel], tokenizer: Union[str, Path, TextTokenizer, None] = None,
                  runtime: Optional[RuntimeConfig] = None, kv_dtype: Optional[str] = None):
@@ -87,7 +88,7 @@ class LLM:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         if isinstance(engine, (str, Path)):
-            engine = load_engine(engine)
+            engine = open_engine(engine)
         if isinstance(engine, Engine):
             tokenizer = tokenizer or engine.tokenizer_path
             kv_dtype = kv_dtype or engine.config.get("build", {}).get("kv")

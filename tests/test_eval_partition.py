@@ -66,7 +66,7 @@ def test_models_resolve_by_name_or_engine_directory_and_unknown_names_fail_in_on
         resolve_models(_cfg(models=["nosuch"], model_paths={"base": str(tmp_path / "one/engine")}))
     assert "\n" not in str(err.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EvalError, match="not an engine directory"):
+    with pytest.raises(EvalError, match="neither an engine directory.*nor a Hugging Face model directory"):
         resolve_models(_cfg(models=[str(tmp_path / "empty")]))
     with pytest.raises(EvalError, match="nothing to evaluate"):
         resolve_models(_cfg())

@@ -1,0 +1,251 @@
+"""Hugging Face model directories through puyu's one loader (``puyu.model.read_model_dir``).
+
+Llama and Qwen2 directories are written by ``transformers``' own ``save_pretrained`` from its own classes
+and must give the same logits (fp32, within 1e-5) once loaded into puyu; InternLM2 (remote code, not in
+transformers) is checked against a reference forward written here from the equations of its published
+``modeling_internlm2.py``.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puyu.model import (
+    ModelDirError,
+    Transformer,
+    export_hf,
+    get_flavor,
+    is_hf_model_dir,
+    load_hf_model,
+    read_model_dir,
+)
+from puyu.model.config import RopeScaling
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=384, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+def _hf_model(cls_name: str, tmp_path, randomize_bias: bool = False, max_shard_size: str = "50GB", **config):
+    cfg_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(cfg_cls(**{**SMALL, **config})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and randomize_bias:  # HF initialises biases to 0: that would test nothing
+                p.normal_(std=0.5)
+            elif name.endswith("norm.weight"):  # and norms to 1
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path, max_shard_size=max_shard_size)
+    return model
+
+
+def _max_logit_diff(hf_model, ours: Transformer, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (hf_model(tokens).logits - ours(tokens)).abs().max().item()
+
+
+ROPES = {
+    "default": {},
+    "linear": {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},
+    "dynamic": {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}},
+    "llama3": {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+                                   "rope_theta": 500000.0}},
+    "yarn": {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                 "rope_theta": 10000.0}},
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPES))
+def test_llama_written_by_transformers_gives_its_logits(rope, tmp_path):
+    """96 tokens: past max_position_embeddings (64), so dynamic NTK acts; past the original 16 for llama3/yarn."""
+    hf = _hf_model("LlamaForCausalLM", tmp_path, **ROPES[rope])
+    assert is_hf_model_dir(tmp_path)
+    ours = load_hf_model(tmp_path).eval()
+    assert ours.args.rope_scaling.kind == {"default": "none"}.get(rope, rope)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(1))
+    assert _max_logit_diff(hf, ours, tokens) <= 1e-5
+
+
+def test_llama3_rope_acts(tmp_path):
+    """The llama3 rule changes the logits against plain RoPE (else the parity test above proves little)."""
+    _hf_model("LlamaForCausalLM", tmp_path, **ROPES["llama3"])
+    ours = load_hf_model(tmp_path).eval()
+    plain = Transformer(ours.args.replace(rope_scaling=RopeScaling())).eval()
+    plain.load_state_dict(ours.state_dict())
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 48))
+    with torch.no_grad():
+        assert (plain(tokens) - ours(tokens)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_qwen2_with_qkv_biases_gives_its_logits(tied, tmp_path):
+    hf = _hf_model("Qwen2ForCausalLM", tmp_path, randomize_bias=True, tie_word_embeddings=tied,
+                   max_shard_size="200KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()  # sharded by transformers
+    ours = load_hf_model(tmp_path).eval()
+    assert ours.args.qkv_bias and ours.args.tie_embeddings == tied
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(2))
+    assert _max_logit_diff(hf, ours, tokens) <= 1e-5
+
+
+def test_pytorch_bin_shards_load(tmp_path):
+    """Older checkpoints: ``pytorch_model-0000i-of-0000n.bin`` with ``pytorch_model.bin.index.json``."""
+    hf = _hf_model("LlamaForCausalLM", tmp_path / "st")
+    out = tmp_path / "bin"
+    out.mkdir()
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        fname = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, out / fname)
+        weight_map.update({k: fname for k in part})
+    (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    ours = load_hf_model(out).eval()
+    tokens = torch.randint(0, SMALL["vocab_size"], (1, 24))
+    assert _max_logit_diff(hf, ours, tokens) <= 1e-5
+
+
+# ---- InternLM2: the published layout and equations ------------------------------------------------
+def _internlm2_reference(sd: dict, cfg: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits from InternLM2's published modelling equations, on its own tensor names.
+
+    wqkv rows grouped per KV head as (q_1..q_g, k, v) (``rearrange(qkv, "b q (h gs d) -> b q h gs d",
+    gs=2 + g)``), RMSNorm in fp32, rotate-half RoPE with dynamic NTK beyond max_position_embeddings,
+    ``w2(silu(w1 x) * w3 x)``.
+    """
+    H, Hk, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    d, g, eps = D // H, H // Hk, cfg["rms_norm_eps"]
+    B, T = tokens.shape
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    base, L, factor = cfg["rope_theta"], cfg["max_position_embeddings"], cfg["rope_scaling"]["factor"]
+    if T > L:
+        base = base * ((factor * T / L) - (factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat([torch.outer(torch.arange(T).float(), inv_freq)] * 2, dim=-1)  # [T, d]
+    cos, sin = emb.cos(), emb.sin()
+
+    def rotate(x):  # [B, h, T, d]
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    h = sd["model.tok_embeddings.weight"][tokens]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        x = rms(h, sd[p + "attention_norm.weight"])
+        qkv = (x @ sd[p + "attention.wqkv.weight"].T).view(B, T, Hk, g + 2, d)
+        q = qkv[..., :g, :].reshape(B, T, H, d).transpose(1, 2)
+        k = qkv[..., -2, :].transpose(1, 2).repeat_interleave(g, dim=1)
+        v = qkv[..., -1, :].transpose(1, 2).repeat_interleave(g, dim=1)
+        scores = rotate(q) @ rotate(k).transpose(-1, -2) / math.sqrt(d)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D)
+        h = h + attn @ sd[p + "attention.wo.weight"].T
+        x = rms(h, sd[p + "ffn_norm.weight"])
+        ffn = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
+        h = h + ffn @ sd[p + "feed_forward.w2.weight"].T
+    return rms(h, sd["model.norm.weight"]) @ sd["output.weight"].T
+
+
+def _internlm2_dir(tmp_path):
+    """A checkpoint in the published HF layout, written without puyu: random tensors under InternLM2's names."""
+    from safetensors.torch import save_file
+
+    cfg = {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+           "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+           "vocab_size": 300, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_act": "silu", "max_position_embeddings": 32,
+           "rms_norm_eps": 1e-5, "bias": False, "rope_theta": 1000000, "tie_word_embeddings": False,
+           "rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    gen = torch.Generator().manual_seed(3)
+    D, F_, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    qkv_rows = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * (D // cfg["num_attention_heads"])
+    shapes = {"model.tok_embeddings.weight": (V, D), "model.norm.weight": (D,), "output.weight": (V, D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "attention.wqkv.weight": (qkv_rows, D), p + "attention.wo.weight": (D, D),
+                       p + "feed_forward.w1.weight": (F_, D), p + "feed_forward.w3.weight": (F_, D),
+                       p + "feed_forward.w2.weight": (D, F_), p + "attention_norm.weight": (D,),
+                       p + "ffn_norm.weight": (D,)})
+    sd = {k: (torch.rand(s, generator=gen) + 0.5 if len(s) == 1 else torch.randn(s, generator=gen) * 0.05)
+          for k, s in shapes.items()}
+    save_file(sd, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return sd, cfg
+
+
+@pytest.mark.parametrize("T", [20, 48])  # within and beyond max_position_embeddings (32): dynamic NTK
+def test_internlm2_layout_matches_its_published_equations(T, tmp_path):
+    sd, cfg = _internlm2_dir(tmp_path)
+    ours = load_hf_model(tmp_path).eval()
+    assert ours.args.rope_scaling == RopeScaling("dynamic", 2.0)
+    tokens = torch.randint(0, cfg["vocab_size"], (2, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(tokens) - _internlm2_reference(sd, cfg, tokens)).abs().max().item() <= 1e-5
+
+
+def test_internlm2_export_round_trips(tmp_path):
+    (tmp_path / "src").mkdir()
+    sd, _ = _internlm2_dir(tmp_path / "src")
+    model = load_hf_model(tmp_path / "src")
+    export_hf(model, tmp_path / "out", family="internlm2")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "internlm2" and "auto_map" in config
+    args, state = read_model_dir(tmp_path / "out")
+    assert args == model.args
+    from safetensors.torch import load_file
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert set(written) == set(sd) and all(torch.equal(written[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_layout_export_loads_in_transformers(bias, tmp_path):
+    """puyu -> HF: a Llama (Qwen2 with q/k/v biases) directory transformers' Auto classes load to equal logits."""
+    args = get_flavor("tiny", qkv_bias=bias, rope_scaling=RopeScaling("llama3", 8.0, original_max_seq_len=64))
+    torch.manual_seed(0)
+    model = Transformer(args).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(std=0.5)
+    export_hf(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if bias else "LlamaForCausalLM")
+    tokens = torch.randint(0, args.vocab_size, (1, 80))
+    assert _max_logit_diff(hf, model, tokens) <= 1e-5
+
+
+# ---- what cannot be loaded is refused, naming the file and key ------------------------------------------
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "gpt2"}, r"config.json: model_type 'gpt2' is not supported"),
+    ({"hidden_act": "gelu"}, r"config.json: unsupported llama config: hidden_act='gelu'"),
+    ({"attention_bias": True}, r"attention_bias/mlp_bias=true"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, r"rope_scaling type 'longrope'"),
+    ({"head_dim": 32}, r"head_dim=32 differs"),
+])
+def test_unsupported_configs_fail_in_one_line(change, match, tmp_path):
+    _hf_model("LlamaForCausalLM", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ModelDirError, match=match) as err:
+        read_model_dir(tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_missing_weights_and_directories_are_named(tmp_path):
+    with pytest.raises(ModelDirError, match="not found"):
+        read_model_dir(tmp_path / "nosuch")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SMALL}))
+    with pytest.raises(ModelDirError, match=r"no weights \(model.safetensors"):
+        read_model_dir(tmp_path)
