@@ -19,7 +19,7 @@ from puyu.data_pipeline.corpora import WIKI_EVAL_DOCS, wiki_summaries_file, wiki
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
-from puyu.serving.engine import engine_tensors, read_checkpoint, save_engine
+from puyu.serving.engine import TOKENIZER_FILES, engine_tensors, read_checkpoint, save_engine
 from puyu.serving.engine_model import LINEARS, EngineModel
 from puyu.serving.quant import quantize_linear
 from puyu.serving.tokenizer import TextTokenizer
@@ -93,6 +93,12 @@ def quantize_tensors(model: EngineModel, tensors: dict, cfg: BuildConfig, calib:
     return alphas
 
 
+def model_dir_tokenizer(checkpoint: str) -> bool:
+    """Whether a model directory carries its own tokenizer (a Hugging Face one does): then it is the
+    engine's tokenizer unless ``tokenizer`` names another."""
+    return any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES[:2])
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -104,8 +110,9 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     if not cfg.checkpoint:
         raise ServingError("build_engine: checkpoint is not set")
+    tokenizer_src = cfg.tokenizer or (cfg.checkpoint if model_dir_tokenizer(cfg.checkpoint) else "")
     wiki_json = not b.calib_file or Path(b.calib_file).suffix == ".json"  # the default is the wiki summaries
-    if cfg.tokenizer and wiki_json and b.eval_docs > WIKI_EVAL_DOCS:
+    if tokenizer_src and wiki_json and b.eval_docs > WIKI_EVAL_DOCS:
         raise ServingError(f"build.eval_docs={b.eval_docs}: a wiki summaries file holds out only its last "
                            f"{WIKI_EVAL_DOCS} documents from the data stage (corpora.WIKI_EVAL_DOCS); more would "
                            "score perplexity on text pretraining saw")
@@ -113,7 +120,7 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
     dtype = getattr(torch, b.dtype)
     tensors = engine_tensors(args, state, dtype)
     fp_model = EngineModel(args, dict(tensors))
-    tokenizer = TextTokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    tokenizer = TextTokenizer(tokenizer_src) if tokenizer_src else None
     if tokenizer is None and b.quant != "none" and b.awq:
         raise ServingError("build_engine: AWQ calibration needs real text, so tokenizer must be set")
     report: dict = {"checkpoint": str(cfg.checkpoint), "quant": b.quant, "kv": b.kv, "group_size": b.group_size,
@@ -130,7 +137,7 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
         report["ppl_engine"] = perplexity(EngineModel(args, tensors), held_out) if b.quant != "none" else report["ppl_unquantized"]
         report["ppl_change"] = report["ppl_engine"] / report["ppl_unquantized"] - 1
     source = {"checkpoint": str(cfg.checkpoint), "layout": cfg.layout}
-    save_engine(out_dir, args, tensors, dataclasses.asdict(b), source, cfg.tokenizer or None)
+    save_engine(out_dir, args, tensors, dataclasses.asdict(b), source, tokenizer_src or None)
     report["size_bytes"] = dir_bytes(out_dir)
     report["build_seconds"] = time.perf_counter() - t0
     report["engine"] = str(out_dir)

@@ -138,15 +138,17 @@ class BuildConfig:
 class BuildEngineJobConfig(JobConfig):
     """``puyu job=build_engine checkpoint=... build.quant=w4``: checkpoint -> engine directory.
 
-    ``layout`` auto: HF ``config.json`` with ``model_type`` llama/internlm2, else puyu (then ``flavor``
-    and ``vocab_size`` give the shapes). ``out`` "" = ``<run>/build_engine/engine``.
+    ``checkpoint``: a Hugging Face model directory (Llama, Qwen2, InternLM2; see ``puyu.model.hf``) or a
+    puyu export. ``layout`` auto: what the directory holds (HF ``config.json``'s ``model_type``, else
+    puyu, whose shapes ``flavor`` and ``vocab_size`` give). ``out`` "" = ``<run>/build_engine/engine``.
     """
 
     checkpoint: str = ""
     layout: str = "auto"  # auto | puyu | internlm2 | llama
     flavor: str = "tiny"
     vocab_size: int = 0  # 0: the flavor's (puyu layout only)
-    tokenizer: str = ""  # tokenizer.json copied into the engine ("" = none; prompts then are token ids)
+    tokenizer: str = ""  # tokenizer.json or an HF tokenizer dir copied into the engine ("" = the checkpoint's own
+    # tokenizer when it has one, else none: prompts then are token ids)
     out: str = ""
     build: BuildConfig = dataclasses.field(default_factory=BuildConfig)
 

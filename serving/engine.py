@@ -35,7 +35,8 @@ from puyu.serving.config import ServingError
 FORMAT = "puyu-engine"
 VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE = "engine.json", "weights.safetensors", "manifest.json"
-# What a Hugging Face directory keeps its tokenizer in; an engine copies those present (puyu's own: tokenizer.json)
+# What a Hugging Face directory keeps its tokenizer in (the vocabulary itself in one of the first two); an
+# engine copies those present (puyu's own: tokenizer.json)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 Tensors = dict[str, torch.Tensor]
@@ -146,7 +147,7 @@ class Engine:
     @property
     def tokenizer_path(self) -> Optional[Path]:
         """The directory holding the engine's tokenizer files (an engine dir or the model dir), or None."""
-        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES) else None
+        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES[:2]) else None
 
 
 def is_engine_dir(path: str | Path) -> bool:

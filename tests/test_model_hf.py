@@ -249,3 +249,54 @@ def test_missing_weights_and_directories_are_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SMALL}))
     with pytest.raises(ModelDirError, match=r"no weights \(model.safetensors"):
         read_model_dir(tmp_path)
+
+
+# ---- the same model through `puyu job=infer` ---------------------------------------------------------
+@pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_puyu_job_infer_on_a_transformers_dir_gives_hf_greedy_tokens(cls_name, tmp_path):
+    """The user's path: ``puyu job=infer job.engine=<HF dir>`` (no build step) on the command line, greedy
+    tokens equal to ``transformers``' ``generate`` on the same directory, prompts of several lengths."""
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    hf = _hf_model(cls_name, model_dir, randomize_bias=True, **ROPES["llama3" if cls_name.startswith("Llama") else "default"])
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, SMALL["vocab_size"], (n,), generator=gen).tolist() for n in (3, 9, 17, 30)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
+    cmd = [sys.executable, "-m", "puyu.launcher", "job=infer", "cluster=inline", f"run={tmp_path / 'run'}",
+           f"job.engine={model_dir}", f"job.input={tmp_path / 'in.jsonl'}", "job.shards=2",
+           "job.sampling.max_tokens=12", "job.sampling.ignore_eos=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = [json.loads(ln) for ln in (tmp_path / "run" / "infer" / "outputs.jsonl").read_text().splitlines()]
+    hf.generation_config.eos_token_id = None  # puyu ignores EOS here too: compare 12 tokens each
+    for prompt, rec in zip(prompts, out):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert rec["token_ids"] == ref[0, len(prompt):].tolist()
+
+
+def test_build_engine_from_a_qwen2_dir_keeps_biases_and_hf_greedy_tokens(tmp_path):
+    """``job=build_engine`` on a transformers-written Qwen2 directory: the engine holds the q/k/v biases and
+    serves HF's greedy tokens; a w8 build of it loads and runs too."""
+    from puyu.serving.build import build_engine
+    from puyu.serving.config import BuildConfig, BuildEngineJobConfig, SamplingParams
+    from puyu.serving.llm import LLM
+
+    hf = _hf_model("Qwen2ForCausalLM", tmp_path / "model", randomize_bias=True)
+    hf.generation_config.eos_token_id = None
+    prompt = torch.randint(3, SMALL["vocab_size"], (11,), generator=torch.Generator().manual_seed(6)).tolist()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 11:].tolist()
+    for quant in ("none", "w8"):
+        cfg = BuildEngineJobConfig(kind="build_engine", checkpoint=str(tmp_path / "model"),
+                                   build=BuildConfig(quant=quant, awq=False))
+        build_engine(cfg, tmp_path / quant)
+        out = LLM(tmp_path / quant).generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+        if quant == "none":
+            assert out.token_ids == ref
+        else:
+            assert len(out.token_ids) == 10
+    from safetensors.torch import load_file
+    assert "layers.0.wqkv.bias" in load_file(tmp_path / "w8" / "weights.safetensors")
