@@ -12,6 +12,14 @@ outputs agree token for token. The last line is the ratio of best wall times.
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py [--prompts 256 --max-tokens 64 --threads 2]``
 
+``--model DIR``: the same comparison on a model directory written by ``transformers`` (Llama or Qwen2),
+which both sides load from disk: puyu through its model-directory loader (an unquantized in-memory
+engine, as ``puyu job=infer job.engine=DIR`` serves it), HF through ``AutoModelForCausalLM``. Prompts
+are the same leads through the directory's own tokenizer when it has one, else through the BPE above
+(ids valid in any vocabulary of 2000 or more). ``--write-model DIR`` first writes such a directory:
+a 12-layer, 768-wide Llama with a 32000-token vocabulary (~110M parameters, random weights) saved by
+``transformers``' own ``save_pretrained``.
+
 ``--quant``: instead, puyu alone on a wider random model (dim 1024, 4 layers, vocab 4000) with fp32,
 w8 and w4 weights (no AWQ; quantization of a random model says nothing about accuracy, only speed):
 16 prompts x 32 greedy tokens, interleaved repeats, best wall time of each, and whether the quantized
@@ -29,6 +37,7 @@ import torch
 from puyu.model import Transformer, export_llama, get_flavor
 from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.llm import LLM
+from puyu.serving.tokenizer import TextTokenizer
 from puyu.serving.toy import make_tokenizer, wiki_texts
 
 
@@ -39,10 +48,23 @@ def prompts_for(texts: list[str], n: int, shared_prefix_words: int = 0) -> list[
     return [prefix + " ".join(t.split()[: 8 + (i * 13) % 57]) for i, t in enumerate(texts[-n:])]
 
 
-def run_hf(export_dir: Path, prompts: list[list[int]], max_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
-    from transformers import LlamaForCausalLM
+def write_model(out: Path) -> None:
+    """A ~110M-parameter Llama (12 layers, dim 768, 12 heads / 4 KV heads, vocab 32000), random weights,
+    written by transformers itself."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    print(f"wrote {out}: LlamaForCausalLM, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
+
+
+def run_hf(export_dir: Path, prompts: list[list[int]], max_tokens: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -56,8 +78,10 @@ def run_hf(export_dir: Path, prompts: list[list[int]], max_tokens: int, pad_id: 
     return time.perf_counter() - t0, time.process_time() - c0, out[:, width:].tolist()
 
 
-def run_puyu(model: Transformer, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
-    llm = LLM.from_model(model, runtime=RuntimeConfig(kv_cache_mb=128, max_num_seqs=256, max_num_batched_tokens=2048))
+def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """``model``: a training-side model (turned into an in-memory engine) or a model directory."""
+    runtime = RuntimeConfig(kv_cache_mb=512, max_num_seqs=256, max_num_batched_tokens=2048)
+    llm = LLM(model, runtime=runtime) if isinstance(model, Path) else LLM.from_model(model, runtime=runtime)
     t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     return time.perf_counter() - t0, time.process_time() - c0, [o.token_ids for o in outs]
@@ -110,26 +134,37 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix-words", type=int, default=0, help="one passage of this many words before every prompt")
     ap.add_argument("--quant", action="store_true", help="fp32 vs w8 vs w4 weights on a wider model (puyu only)")
+    ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
+    ap.add_argument("--write-model", type=Path, help="first write a ~110M Llama there (then used as --model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quant:
         print(f"quantized weights: dim 1024 x 4 layers, 16 prompts x 32 new tokens, {args.threads} threads, torch {torch.__version__}")
         bench_quant(args.repeats)
         return
+    if args.write_model:
+        write_model(args.write_model)
+        args.model = args.write_model
     texts = wiki_texts()
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(texts[:3000], Path(tmp) / "tokenizer.json", vocab_size=2000)
+        if args.model and any((args.model / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            tok = TextTokenizer(args.model)
         prompts = [tok.encode(p) for p in prompts_for(texts, args.prompts, args.shared_prefix_words)]
-        torch.manual_seed(0)
-        model = Transformer(get_flavor("tiny", vocab_size=tok.tok.get_vocab_size())).eval()
-        export_llama(model, Path(tmp) / "llama")
+        if args.model:
+            model, hf_dir = args.model, args.model
+        else:
+            torch.manual_seed(0)
+            model = Transformer(get_flavor("tiny", vocab_size=tok.tok.get_vocab_size())).eval()
+            hf_dir = Path(tmp) / "llama"
+            export_llama(model, hf_dir)
         n_out = args.prompts * args.max_tokens
-        print(f"{args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+        print(f"model: {args.model or 'tiny flavor'}; {args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
               f"shared prefix of {args.shared_prefix_words} words), "
               f"{args.max_tokens} new tokens each, {args.threads} threads, torch {torch.__version__}")
         hf, pu = [], []
         for _ in range(args.repeats):  # interleaved, so a change of machine load hits both sides
-            hf.append(run_hf(Path(tmp) / "llama", prompts, args.max_tokens, tok.eos_id))
+            hf.append(run_hf(hf_dir, prompts, args.max_tokens, 0))
             pu.append(run_puyu(model, prompts, args.max_tokens))
         for name, runs in (("HF transformers generate", hf), ("puyu LLM.generate", pu)):
             print(f"{name}: wall s {[round(r[0], 2) for r in runs]}, CPU s {[round(r[1], 2) for r in runs]}; "
