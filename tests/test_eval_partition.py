@@ -65,6 +65,9 @@ def test_models_resolve_by_name_or_engine_directory_and_unknown_names_fail_in_on
     with pytest.raises(EvalError, match=r"unknown model 'nosuch'.*known: base\)") as err:
         resolve_models(_cfg(models=["nosuch"], model_paths={"base": str(tmp_path / "one/engine")}))
     assert "\n" not in str(err.value)
+    (tmp_path / "hf" / "Qwen2-0.5B").mkdir(parents=True)  # a Hugging Face model directory is a model too
+    (tmp_path / "hf" / "Qwen2-0.5B" / "config.json").write_text('{"model_type": "qwen2"}')
+    assert [m.name for m in resolve_models(_cfg(models=[str(tmp_path / "hf" / "Qwen2-0.5B")]))] == ["Qwen2-0.5B"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalError, match="neither an engine directory.*nor a Hugging Face model directory"):
         resolve_models(_cfg(models=[str(tmp_path / "empty")]))
