@@ -1,14 +1,19 @@
-"""Chat data for supervised finetuning: read, render with the InternLM2 template, mask, pack.
+"""Chat data for supervised finetuning: read, render with the model's chat template, mask, pack.
 
 Rows are conversations, one JSON object a line, in OpenAI ``messages`` form
 (``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``) or Alpaca form
 (``{"instruction", "input"?, "output", "system"?}``, which becomes system? → user → assistant).
 
-Rendering is InternLM2's chat template, the one ``puyu.serving.tokenizer.chat_prompt`` serves with:
-every turn is ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. The whole conversation is tokenized as
-one string (so the prompt part is token for token what serving encodes) and a token is *trained*
-iff it starts inside an assistant turn's ``{content}<|im_end|>``; everything else (system/user turns,
-the ``<|im_start|>assistant\\n`` header, the newline after ``<|im_end|>``) gets the label -100.
+Rendering is the tokenizer's chat template (:mod:`puyu.model.chat_template`; InternLM2's for puyu's own
+tokenizer), the one ``puyu.serving.tokenizer.chat_prompt`` serves with. The whole conversation is
+tokenized as one string (so the prompt part is token for token what serving encodes) and a token is
+*trained* iff it starts inside an assistant turn. Where an assistant turn lies is found for any template
+by rendering prefixes: ``messages[:i]`` with the generation prompt, then ``messages[:i+1]``; the text the
+second adds is the assistant's, with the end-of-turn token the template closes it with (``<|im_end|>``,
+``</s>``, ...), since the model must learn to stop. The whitespace that ends that text (the newline after
+InternLM2's or ChatML's end token) separates it from the next turn; generation stops before it, so it is
+not trained. Everything else (system/user turns, the assistant header) gets the label -100. A template that
+renders a later turn differently from the prompt it served (so the prefix is not a prefix) is refused.
 Labels are next-token targets: ``labels[t] = ids[t+1]`` when token ``t+1`` is trained, else -100.
 
 Packing is greedy first-fit in input order: each conversation goes into the first row with room,
@@ -30,11 +35,12 @@ import numpy as np
 
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.errors import PuyuError
+from puyu.model.chat_template import INTERNLM2_CHAT_TEMPLATE, render_chat
+from puyu.model.tokenizer import Tokenizer
 
 IGNORE = -100
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
-PAD = "<|pad|>"
+PAD = "<|pad|>"  # the data stage's padding token, for tokenizers that name no pad_token
 
 
 # --------------------------------------------------------------------------- reading
@@ -124,37 +130,46 @@ def wiki_chat_jsonl(out_dir: str | Path, limit: int = 0, heldout: int = 32, lang
 
 
 # --------------------------------------------------------------------------- rendering + masking
-def render(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The template text of a conversation and the character spans that are trained on
-    (each assistant turn's content plus its ``<|im_end|>``)."""
-    parts, spans, pos = [], [], 0
-    for m in messages:
-        head = f"{IM_START}{m['role']}\n"
-        body = f"{m['content']}{IM_END}"
-        if m["role"] == "assistant":
-            spans.append((pos + len(head), pos + len(head) + len(body)))
-        parts.append(head + body + "\n")
-        pos += len(parts[-1])
-    return "".join(parts), spans
+def render(messages: list[dict], tokenizer: Optional[Tokenizer] = None) -> tuple[str, list[tuple[int, int]]]:
+    """The template text of a conversation and the character spans that are trained on (each assistant
+    turn with its end-of-turn token; module doc). Without a tokenizer: InternLM2's template, no BOS."""
+    def chat(msgs: list[dict], prompt: bool) -> str:
+        if tokenizer is None:
+            return render_chat(INTERNLM2_CHAT_TEMPLATE, msgs, add_generation_prompt=prompt)
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=prompt)
+
+    text = chat(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = chat(messages[:i], True) if i else ""  # an opening assistant turn is trained from the start
+        turn = text if i == len(messages) - 1 else chat(messages[:i + 1], False)
+        if not (turn.startswith(prompt) and text.startswith(turn)):
+            raise PuyuError(f"the chat template renders messages[{i}] (assistant) differently once the "
+                            "conversation goes on: cannot find its tokens")
+        end = len(turn.rstrip()) if turn[len(prompt):].strip() else len(turn)
+        spans.append((len(prompt), end))
+    return text, spans
 
 
-def _trained_flags(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
-    starts = np.fromiter((o[0] for o in offsets), dtype=np.int64, count=len(offsets))
-    flags = np.zeros(len(offsets), dtype=bool)
+def _trained_flags(starts: list[int], spans: list[tuple[int, int]]) -> np.ndarray:
+    starts = np.asarray(starts, dtype=np.int64)
+    flags = np.zeros(len(starts), dtype=bool)
     for a, b in spans:
         flags |= (starts >= a) & (starts < b)
     return flags
 
 
-def encode_conversations(tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(token ids, labels) per conversation; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
-    rendered = [render(m) for m in conversations]
+def encode_conversations(tokenizer: Tokenizer, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids, labels) per conversation, rendered and encoded with ``tokenizer``."""
+    rendered = [render(m, tokenizer) for m in conversations]
     out = []
     for start in range(0, len(rendered), 256):
         chunk = rendered[start:start + 256]
-        for (_, spans), enc in zip(chunk, tokenizer.encode_batch([t for t, _ in chunk], add_special_tokens=False)):
-            ids = np.asarray(enc.ids, dtype=np.int64)
-            trained = _trained_flags(enc.offsets, spans)
+        for (_, spans), (ids, starts) in zip(chunk, tokenizer.encode_with_offsets([t for t, _ in chunk])):
+            ids = np.asarray(ids, dtype=np.int64)
+            trained = _trained_flags(starts, spans)
             labels = np.full(len(ids), IGNORE, dtype=np.int64)
             labels[:-1] = np.where(trained[1:], ids[1:], IGNORE)
             out.append((ids, labels))
@@ -257,23 +272,20 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, overlong: 
     return Packed(tokens, out_labels, doc, stats)
 
 
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise PuyuError(f"tokenizer file {path} not found")
-    return Tokenizer.from_file(str(path))
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The data stage's ``tokenizer.json``, or a Hugging Face model/tokenizer directory."""
+    return Tokenizer(path)
 
 
 def build_packed(paths: list[str], tokenizer_path: str | Path, seq_len: int, overlong: str = "truncate",
-                 tokenizer=None) -> Packed:
-    """Read every jsonl in ``paths``, encode with the data stage's tokenizer, pack."""
+                 tokenizer: Optional[Tokenizer] = None) -> Packed:
+    """Read every jsonl in ``paths``, render and encode with the tokenizer, pack."""
     tok = tokenizer or load_tokenizer(tokenizer_path)
     conversations = [c for p in paths for c in read_conversations(p)]
     if not conversations:
         raise PuyuError(f"no conversations in {paths}")
-    pad = tok.token_to_id(PAD)
+    # padding is masked and attends only to itself, so any id pads; the named one when there is one
+    pad = tok.pad_id if tok.pad_id is not None else tok.token_to_id(PAD)
     return pack(encode_conversations(tok, conversations), seq_len, overlong, 0 if pad is None else pad)
 
 
@@ -283,8 +295,8 @@ def prepare(out_dir: str | Path, tokenizer_path: str | Path, paths: list[str], e
     """The ``sft_data`` stage: (wiki jsonl +) packed ``train.npz`` / ``heldout.npz`` with stats ``.json``."""
     out_dir = Path(out_dir)
     tok = load_tokenizer(tokenizer_path)
-    if vocab_size and tok.get_vocab_size() > vocab_size:
-        raise PuyuError(f"tokenizer {tokenizer_path} has {tok.get_vocab_size()} tokens but the model's "
+    if vocab_size and tok.vocab_size > vocab_size:
+        raise PuyuError(f"tokenizer {tokenizer_path} has {tok.vocab_size} tokens but the model's "
                         f"vocab_size is {vocab_size}")
     paths, eval_paths = list(paths), list(eval_paths)
     result: dict = {}

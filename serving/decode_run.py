@@ -92,7 +92,7 @@ class DecodeRun:
             self.pos += 1
             self.n_out += 1
             done = (self.n_out >= self.max_out) | (self.pos + 1 >= llm.max_model_len) | \
-                (self.stop_at_eos & (self.tokens == llm.eos_id))
+                (self.stop_at_eos & np.isin(self.tokens, llm.eos_array))
             if done.any():
                 break
         self._write_back(outputs)

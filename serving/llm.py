@@ -25,7 +25,7 @@ from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
 from puyu.serving.sampling import argmax_rows, sample_rows
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
-from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt
+from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt, uses_internlm2
 
 Prompt = Union[str, list[int]]
 DECODE_BUCKET = 32  # decode sequences per attention group (smaller: less padding; 16-32 measured best)
@@ -96,7 +96,7 @@ class LLM:
         self.model = engine
         self.args = engine.args
         self.tokenizer = TextTokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
-        self.eos_id = self.tokenizer.eos_id if self.tokenizer else 0
+        self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
         self.kv_dtype = kv_dtype if kv_dtype and self.cfg.kv_dtype == "fp" else self.cfg.kv_dtype
         bs = self.cfg.block_size
         self.block_bytes = PagedKVCache.bytes_per_block(self.args, bs, engine.dtype, self.kv_dtype)
@@ -116,6 +116,29 @@ class LLM:
         dtype = next(model.parameters()).dtype
         tensors = engine_tensors(model.args, {k: v.detach() for k, v in puyu_state_dict(model).items()}, dtype)
         return cls(EngineModel(model.args, tensors), tokenizer, runtime, kv_dtype)
+
+    # ---- end of sequence ---------------------------------------------------------------------------
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a sequence (the tokenizer's EOS and its generation config's); none without a
+        tokenizer. Kept as a set and an array too, for the per-token checks of the loop and decode runs."""
+        return list(self.eos_array)
+
+    @eos_ids.setter
+    def eos_ids(self, ids: Seq[int]) -> None:
+        self.eos_array = np.asarray(list(ids), dtype=np.int64)
+        self.eos_set = frozenset(int(i) for i in ids)
+
+    @property
+    def eos_id(self) -> int:
+        """The first of ``eos_ids``: the tokenizer's own EOS, which also separates documents (evaluation)."""
+        if not len(self.eos_array):
+            raise ServingError("no EOS token: the runtime has no tokenizer, or its tokenizer defines none")
+        return int(self.eos_array[0])
+
+    @eos_id.setter
+    def eos_id(self, value: int) -> None:
+        self.eos_ids = [value]
 
     # ---- requests ----------------------------------------------------------------------------------
     def _tokens(self, prompt: Prompt) -> list[int]:
@@ -149,16 +172,18 @@ class LLM:
         return Sequence(index, tokens, params, torch.Generator().manual_seed(seed))
 
     def chat(self, conversations: list[list[dict]], sampling: Union[SamplingParams, list[SamplingParams], None] = None):
-        """``generate`` over InternLM2 chat renderings; ``<|im_end|>`` is added to the stop strings."""
+        """``generate`` over the conversations in the tokenizer's chat template (``chat_prompt``); with
+        InternLM2's, ``<|im_end|>`` is added to the stop strings."""
         params = self._params(sampling, len(conversations))
         prompts, errors = [], {}
         for i, conv in enumerate(conversations):
             try:
-                prompts.append(chat_prompt(conv))
+                prompts.append(chat_prompt(conv, self.tokenizer))
             except ServingError as exc:
                 prompts.append("")  # served as an empty prompt's error, then replaced below
                 errors[i] = str(exc)
-        params = [dataclasses.replace(p, stop=list(p.stop) + [IM_END]) for p in params]
+        if uses_internlm2(self.tokenizer):
+            params = [dataclasses.replace(p, stop=list(p.stop) + [IM_END]) for p in params]
         outs = self.generate(prompts, params)
         for i, msg in errors.items():
             outs[i] = RequestOutput(i, error=msg)
@@ -380,11 +405,11 @@ class LLM:
         if want:
             for j, lp in zip(want, pick_logprobs(logits, [rows_sampled[j] for j in want], [new[j] for j in want])):
                 seqs[j].logprobs.append(lp)
-        eos, max_len = self.eos_id, self.max_model_len
+        eos, max_len = self.eos_set, self.max_model_len
         for seq, tok in zip(seqs, new):
             seq.append(tok)
             p = seq.params
-            if (tok == eos and not p.ignore_eos) or p.stop or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len:
+            if (tok in eos and not p.ignore_eos) or p.stop or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len:
                 self._finish_if_done(sched, seq, tok, outputs)
         return len(seqs)
 
@@ -398,7 +423,7 @@ class LLM:
 
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params
-        if tok == self.eos_id and not p.ignore_eos:
+        if tok in self.eos_set and not p.ignore_eos:
             return "stop"
         if p.stop and self.tokenizer is not None:
             text = self.tokenizer.decode(seq.output)
@@ -414,7 +439,7 @@ class LLM:
         text = seq.text  # set when a stop string cut it
         if text is None and self.tokenizer is not None:
             ids = seq.output
-            if ids and ids[-1] == self.eos_id and not seq.params.ignore_eos:
+            if ids and ids[-1] in self.eos_set and not seq.params.ignore_eos:
                 ids = ids[:-1]
             text = self.tokenizer.decode(ids)
         return RequestOutput(seq.index, seq.prompt, list(seq.output), text, seq.finish_reason,

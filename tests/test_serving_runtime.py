@@ -197,6 +197,13 @@ def test_stop_strings_max_tokens_and_eos(model, tokenizer, prompts):
     eos_llm.eos_id = first
     out = eos_llm.generate([prompts[2]], SamplingParams(max_tokens=16))[0]
     assert out.token_ids == [first] and out.finish_reason == "stop" and out.text == ""
+    # any id of eos_ids ends it (a generation config lists several), in the decode steps too
+    eos_llm.eos_ids = [free.token_ids[9], free.token_ids[5]]
+    k = next(i for i, t in enumerate(free.token_ids) if t in eos_llm.eos_ids)
+    assert k > 0 and eos_llm.eos_id == free.token_ids[9]
+    out = eos_llm.generate([prompts[2]], SamplingParams(max_tokens=16))[0]
+    assert out.token_ids == free.token_ids[:k + 1] and out.finish_reason == "stop"
+    assert out.text == tokenizer.decode(free.token_ids[:k])
 
 
 def test_invalid_requests_get_errors_and_the_rest_goes_on(model, tokenizer, prompts):
