@@ -124,6 +124,7 @@ class EvalSummaryTask:
 
 def eval_stages(cfg: EvalJobConfig, in_run_models: Optional[dict[str, str]] = None) -> list[Stage]:
     """The plan (datasets are read here, on the submitting node, to size the tasks) as two stages."""
+    cfg.runtime.validate()  # e.g. runtime.device=cuda without CUDA: refused before anything is submitted
     if cfg.reuse and not Path(cfg.reuse).is_dir():
         raise EvalError(f"job.reuse: {cfg.reuse} is not a directory (name an earlier eval run)")
     models = resolve_models(cfg, in_run_models)

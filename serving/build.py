@@ -2,7 +2,9 @@
 
 The report answers "what did the build cost and what did quantization cost": size on disk, build time,
 and perplexity on held-out real text (documents disjoint from the calibration ones) for the unquantized
-layout and for the built engine.
+layout and for the built engine. The perplexity and AWQ calibration forwards (and the AWQ search) run on
+``build.device``; the engine is written from CPU tensors either way, so where it was built leaves no trace
+in it.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import torch
 from puyu.data_pipeline.corpora import WIKI_EVAL_DOCS, wiki_summaries_file, wiki_titles
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
-from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
-from puyu.serving.engine import TOKENIZER_FILES, engine_tensors, read_checkpoint, save_engine
+from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError, resolve_device
+from puyu.serving.engine import TOKENIZER_FILES, engine_tensors, place_tensors, read_checkpoint, save_engine
 from puyu.serving.engine_model import LINEARS, EngineModel
 from puyu.serving.quant import quantize_linear
 from puyu.serving.tokenizer import TextTokenizer
@@ -57,7 +59,7 @@ def perplexity(model: EngineModel, docs: list[list[int]]) -> float:
     """exp(mean next-token NLL) over all tokens of ``docs`` (each scored from its own start)."""
     nll, count = 0.0, 0
     for doc in docs:
-        tokens = torch.tensor(doc)[None]
+        tokens = torch.tensor(doc, device=model.device)[None]
         logits = model.forward_dense(tokens[:, :-1]).float()[0]  # [T-1, V]
         nll += float(torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="sum"))
         count += len(doc) - 1
@@ -70,26 +72,27 @@ def calibration_inputs(model: EngineModel, docs: list[list[int]]) -> dict[str, t
     model.capture = {}
     try:
         for doc in docs:
-            model.forward_dense(torch.tensor(doc)[None])
+            model.forward_dense(torch.tensor(doc, device=model.device)[None])
         captured = {k: torch.cat(v) for k, v in model.capture.items()}
     finally:
         model.capture = None
     out = {}
     for name, x in captured.items():
-        idx = torch.linspace(0, x.shape[0] - 1, min(CALIB_ROWS, x.shape[0])).long()
+        idx = torch.linspace(0, x.shape[0] - 1, min(CALIB_ROWS, x.shape[0]), device=x.device).long()
         out[name] = x[idx].float()
     return out
 
 
 def quantize_tensors(model: EngineModel, tensors: dict, cfg: BuildConfig, calib: Optional[dict]) -> dict[str, float]:
-    """Replace every linear's ``.weight`` in ``tensors`` by its quantized parts; returns AWQ alphas."""
+    """Replace every linear's ``.weight`` in ``tensors`` (CPU) by its quantized parts (CPU); returns AWQ
+    alphas. The AWQ search runs where the calibration inputs are."""
     alphas = {}
     for i in range(model.args.n_layers):
         for name in LINEARS:
             key = f"layers.{i}.{name}"
-            w = tensors.pop(key + ".weight")
-            parts, alphas[key] = quantize_linear(w, cfg.quant, cfg.group_size, calib[key] if calib else None)
-            tensors.update({f"{key}.{k}": v for k, v in parts.items()})
+            w, x = tensors.pop(key + ".weight"), calib[key] if calib else None
+            parts, alphas[key] = quantize_linear(w if x is None else w.to(x.device), cfg.quant, cfg.group_size, x)
+            tensors.update({f"{key}.{k}": v.cpu() for k, v in parts.items()})
     return alphas
 
 
@@ -117,14 +120,14 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
                            f"{WIKI_EVAL_DOCS} documents from the data stage (corpora.WIKI_EVAL_DOCS); more would "
                            "score perplexity on text pretraining saw")
     args, state = read_checkpoint(cfg.checkpoint, cfg.layout, cfg.flavor, cfg.vocab_size)
-    dtype = getattr(torch, b.dtype)
-    tensors = engine_tensors(args, state, dtype)
-    fp_model = EngineModel(args, dict(tensors))
+    dtype, device = getattr(torch, b.dtype), torch.device(resolve_device(b.device))
+    tensors = engine_tensors(args, state, dtype)  # CPU, what the engine is written from
+    fp_model = EngineModel(args, place_tensors(tensors, device))
     tokenizer = TextTokenizer(tokenizer_src) if tokenizer_src else None
     if tokenizer is None and b.quant != "none" and b.awq:
         raise ServingError("build_engine: AWQ calibration needs real text, so tokenizer must be set")
     report: dict = {"checkpoint": str(cfg.checkpoint), "quant": b.quant, "kv": b.kv, "group_size": b.group_size,
-                    "awq": b.awq, "dtype": b.dtype, "params": args.num_params()}
+                    "awq": b.awq, "dtype": b.dtype, "device": device.type, "params": args.num_params()}
     held_out = []
     if tokenizer is not None:
         calib_docs, held_out = split_docs(load_texts(b.calib_file), tokenizer, b)
@@ -134,10 +137,12 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
         calib = calibration_inputs(fp_model, calib_docs) if b.awq else None
         report["awq_alpha"] = quantize_tensors(fp_model, tensors, b, calib)
     if tokenizer is not None:
-        report["ppl_engine"] = perplexity(EngineModel(args, tensors), held_out) if b.quant != "none" else report["ppl_unquantized"]
+        report["ppl_engine"] = (perplexity(EngineModel(args, place_tensors(tensors, device)), held_out)
+                                if b.quant != "none" else report["ppl_unquantized"])
         report["ppl_change"] = report["ppl_engine"] / report["ppl_unquantized"] - 1
     source = {"checkpoint": str(cfg.checkpoint), "layout": cfg.layout}
-    save_engine(out_dir, args, tensors, dataclasses.asdict(b), source, tokenizer_src or None)
+    settings = {k: v for k, v in dataclasses.asdict(b).items() if k != "device"}  # the engine is device-independent
+    save_engine(out_dir, args, tensors, settings, source, tokenizer_src or None)
     report["size_bytes"] = dir_bytes(out_dir)
     report["build_seconds"] = time.perf_counter() - t0
     report["engine"] = str(out_dir)
@@ -170,4 +175,5 @@ class BuildEngineTask:
 
 
 def build_engine_stages(cfg: BuildEngineJobConfig) -> list[Stage]:
+    cfg.build.validate()  # a bad setting (build.device=cuda without CUDA) fails here, not in the job
     return [Stage("build_engine", BuildEngineTask(cfg))]

@@ -21,6 +21,33 @@ class ServingError(PuyuError, ValueError):
     """
 
 
+DEVICES = ("auto", "cpu", "cuda")
+RUNTIME_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_device(key: str, value: str) -> None:
+    """Refuse an unknown device, or ``cuda`` where this process sees no CUDA, naming ``key``.
+
+    torch is imported here, not at module level: job configs import this module to register themselves."""
+    if value not in DEVICES:
+        raise ServingError(f"{key}={value!r}; choose one of {', '.join(DEVICES)}")
+    if value == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ServingError(f"{key}=cuda but CUDA is not available here (torch {torch.__version__}); "
+                               f"use {key}=cpu, or auto to take a GPU where there is one")
+
+
+def resolve_device(value: str) -> str:
+    """``cpu`` or ``cuda`` for a checked device setting (auto: cuda when this process sees a GPU)."""
+    if value != "auto":
+        return value
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """How one request is decoded. ``temperature == 0`` is greedy (top_k/top_p are then ignored).
@@ -82,12 +109,19 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class RuntimeConfig:
-    """The runtime's memory and batching limits.
+    """Where the runtime computes, and its memory and batching limits.
 
+    ``device`` auto: CUDA when the process that builds the runtime sees a GPU, else the CPU; ``dtype``
+    auto: bf16 for an unquantized engine on CUDA, else the engine's own (a quantized engine keeps the
+    float dtype it was built in; an explicit dtype casts its float tensors too). A training-side model
+    (``LLM.from_model``) and an ``EngineModel`` stay where and as they are under auto.
     KV memory is fixed up front: ``kv_cache_mb`` (or ``num_blocks`` when > 0) of ``block_size``-token
     blocks; the scheduler never uses more. ``max_num_batched_tokens`` caps the tokens of one forward pass
     (long prompts are prefilled in chunks of at most that many).
     """
+
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16: weights, activations and the fp KV cache
 
     block_size: int = 16
     num_blocks: int = 0  # > 0 overrides kv_cache_mb
@@ -102,6 +136,9 @@ class RuntimeConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        check_device("runtime.device", self.device)
+        if self.dtype not in RUNTIME_DTYPES:
+            raise ServingError(f"runtime.dtype={self.dtype!r}; choose one of {', '.join(RUNTIME_DTYPES)}")
         if self.kv_dtype not in ("fp", "int8"):
             raise ServingError(f"runtime.kv_dtype must be fp or int8, got {self.kv_dtype!r}")
         if self.cpu_alloc_cache_mb < 0:
@@ -113,7 +150,9 @@ class RuntimeConfig:
 
 @dataclasses.dataclass
 class BuildConfig:
-    """How an engine is built: ``quant`` none|w8|w4 (weight-only), ``kv`` fp|int8 (the runtime default)."""
+    """How an engine is built: ``quant`` none|w8|w4 (weight-only), ``kv`` fp|int8 (the runtime default).
+
+    ``device`` only says where the build computes; the engine it writes holds CPU tensors either way."""
 
     quant: str = "none"
     kv: str = "fp"
@@ -124,8 +163,10 @@ class BuildConfig:
     eval_docs: int = 64  # held-out documents (disjoint from calibration) for the perplexity report
     seq_len: int = 256
     dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda: where the perplexity and AWQ calibration forwards run
 
     def validate(self) -> None:
+        check_device("build.device", self.device)
         if self.quant not in ("none", "w8", "w4"):
             raise ServingError(f"build.quant must be none, w8 or w4, got {self.quant!r}")
         if self.kv not in ("fp", "int8"):

@@ -91,6 +91,21 @@ def engine_tensors(args: ModelArgs, state: Tensors, dtype: torch.dtype = torch.f
     return out
 
 
+def is_quantized(tensors: Tensors) -> bool:
+    return any(k.endswith(".qweight") for k in tensors)
+
+
+def place_tensors(tensors: Tensors, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> Tensors:
+    """Engine tensors on ``device``, the floating ones cast to ``dtype`` (None: kept) except the RoPE
+    tables, which stay fp32 as the model's are (the rotation is computed in fp32; bf16 tables would cut
+    every cos/sin to 3 digits); quantized codes keep their integer types. Tensors already there in that
+    dtype are the same objects (no copy)."""
+    def cast(name: str, t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() and not name.startswith("rope.") else t.dtype
+
+    return {k: v.to(device, cast(k, v)) for k, v in tensors.items()}
+
+
 # ---- manifest ---------------------------------------------------------------------------------------
 def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()

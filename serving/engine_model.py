@@ -12,7 +12,8 @@
 - ``forward_dense``: plain causal [B, T] (no cache) for perplexity and AWQ calibration.
 
 Both use the same fused ops as ``puyu.model`` (``ModelArgs.fused_ops``), so greedy decoding matches the
-training-side model's reference generation token for token.
+training-side model's reference generation token for token. The tensors may live on any device: off the
+CPU there is no paged kernel (the gather path serves every step) and no oneDNN packing (plain ``F.linear``).
 """
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ class Scratch:
     def __init__(self):
         self.buf: Optional[torch.Tensor] = None
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         n = math.prod(shape)
-        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype:
-            self.buf = torch.empty(n, dtype=dtype)
+        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype or self.buf.device != device:
+            self.buf = torch.empty(n, dtype=dtype, device=device)
         return self.buf[:n].view(shape)
 
 
@@ -118,10 +119,10 @@ class EngineLinear:
             x = x / self.act_scale.to(x.dtype)
         packed = self.quant["qweight"]
         if "zeros" not in self.quant:  # w8
-            w = self.scratch.take(tuple(packed.shape), self.dtype).copy_(packed)
+            w = self.scratch.take(tuple(packed.shape), self.dtype, packed.device).copy_(packed)
             return F.linear(x, w).mul_(self.scales)
         O, G = self.scales.shape
-        w = self.scratch.take((O, packed.shape[1], 2), self.dtype)
+        w = self.scratch.take((O, packed.shape[1], 2), self.dtype, packed.device)
         w[..., 0].copy_(packed & 0xF)
         w[..., 1].copy_(packed >> 4)
         w = w.view(O, G, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None]).view(O, -1)
@@ -195,6 +196,21 @@ class PagedBatch:
     groups: list[AttentionGroup]  # covering the N rows
     logits_index: torch.Tensor  # [M] int64 flat rows whose logits are wanted
 
+    def to(self, device: torch.device) -> "PagedBatch":
+        """The batch on ``device`` through one host-to-device copy: its index tensors (all int64, built on
+        the CPU) are packed into one flat tensor, moved, and viewed back into their shapes. A copy per
+        tensor would be up to ~20 transfers a step, each waiting for the stream."""
+        groups = [dataclasses.replace(grp) for grp in self.groups]
+        moved = dataclasses.replace(self, groups=groups)
+        fields = [(moved, name) for name in ("tokens", "positions", "slots", "logits_index")]
+        fields += [(grp, f.name) for grp in groups for f in dataclasses.fields(grp)
+                   if isinstance(getattr(grp, f.name), torch.Tensor)]
+        parts = [getattr(obj, name) for obj, name in fields]
+        flat = torch.cat([t.reshape(-1) for t in parts]).to(device)
+        for (obj, name), t, piece in zip(fields, parts, flat.split([t.numel() for t in parts])):
+            setattr(obj, name, piece.view(t.shape))
+        return moved
+
 
 class EngineModel:
     """Engine tensors bound to ``args``; stateless apart from the weights (the KV cache is passed in)."""
@@ -224,7 +240,11 @@ class EngineModel:
     @property
     def paged_kernel(self) -> bool:
         """Whether attention can read the paged cache in place through the fused kernel (``paged`` groups)."""
-        return self.args.fused_ops and self.tok_embeddings.device.type == "cpu" and ops.extension_available("cpu")
+        return self.args.fused_ops and self.device.type == "cpu" and ops.extension_available("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.device
 
     @property
     def max_seq_len(self) -> int:
@@ -264,7 +284,7 @@ class EngineModel:
     def forward_dense(self, tokens: torch.Tensor) -> torch.Tensor:
         """Causal logits [B, T, V] for tokens [B, T] (T <= max_seq_len)."""
         B, T = tokens.shape
-        positions = torch.arange(T).expand(B, T)
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         h = self.tok_embeddings[tokens]  # [B, T, D]
         for i in range(self.args.n_layers):
@@ -306,11 +326,11 @@ class EngineModel:
         """The additive (``decode``) or boolean (``cached``) mask of a padded group; None for the others."""
         if grp.kind == "decode":
             S = grp.block_tables.shape[1] * block_size
-            hidden = torch.arange(S)[None, :] >= grp.context[:, None]  # [b, S]
-            bias = torch.zeros(hidden.shape, dtype=self.dtype).masked_fill_(hidden, float("-inf"))
+            hidden = torch.arange(S, device=grp.context.device)[None, :] >= grp.context[:, None]  # [b, S]
+            bias = torch.zeros(hidden.shape, dtype=self.dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
             return bias[None].expand(self.args.n_kv_heads, -1, -1).reshape(-1, 1, S)  # [Hk b, 1, S]
         if grp.kind == "cached":
-            key_pos = torch.arange(grp.block_tables.shape[1] * block_size)  # [S]
+            key_pos = torch.arange(grp.block_tables.shape[1] * block_size, device=grp.query_positions.device)  # [S]
             return (key_pos[None, None, :] <= grp.query_positions[:, :, None])[:, None]  # [b, 1, T, S]
         return None
 

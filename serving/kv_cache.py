@@ -21,22 +21,23 @@ from puyu.model.config import ModelArgs
 
 class PagedKVCache:
     """Keys/values [L, Hk, num_blocks, block_size, d] in the model dtype, or int8 with one fp32 scale per
-    token and head (symmetric, absmax) when ``kv_dtype == "int8"``.
+    token and head (symmetric, absmax) when ``kv_dtype == "int8"``, on the model's device.
 
     Heads lead so that gathering a batch's blocks gives [Hk, B, S, d] contiguous: attention then runs
     as batched matmuls over (Hk, B) without another copy of the keys and values.
     """
 
-    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, kv_dtype: str = "fp"):
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype, kv_dtype: str = "fp",
+                 device: torch.device | str = "cpu"):
         self.block_size, self.num_blocks, self.dtype = block_size, num_blocks, dtype
         self.int8 = kv_dtype == "int8"
         shape = (args.n_layers, args.n_kv_heads, num_blocks, block_size, args.head_dim)
         store = torch.int8 if self.int8 else dtype
-        self.k = torch.zeros(shape, dtype=store)
-        self.v = torch.zeros(shape, dtype=store)
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
         if self.int8:
-            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32)  # [L, Hk, nb, bs]
-            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32)
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)  # [L, Hk, nb, bs]
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
 
     @staticmethod
     def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype, kv_dtype: str) -> int:

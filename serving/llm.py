@@ -17,9 +17,9 @@ import torch
 
 from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
-from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
+from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError, resolve_device
 from puyu.serving.decode_run import DecodeRun, plain_decode
-from puyu.serving.engine import Engine, engine_tensors, open_engine
+from puyu.serving.engine import Engine, engine_tensors, is_quantized, open_engine, place_tensors
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
@@ -50,11 +50,11 @@ def padded_tables(chunks: list[Chunk], max_blocks: int) -> torch.Tensor:
 def pick_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 256) -> list[float]:
     """``log_softmax(logits)[rows, tokens]``, with the log-softmax computed only over the rows asked for
     and ``chunk`` rows at a time (its [rows, V] result is never held whole for a large vocabulary)."""
-    r, tk = torch.tensor(rows), torch.tensor(tokens)
+    r, tk = torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device)
     need, r = torch.unique(r, return_inverse=True)
     if need.shape[0] < logits.shape[0]:
         logits = logits[need]
-    out = torch.empty(len(rows))
+    out = torch.empty(len(rows), device=logits.device)
     for s in range(0, logits.shape[0], chunk):
         sel = ((r >= s) & (r < s + chunk)).nonzero()[:, 0]
         if sel.numel():
@@ -79,7 +79,12 @@ class RequestOutput:
 
 class LLM:
     """The runtime over one engine (an engine or model directory, an ``Engine``, or an ``EngineModel``;
-    ``from_model`` turns a ``Transformer`` into one)."""
+    ``from_model`` turns a ``Transformer`` into one), on ``runtime.device`` in ``runtime.dtype``.
+
+    Off the CPU the step loop takes the gather path (``decode`` buckets, ``fresh``/``cached`` groups through
+    SDPA): the paged-attention kernel, decode runs, oneDNN-packed weights and the caching host allocator
+    are CPU-only. Batches are laid out on the host and moved in one copy; a step's tokens come back in one.
+    """
 
     def __init__(self, engine: Union[str, Path, Engine, EngineModel], tokenizer: Union[str, Path, TextTokenizer, None] = None,
                  runtime: Optional[RuntimeConfig] = None, kv_dtype: Optional[str] = None):
@@ -92,8 +97,13 @@ class LLM:
         if isinstance(engine, Engine):
             tokenizer = tokenizer or engine.tokenizer_path
             kv_dtype = kv_dtype or engine.config.get("build", {}).get("kv")
-            engine = EngineModel(engine.args, engine.tensors)
+            device = torch.device(resolve_device(self.cfg.device))
+            tensors = place_tensors(engine.tensors, device, self._dtype(device, engine.tensors))
+            engine = EngineModel(engine.args, tensors)
+        else:
+            self._check_placed(engine)
         self.model = engine
+        self.device = engine.device
         self.args = engine.args
         self.tokenizer = TextTokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         self.eos_ids = self.tokenizer.eos_ids if self.tokenizer else []
@@ -103,7 +113,7 @@ class LLM:
         self.num_blocks = self.cfg.num_blocks or (self.cfg.kv_cache_mb * 2**20) // self.block_bytes
         if self.num_blocks < 1:
             raise ServingError(f"runtime: kv_cache_mb={self.cfg.kv_cache_mb} holds no {self.block_bytes}-byte block")
-        self.cache = PagedKVCache(self.args, self.num_blocks, bs, engine.dtype, self.kv_dtype)
+        self.cache = PagedKVCache(self.args, self.num_blocks, bs, engine.dtype, self.kv_dtype, self.device)
         self.max_model_len = min(self.cfg.max_model_len or engine.max_seq_len, engine.max_seq_len)
         # one scheduler for the runtime's life, so cached prefix blocks outlive a generate() call
         self.scheduler = Scheduler(self.cfg, self.num_blocks)
@@ -112,10 +122,30 @@ class LLM:
     @classmethod
     def from_model(cls, model: Transformer, tokenizer=None, runtime: Optional[RuntimeConfig] = None,
                    kv_dtype: Optional[str] = None) -> "LLM":
-        """An in-memory engine from a training-side model (unquantized, in its dtype)."""
-        dtype = next(model.parameters()).dtype
+        """An in-memory engine from a training-side model (unquantized), on its device and in its dtype
+        unless ``runtime.device``/``runtime.dtype`` say otherwise."""
+        cfg = runtime or RuntimeConfig()
+        cfg.validate()
+        param = next(model.parameters())
+        device = param.device if cfg.device == "auto" else torch.device(cfg.device)
+        dtype = param.dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         tensors = engine_tensors(model.args, {k: v.detach() for k, v in puyu_state_dict(model).items()}, dtype)
-        return cls(EngineModel(model.args, tensors), tokenizer, runtime, kv_dtype)
+        return cls(EngineModel(model.args, place_tensors(tensors, device)), tokenizer, cfg, kv_dtype)
+
+    def _dtype(self, device: torch.device, tensors: dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+        """The float dtype an engine's tensors take (None: their own): ``runtime.dtype``, or under auto
+        bf16 for an unquantized engine on CUDA (fp32 there only doubles the bytes each step reads)."""
+        if self.cfg.dtype != "auto":
+            return getattr(torch, self.cfg.dtype)
+        return torch.bfloat16 if device.type == "cuda" and not is_quantized(tensors) else None
+
+    def _check_placed(self, model: EngineModel) -> None:
+        """An ``EngineModel`` is used where and as it is: an explicit device or dtype must be its own."""
+        if self.cfg.device not in ("auto", model.device.type):
+            raise ServingError(f"runtime.device={self.cfg.device} but the EngineModel's tensors are on "
+                               f"{model.device.type} (pass the engine or model directory to have them moved)")
+        if self.cfg.dtype not in ("auto", str(model.dtype).removeprefix("torch.")):
+            raise ServingError(f"runtime.dtype={self.cfg.dtype} but the EngineModel's weights are {model.dtype}")
 
     # ---- end of sequence ---------------------------------------------------------------------------
     @property
@@ -205,7 +235,8 @@ class LLM:
         sched = self.scheduler
         sched.reset_counters()
         t0 = time.perf_counter()
-        with cached_cpu_allocations(self.cfg.cpu_alloc_cache_mb):  # the steps reuse their activations' pages
+        host_cache_mb = self.cfg.cpu_alloc_cache_mb if self.device.type == "cpu" else 0  # activations live on the GPU
+        with cached_cpu_allocations(host_cache_mb):  # the steps reuse their activations' pages
             try:
                 for i, (prompt, p) in enumerate(zip(prompts, params)):
                     try:
@@ -345,7 +376,8 @@ class LLM:
                 if bucket:
                     groups.append(self._padded_group(kind, bucket, starts[first]))
             lo = hi
-        return PagedBatch(tokens_t, positions_t, slots_t, groups, long_tensor(logits_index))
+        batch = PagedBatch(tokens_t, positions_t, slots_t, groups, long_tensor(logits_index))
+        return batch if self.device.type == "cpu" else batch.to(self.device)
 
     def _padded_group(self, kind: str, chunks: list[Chunk], start: int) -> AttentionGroup:
         """A ``fresh`` or ``cached`` group of chunks whose tokens are the batch rows from ``start`` on."""
@@ -396,7 +428,7 @@ class LLM:
         if not seqs:
             return 0
         all_rows = len(rows_sampled) == logits.shape[0]  # decode steps: every row is sampled, in order
-        picked = logits if all_rows else logits[torch.tensor(rows_sampled)]
+        picked = logits if all_rows else logits[torch.tensor(rows_sampled, device=logits.device)]
         if all(seq.params.greedy for seq in seqs):
             new = argmax_rows(picked)
         else:

@@ -5,7 +5,7 @@ Why a batching worker: HTTP handlers run one thread per connection, but the runt
 KV cache. Handlers queue their requests; a single worker takes everything queued and runs it as one
 ``generate`` call, so concurrent clients are batched together instead of serialised.
 
-Run: ``python -m puyu.serving.server --engine <dir> [--port 8000] [--host 127.0.0.1]``.
+Run: ``python -m puyu.serving.server --engine <dir> [--port 8000] [--host 127.0.0.1] [--device auto|cpu|cuda]``.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
+from puyu.serving.config import DEVICES, RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.llm import LLM, RequestOutput
 from puyu.serving.tokenizer import IM_END, chat_prompt
 
@@ -168,8 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--kv-cache-mb", type=int, default=256)
+    ap.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when this machine has a GPU")
     args = ap.parse_args(argv)
-    llm = LLM(args.engine, runtime=RuntimeConfig(kv_cache_mb=args.kv_cache_mb))
+    runtime = RuntimeConfig(kv_cache_mb=args.kv_cache_mb, device=args.device)
+    try:
+        runtime.validate()
+    except ServingError as exc:
+        ap.error(str(exc).replace("runtime.device", "--device"))
+    llm = LLM(args.engine, runtime=runtime)
     server = make_server(llm, args.host, args.port)
     print(f"serving {args.engine} on http://{server.server_address[0]}:{server.server_address[1]}/v1", flush=True)
     server.serve_forever()

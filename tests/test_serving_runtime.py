@@ -54,14 +54,18 @@ def reference(model, prompt, n=MAX_TOKENS):
     return generate(model, torch.tensor([prompt]), n)[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("attention", ["kernel", "kernel_for_decode_only", "gather"])
+@pytest.mark.parametrize("attention", ["kernel", "kernel_for_decode_only", "gather", "gather_moved"])
 def test_greedy_equals_reference_with_paging_prefix_caching_and_chunked_prefill(model, prompts, attention, monkeypatch):
     # kernel: every row reads its blocks in place (fused paged attention); kernel_for_decode_only: prompt
-    # chunks through SDPA; gather: no kernel (decode buckets over gathered blocks, as without the extension)
-    if attention == "gather":
+    # chunks through SDPA; gather: no kernel (decode buckets over gathered blocks, as without the extension);
+    # gather_moved: that, with every batch through the one-copy move a GPU's batches take (PagedBatch.to)
+    if attention.startswith("gather"):
         monkeypatch.setattr(EngineModel, "paged_kernel", property(lambda self: False))
     elif not EngineModel(model.args, engine_tensors(model.args, puyu_state_dict(model))).paged_kernel:
         pytest.skip("the fused ops extension is not built: no paged-attention kernel")
+    if attention == "gather_moved":
+        laid_out = llm_module.LLM._batch
+        monkeypatch.setattr(llm_module.LLM, "_batch", lambda self, *a: laid_out(self, *a).to(torch.device("cpu")))
     if attention == "kernel_for_decode_only":
         monkeypatch.setattr(llm_module, "PAGED_MAX_CHUNK", 1)
     cfg = RuntimeConfig(block_size=8, num_blocks=40, max_num_batched_tokens=32, max_num_seqs=6)
