@@ -20,6 +20,10 @@ are the same leads through the directory's own tokenizer when it has one, else t
 a 12-layer, 768-wide Llama with a 32000-token vocabulary (~110M parameters, random weights) saved by
 ``transformers``' own ``save_pretrained``.
 
+``--device cuda``: both sides on the GPU in bf16 (what the runtime's ``dtype=auto`` picks there; HF's
+``generate`` with the same weights in bf16), timed to the end of the device's work. The first run of each
+side also pays for CUDA's start-up, so give ``--repeats`` 2 or more.
+
 ``--quant``: instead, puyu alone on a wider random model (dim 1024, 4 layers, vocab 4000) with fp32,
 w8 and w4 weights (no AWQ; quantization of a random model says nothing about accuracy, only speed):
 16 prompts x 32 greedy tokens, interleaved repeats, best wall time of each, and whether the quantized
@@ -61,26 +65,35 @@ def write_model(out: Path) -> None:
     print(f"wrote {out}: LlamaForCausalLM, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
 
 
-def run_hf(export_dir: Path, prompts: list[list[int]], max_tokens: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
+DTYPES = {"cpu": "float32", "cuda": "bfloat16"}  # --device -> the dtype both sides run in
+
+
+def run_hf(export_dir: Path, prompts: list[list[int]], max_tokens: int, pad_id: int,
+           device: str = "cpu") -> tuple[float, float, list[list[int]]]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=getattr(torch, DTYPES[device])).eval().to(device)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding, as decoder-only generation needs
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                              do_sample=False, pad_token_id=pad_id)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, time.process_time() - c0, out[:, width:].tolist()
 
 
-def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
+def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: int,
+             device: str = "cpu") -> tuple[float, float, list[list[int]]]:
     """``model``: a training-side model (turned into an in-memory engine) or a model directory."""
-    runtime = RuntimeConfig(kv_cache_mb=512, max_num_seqs=256, max_num_batched_tokens=2048)
+    runtime = RuntimeConfig(kv_cache_mb=512, max_num_seqs=256, max_num_batched_tokens=2048, device=device,
+                            dtype=DTYPES[device])
     llm = LLM(model, runtime=runtime) if isinstance(model, Path) else LLM.from_model(model, runtime=runtime)
     t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
@@ -136,6 +149,7 @@ def main() -> None:
     ap.add_argument("--quant", action="store_true", help="fp32 vs w8 vs w4 weights on a wider model (puyu only)")
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
     ap.add_argument("--write-model", type=Path, help="first write a ~110M Llama there (then used as --model)")
+    ap.add_argument("--device", choices=list(DTYPES), default="cpu", help="where both sides run (cuda: in bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quant:
@@ -162,10 +176,12 @@ def main() -> None:
         print(f"model: {args.model or 'tiny flavor'}; {args.prompts} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
               f"shared prefix of {args.shared_prefix_words} words), "
               f"{args.max_tokens} new tokens each, {args.threads} threads, torch {torch.__version__}")
+        if args.device != "cpu":
+            print(f"both sides on {args.device} ({torch.cuda.get_device_name()}) in {DTYPES[args.device]}")
         hf, pu = [], []
         for _ in range(args.repeats):  # interleaved, so a change of machine load hits both sides
-            hf.append(run_hf(hf_dir, prompts, args.max_tokens, 0))
-            pu.append(run_puyu(model, prompts, args.max_tokens))
+            hf.append(run_hf(hf_dir, prompts, args.max_tokens, 0, args.device))
+            pu.append(run_puyu(model, prompts, args.max_tokens, args.device))
         for name, runs in (("HF transformers generate", hf), ("puyu LLM.generate", pu)):
             print(f"{name}: wall s {[round(r[0], 2) for r in runs]}, CPU s {[round(r[1], 2) for r in runs]}; "
                   f"best {n_out / min(r[0] for r in runs):.1f} output tokens/s")
