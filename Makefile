@@ -36,7 +36,7 @@ cluster-down:
 # missing), and stops the cluster again whatever the outcome.
 test: data
 	bash tests/cluster/start_cluster.sh
-	PUYU_REQUIRE_SLURM=1 PUYU_DATA_DIR=$(CURDIR)/$(DATA) $(BIN)/python -m pytest $(PYTEST_ARGS); \
+	PUYU_REQUIRE_SLURM=1 PUYU_REQUIRE_EXTENSION=1 PUYU_DATA_DIR=$(CURDIR)/$(DATA) $(BIN)/python -m pytest $(PYTEST_ARGS); \
 	  status=$$?; bash tests/cluster/stop_cluster.sh; exit $$status
 
 # Each stage against its peer (figures go to docs/benchmarks.md by hand, with the command).

@@ -7,6 +7,11 @@ them with one switch (``ModelArgs.fused_ops``, passed here as ``fused=``). When 
 or was built without kernels for the tensors' device, the fused path falls back to the reference and
 says so once in the log, so a CPU-only build or a missing toolkit never breaks a run.
 
+Each kernel is also a ``torch.library`` custom op (``torch.ops.puyu.*``) with a fake kernel (output shapes
+and dtypes from the inputs') and, for the training ops, its backward registered with ``register_autograd``:
+``torch.compile`` puts them in its graph instead of breaking the graph there, and a model built on the
+meta device propagates shapes through them. ``_route`` says when a call goes through the dispatcher.
+
 The cross-entropy never materialises the full ``[N, vocab]`` fp32 softmax: it walks the tokens in
 chunks, computes each chunk's logits from the hidden states (fused with the output projection), turns
 them into the loss and, in the same pass, into the gradient, and keeps only ``grad_hidden`` and
@@ -18,21 +23,25 @@ place through its block table instead of gathering them into a padded copy first
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+_ext_problem: str | None = None  # why the compiled kernels are not in use, for extension_problem()
 try:
     from puyu.model import _fused_ops as _ext
 except ImportError as err:  # the extension is optional: no compiler, or torch absent at build time
-    _ext = None
+    _ext, _ext_problem = None, f"puyu.model._fused_ops does not import ({err})"
     log.warning("puyu fused ops extension not built (%s); using the PyTorch reference ops", err)
 else:
     if _ext.cpu_isa() == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        _ext = None
+        _ext, _ext_problem = None, "puyu.model._fused_ops was built for AVX2 and this CPU lacks it"
         log.warning("puyu fused ops were built for AVX2 but this CPU lacks it; using the PyTorch reference ops")
+# Asked once: torch.compile cannot trace a call into the extension module.
+_CUDA_KERNELS = _ext is not None and _ext.has_cuda()
 
 _warned_devices: set[str] = set()
 
@@ -46,7 +55,12 @@ def extension_available(device: torch.device | str = "cpu") -> bool:
     if _ext is None:
         return False
     kind = torch.device(device).type
-    return kind == "cpu" or (kind == "cuda" and _ext.has_cuda())
+    return kind == "cpu" or (kind == "cuda" and _CUDA_KERNELS)
+
+
+def extension_problem() -> str | None:
+    """One line saying why the compiled kernels are not in use, or None when they are (``make test`` fails on it)."""
+    return _ext_problem
 
 
 def _use_ext(fused: bool, t: torch.Tensor) -> bool:
@@ -59,6 +73,31 @@ def _use_ext(fused: bool, t: torch.Tensor) -> bool:
         _warned_devices.add(kind)
         log.warning("puyu fused ops have no %s kernels in this build; using the PyTorch reference ops", kind)
     return False
+
+
+def _route(fused: bool, t: torch.Tensor, *differentiable: torch.Tensor) -> str:
+    """How a call on ``t`` is served: "reference", "op" (the ``torch.ops.puyu`` custom op) or "ext" (the
+    extension's function called directly, the op's own implementation).
+
+    The op for meta tensors (its fake kernel gives the shapes, with or without the extension), for what
+    torch.compile or another tracer sees (fake tensors, tensor subclasses), and for calls autograd records
+    (``differentiable`` inputs that require a gradient): ``register_autograd`` gives their backward.
+    Eager calls that record no graph call the extension directly. That is serving's decode step, which runs
+    rms_norm, rope, swiglu, rope_cache_write and paged attention per layer per step: at its shapes (tiny
+    flavor, 8 sequences) the direct calls take 4-20 us, and ``torch.ops.puyu`` would add 4-8 us to each
+    functional op and 20 us to rope_cache_write, which mutates the cache (one thread, timeit).
+    """
+    if not fused:
+        return "reference"
+    if t.is_meta:
+        return "op"
+    if not _use_ext(True, t):
+        return "reference"
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return "op"
+    if torch.is_grad_enabled() and any(i.requires_grad for i in differentiable):
+        return "op"
+    return "ext"
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -75,26 +114,55 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, N]
-        y, rstd = _ext.rms_norm_fwd(x2, weight.contiguous(), eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        return y.view(x.shape)
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., N], weight [N] -> y [..., N] (x's dtype), rstd [M] (opmath; M rows of x, kept for the backward)."""
+    y, rstd = _ext.rms_norm_fwd(x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous(), eps)  # y [M, N]
+    return y.view(x.shape), rstd
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _ext.rms_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, weight.contiguous(), rstd)
-        return dx.view(dy.shape), dw, None
+
+def _rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, x [..., N], weight [N], rstd [M] -> dx [..., N], dweight [N] (weight's dtype)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [M, N]
+    dx, dw = _ext.rms_norm_bwd(dy.reshape(x2.shape).contiguous(), x2, weight.contiguous(), rstd)
+    return dx.view(x.shape), dw
+
+
+_rms_norm_op = torch.library.custom_op("puyu::rms_norm", _rms_norm_fwd, mutates_args=())
+_rms_norm_bwd_op = torch.library.custom_op("puyu::rms_norm_backward", _rms_norm_bwd, mutates_args=())
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(math.prod(x.shape[:-1]), dtype=_opmath(x.dtype))
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, rstd):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd_op(dy, x, weight, rstd)
+    return dx, dw, None
+
+
+_rms_norm_op.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
     """RMSNorm over the last dim; x [..., N], weight [N]."""
-    if _use_ext(fused, x):
-        return _RMSNorm.apply(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+    path = _route(fused, x, x, weight)
+    if path == "reference":
+        return rms_norm_reference(x, weight, eps)
+    return (_rms_norm_fwd if path == "ext" else _rms_norm_op)(x, weight, eps)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,29 +182,47 @@ def rope_reference(
     return rotate(q), rotate(k)
 
 
-class _RoPE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        cos, sin = cos.contiguous(), sin.contiguous()
-        ctx.save_for_backward(cos, sin)
-        return tuple(_ext.rope_fwd(q.contiguous(), k.contiguous(), cos, sin, False))
+def _rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, Hq, d], k [B, T, Hk, d] rotated by the angles of cos/sin [B, T, d/2] (opmath), or back by
+    them (``inverse``: the backward, as the rotation is orthogonal) -> new q, k."""
+    q_out, k_out = _ext.rope_fwd(q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous(), inverse)
+    return q_out, k_out
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        # The rotation is orthogonal: its gradient is the rotation by the opposite angle.
-        dq, dk = _ext.rope_fwd(dq.contiguous(), dk.contiguous(), cos, sin, True)
-        return dq, dk, None, None
+
+_rope_op = torch.library.custom_op("puyu::rope", _rope, mutates_args=())
+
+
+@_rope_op.register_fake
+def _(q, k, cos, sin, inverse):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _rope_setup(ctx, inputs, output):
+    _, _, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _rope_grad(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = _rope_op(dq, dk, cos, sin, not ctx.inverse)
+    return dq, dk, None, None, None
+
+
+_rope_op.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE on q [B, T, Hq, d] and k [B, T, Hk, d] in one pass; cos/sin [B, T, d/2] (no gradient)."""
-    if _use_ext(fused, q):
-        opmath = _opmath(q.dtype)
-        return _RoPE.apply(q, k, cos.to(opmath), sin.to(opmath))
-    return rope_reference(q, k, cos, sin)
+    path = _route(fused, q, q, k)
+    if path == "reference":
+        return rope_reference(q, k, cos, sin)
+    opmath = _opmath(q.dtype)
+    return (_rope if path == "ext" else _rope_op)(q, k, cos.to(opmath), sin.to(opmath), False)
 
 
 def rope_cache_write_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
@@ -155,6 +241,21 @@ def rope_cache_write_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.
     return q[0]
 
 
+def _rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int) -> torch.Tensor:
+    return _ext.rope_cache_write(qkv, cos, sin, k_cache, v_cache, slots, n_heads)
+
+
+_rope_cache_write_op = torch.library.custom_op(
+    "puyu::rope_cache_write", _rope_cache_write, mutates_args=("k_cache", "v_cache")
+)
+
+
+@_rope_cache_write_op.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, slots, n_heads):
+    return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[3])
+
+
 def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, fused: bool = True) -> torch.Tensor:
     """RoPE on the q and k heads of packed QKV rows, with k and v written into a paged KV cache layer at
@@ -163,15 +264,17 @@ def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     Why fused: serving's decode step would otherwise split the projection, copy q and k contiguous,
     rotate them, then transpose and ``index_copy_`` k and v into the cache: five passes over small rows.
     The CPU kernel reads each row once and writes q, k and v where they belong, with the same rotation
-    as ``apply_rope`` (bit for bit). Inference only; non-CPU tensors and ``fused=False`` take the reference.
+    as ``apply_rope`` (bit for bit). Inference only; CUDA tensors and ``fused=False`` take the reference.
     """
-    if _use_ext(fused, qkv) and qkv.device.type == "cpu":
-        if torch.is_grad_enabled() and qkv.requires_grad:
-            raise RuntimeError("rope_cache_write is inference-only: qkv must not require a gradient")
-        opmath = _opmath(qkv.dtype)
-        return _ext.rope_cache_write(qkv, cos.to(opmath).contiguous(), sin.to(opmath).contiguous(), k_cache, v_cache,
-                                     slots, n_heads)
-    return rope_cache_write_reference(qkv, cos, sin, k_cache, v_cache, slots, n_heads)
+    path = _route(fused, qkv)
+    if path == "reference" or qkv.device.type == "cuda":
+        return rope_cache_write_reference(qkv, cos, sin, k_cache, v_cache, slots, n_heads)
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        raise RuntimeError("rope_cache_write is inference-only: qkv must not require a gradient")
+    opmath = _opmath(qkv.dtype)
+    return (_rope_cache_write if path == "ext" else _rope_cache_write_op)(
+        qkv, cos.to(opmath).contiguous(), sin.to(opmath).contiguous(), k_cache, v_cache, slots, n_heads
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,25 +286,48 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.to(opmath)) * up.to(opmath)).to(gate.dtype)
 
 
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up):
-        gate, up = gate.contiguous(), up.contiguous()
-        ctx.save_for_backward(gate, up)
-        return _ext.swiglu_fwd(gate, up)
+def _swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [*] -> silu(gate) * up [*]."""
+    return _ext.swiglu_fwd(gate.contiguous(), up.contiguous())
 
-    @staticmethod
-    def backward(ctx, dy):
-        gate, up = ctx.saved_tensors
-        dgate, dup = _ext.swiglu_bwd(dy.contiguous(), gate, up)
-        return dgate, dup
+
+def _swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, gate, up [*] -> dgate, dup [*]."""
+    dgate, dup = _ext.swiglu_bwd(dy.contiguous(), gate.contiguous(), up.contiguous())
+    return dgate, dup
+
+
+_swiglu_op = torch.library.custom_op("puyu::swiglu", _swiglu_fwd, mutates_args=())
+_swiglu_bwd_op = torch.library.custom_op("puyu::swiglu_backward", _swiglu_bwd, mutates_args=())
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@_swiglu_bwd_op.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _swiglu_grad(ctx, dy):
+    return _swiglu_bwd_op(dy, *ctx.saved_tensors)
+
+
+_swiglu_op.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """SwiGLU activation of the FFN: ``silu(gate) * up`` for two same-shaped tensors."""
-    if _use_ext(fused, gate):
-        return _SwiGLU.apply(gate, up)
-    return swiglu_reference(gate, up)
+    path = _route(fused, gate, gate, up)
+    if path == "reference":
+        return swiglu_reference(gate, up)
+    return (_swiglu_fwd if path == "ext" else _swiglu_op)(gate, up)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,13 +366,28 @@ def _ce_chunk_torch(
     return loss
 
 
+def _ce_chunk(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, grad_scale: float,
+              with_grad: bool) -> torch.Tensor:
+    return _ext.ce_chunk(logits, target, ignore_index, grad_scale, with_grad)
+
+
+# Declared as mutating logits: with_grad overwrites them with their gradient (a schema cannot depend on a flag).
+_ce_chunk_op = torch.library.custom_op("puyu::ce_chunk", _ce_chunk, mutates_args=("logits",))
+
+
+@_ce_chunk_op.register_fake
+def _(logits, target, ignore_index, grad_scale, with_grad):
+    return logits.new_empty(logits.shape[0], dtype=_opmath(logits.dtype))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_rows, use_ext, grad_h, grad_w):
         n_tokens = hidden.shape[0]
-        n_valid = int((target != ignore_index).sum())
+        # Meta tensors hold no values to count; the loss there only carries its shape and dtype.
+        n_valid = n_tokens if hidden.is_meta else int((target != ignore_index).sum())
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        kernel = _ext.ce_chunk if use_ext else _ce_chunk_torch
+        kernel = _ce_chunk_op if use_ext else _ce_chunk_torch
         opmath = _opmath(hidden.dtype)
         with_grad = grad_h or grad_w
         grad_hidden = torch.empty_like(hidden) if grad_h else None
@@ -303,7 +444,8 @@ def linear_cross_entropy(
     if chunk_rows is None:
         rows = CE_CHUNK_BYTES // (4 * weight.shape[0])
         chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
-    use_ext = _use_ext(True, hidden)
+    # The kernel goes through its op even in eager: it runs once per chunk of up to 128 MiB of logits.
+    use_ext = _route(True, hidden) != "reference"
     # Decided here: inside forward grad mode is off, so evaluation would otherwise pay for gradients.
     grad = torch.is_grad_enabled()
     return _LinearCrossEntropy.apply(
@@ -354,6 +496,22 @@ def paged_decode_attention_reference(
     return out.reshape(b, Hq, d).to(q.dtype)
 
 
+def _paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    return _ext.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+
+
+_paged_decode_attention_op = torch.library.custom_op(
+    "puyu::paged_decode_attention", _paged_decode_attention, mutates_args=()
+)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale):
+    return q.new_empty(q.shape)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -376,13 +534,15 @@ def paged_decode_attention(
     block table, once for all query heads of a kv head, and never reads the entries past a context.
 
     Inference only: the fused path records no autograd graph (it refuses inputs that need a gradient).
-    Non-CPU tensors, ``fused=False`` or a missing extension take the reference.
+    CUDA tensors, ``fused=False`` or a missing extension take the reference.
     """
-    if _use_ext(fused, q) and q.device.type == "cpu":
-        if torch.is_grad_enabled() and q.requires_grad:
-            raise RuntimeError("paged_decode_attention is inference-only: q must not require a gradient")
-        return _ext.paged_decode_attention(
-            q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale),
-            k_scale, v_scale,
-        )
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
+    path = _route(fused, q)
+    if path == "reference" or q.device.type == "cuda":
+        return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale,
+                                                v_scale)
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError("paged_decode_attention is inference-only: q must not require a gradient")
+    return (_paged_decode_attention if path == "ext" else _paged_decode_attention_op)(
+        q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale), k_scale,
+        v_scale,
+    )

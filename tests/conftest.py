@@ -18,6 +18,8 @@ import jobs_for_tests
 cloudpickle.register_pickle_by_value(jobs_for_tests)
 
 REQUIRE_SLURM = os.environ.get("PUYU_REQUIRE_SLURM") == "1"  # set by `make test`
+REQUIRE_EXTENSION = os.environ.get("PUYU_REQUIRE_EXTENSION") == "1"  # set by `make test`
+REQUIRE_CUDA = os.environ.get("PUYU_REQUIRE_CUDA") == "1"  # set by scripts/gpu_check.sh
 
 
 def pytest_addoption(parser):
@@ -27,6 +29,29 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running; skipped unless --runslow")
     config.addinivalue_line("markers", "slurm: needs the test Slurm cluster (tests/cluster/start_cluster.sh)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (scripts/gpu_check.sh runs them)")
+
+
+def pytest_sessionstart(session):
+    """Under `make test` a fused ops extension that did not build (or cannot run here) ends the run before any
+    test, as a failure with its one-line reason, instead of every kernel test skipping."""
+    if not REQUIRE_EXTENSION:
+        return
+    from puyu.model import ops
+
+    problem = ops.extension_problem()
+    if problem:
+        pytest.exit(f"PUYU_REQUIRE_EXTENSION=1 and the fused ops extension is not in use: {problem}", returncode=1)
+
+
+def pytest_report_header(config):
+    """Whether the kernel tests run or skip, said once at the top of the run."""
+    from puyu.model import ops
+
+    problem = ops.extension_problem()
+    if problem:
+        return f"puyu fused ops extension: not in use, its tests skip ({problem})"
+    return f"puyu fused ops extension: built (CUDA kernels: {'yes' if ops.extension_available('cuda') else 'no'})"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -36,6 +61,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_marker(request):
+    """Skips a ``cuda``-marked test without a usable GPU (fails it instead under PUYU_REQUIRE_CUDA=1)."""
+    if request.node.get_closest_marker("cuda") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        msg = f"needs a CUDA GPU: torch {torch.__version__} (CUDA {torch.version.cuda}) sees none"
+        if REQUIRE_CUDA:
+            pytest.fail(msg)
+        pytest.skip(msg)
 
 
 def _cluster_problem() -> str | None:
