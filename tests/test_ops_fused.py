@@ -202,7 +202,7 @@ def test_device_without_kernels_falls_back_and_warns_once(monkeypatch, caplog):
     assert sum("no meta kernels" in r.getMessage() for r in caplog.records) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to run the CUDA kernels")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernels_match_reference(dtype):
     assert ops.extension_available("cuda"), "extension was built without CUDA kernels"
