@@ -15,13 +15,14 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from puyu.launcher.atomic import atomic_open
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.serving.build import build_engine_stages  # noqa: F401  (re-exported for the job registry)
 from puyu.serving.config import InferJobConfig, SamplingParams, ServingError
 from puyu.serving.llm import LLM, RequestOutput
-from puyu.serving.tokenizer import IM_END, chat_prompt
+from puyu.serving.tokenizer import IM_END, Tokenizer, chat_prompt, uses_internlm2
 
 PARTS = "parts"
 OUTPUTS = "outputs.jsonl"
@@ -42,15 +43,18 @@ def json_object(line: str, where: str, what: str) -> dict:
     return rec
 
 
-def parse_request(line: str, where: str, base: SamplingParams, seed: int):
-    """(prompt, sampling, id) of one input line; raises ServingError naming ``where`` (file:line)."""
+def parse_request(line: str, where: str, base: SamplingParams, seed: int, tokenizer: Optional[Tokenizer] = None):
+    """(prompt, sampling, id) of one input line; raises ServingError naming ``where`` (file:line).
+    ``messages`` are rendered with ``tokenizer``'s own chat template (InternLM2's when it has none)."""
     rec = json_object(line, where, "request")
     try:
         params = SamplingParams.from_dict(rec.get("sampling") or {}, base)
         if params.seed is None:
             params = dataclasses.replace(params, seed=seed)
         if "messages" in rec:
-            return chat_prompt(rec["messages"]), dataclasses.replace(params, stop=params.stop + [IM_END]), rec.get("id")
+            if uses_internlm2(tokenizer):  # no <|im_end|> token to stop at in puyu's own tokenizer
+                params = dataclasses.replace(params, stop=params.stop + [IM_END])
+            return chat_prompt(rec["messages"], tokenizer), params, rec.get("id")
         for key in ("prompt", "prompt_token_ids"):
             if key in rec:
                 return rec[key], params, rec.get("id")
@@ -85,7 +89,7 @@ class InferTask:
         for i in mine:
             try:
                 prompt, p, req_id = parse_request(lines[i], f"{cfg.input}:{i + 1}", cfg.sampling,
-                                                  cfg.runtime.seed * 1_000_003 + i)
+                                                  cfg.runtime.seed * 1_000_003 + i, llm.tokenizer)
             except ServingError as exc:
                 records[i] = {"index": i, "error": str(exc)}
                 continue
