@@ -21,7 +21,7 @@ from typing import Any
 
 from puyu.serving.config import DEVICES, RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.llm import LLM, RequestOutput
-from puyu.serving.tokenizer import IM_END, chat_prompt
+from puyu.serving.tokenizer import IM_END, chat_prompt, uses_internlm2
 
 MAX_BODY_BYTES = 1 << 20
 # OpenAI request field -> SamplingParams field
@@ -143,8 +143,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _chat(self, body: dict) -> dict[str, Any]:
         params = sampling_from(body)
-        params.stop = list(params.stop) + [IM_END]
-        outs = self._run([chat_prompt(body.get("messages"))], params)
+        tokenizer = self.worker.llm.tokenizer
+        if uses_internlm2(tokenizer):  # puyu's own tokenizer has no <|im_end|> token to stop at
+            params.stop = list(params.stop) + [IM_END]
+        outs = self._run([chat_prompt(body.get("messages"), tokenizer)], params)
         o = outs[0]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "usage": _usage(outs),
