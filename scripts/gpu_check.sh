@@ -2,7 +2,7 @@
 # What needs a GPU, on a machine with one NVIDIA GPU, this repository, a CUDA toolkit and no internet:
 # builds the fused ops extension with its CUDA kernels, compiles csrc/cuda with nvcc, runs every
 # `cuda`-marked test (CUDA kernels against the PyTorch references, forward and gradients), then the GPU
-# benchmarks that exist so far. The CPU suite (`make test`) cannot see any of this.
+# serving benchmark and a 2-step bf16 pretrain of a ~1B flavor with its MFU (scripts/pretrain_mfu.py). The CPU suite (`make test`) cannot see any of this.
 #
 #   bash scripts/gpu_check.sh            # from anywhere; works in the repository root
 #
@@ -197,22 +197,10 @@ fi
 
 if [[ -z $PY ]]; then
   record pretrain_mfu SKIP "no usable Python"
+elif run pretrain_mfu 150 "$PY" scripts/pretrain_mfu.py --device cuda --flavor 1b --steps 2 --warmup 1; then
+  record pretrain_mfu PASS "$(grep 'MFU' "$LOG_DIR/pretrain_mfu.log" | tail -n 1 | cut -c1-200)"
 else
-  help=$(help_of benchmarks/bench_pretrain.py)
-  if ! listed "$help" --device; then
-    record pretrain_mfu SKIP "benchmarks/bench_pretrain.py has no --device option"
-  else
-    args=(--device cuda --steps 2)
-    listed "$help" --warmup && args+=(--warmup 1)
-    if listed "$help" --dtype; then args+=(--dtype bf16); elif listed "$help" --bf16; then args+=(--bf16); fi
-    listed "$help" --mfu && args+=(--mfu)
-    if run pretrain_mfu 120 "$PY" benchmarks/bench_pretrain.py "${args[@]}"; then
-      mfu=$(grep -i 'mfu' "$LOG_DIR/pretrain_mfu.log" | tail -n 1 | cut -c1-200)
-      if [[ -n $mfu ]]; then record pretrain_mfu PASS "$mfu"; else record pretrain_mfu FAIL "ran, printed no MFU line"; fi
-    else
-      record pretrain_mfu FAIL "$(why pretrain_mfu $?)"
-    fi
-  fi
+  record pretrain_mfu FAIL "$(why pretrain_mfu $?)"
 fi
 
 echo "== summary ($((SECONDS - START)) s; logs in $LOG_DIR)"
