@@ -94,6 +94,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class PretrainJobConfig(JobConfig):
+    device: str = "auto"  # auto | cpu | cuda (auto: CUDA where the ranks see a GPU); see puyu.parallel.device
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)

@@ -4,11 +4,13 @@ Two stages. ``sft_data`` (one task) reads the chat jsonl (and/or builds conversa
 Wikipedia package), renders and masks them with the InternLM2 template and packs them into
 ``seq_len`` rows with document ids (:mod:`puyu.data_pipeline.sft`) → ``<run>/sft_data/train.npz``
 (+ ``heldout.npz``). ``finetune`` (1..N processes) is pretraining's task with another data source,
-model and loss: it loads the base model from ``checkpoint``, adds LoRA adapters with ``peft``
+model and loss: it builds the base model on the meta device, adds LoRA adapters with ``peft``
 (``inject_adapter_in_model`` on the blocks' ``nn.Linear``s, base frozen) or trains every weight,
 wraps it as a :class:`SFTStage` (pretraining's stage module that also takes ``document_ids``, so packed
 conversations attend only within themselves and positions restart), shards it with pretraining's
-FSDP2 (+ activation checkpointing / compile), and runs the same step loop machinery: warmup + cosine
+FSDP2 (+ activation checkpointing / compile), then materialises each rank's shards from the base
+weights in ``checkpoint`` read tensor by tensor (:func:`read_base`; adapters seeded per name, see
+:mod:`puyu.parallel.meta_init`), and runs the same step loop machinery: warmup + cosine
 AdamW, global grad-norm clipping, NaN policy, ``metrics.jsonl``/TensorBoard, DCP checkpoints with
 ``complete.json`` and resume, USR2 → checkpoint + requeue. Checkpoints hold only the trainable
 parameters (the adapters) and their optimizer state; the frozen base comes from ``checkpoint`` again.
@@ -25,9 +27,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -37,13 +41,17 @@ from submitit.helpers import DelayedSubmission
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.errors import PuyuError
 from puyu.launcher.stage import Stage, TaskContext
-from puyu.model import ModelArgs, Transformer, load_model, ops, save_model
+from puyu.model import ModelArgs, Transformer, ops, save_model
+from puyu.model.checkpoint import INDEX_FILE, SINGLE_FILE
 from puyu.model.model import document_causal_mask, positions_from_document_ids
 from puyu.model.rope import rope_cos_sin
+from puyu.model.state_dict import StateDictError, check_state_dict, expected_shapes
 from puyu.parallel import checkpoint
 from puyu.parallel.data import StepBatches
+from puyu.parallel.device import check_device, param_dtype
 from puyu.parallel.dims import ParallelDims
 from puyu.parallel.ft_config import FinetuneJobConfig, LoraConfig
+from puyu.parallel.meta_init import FullValue, materialize, meta_model, seeded_full
 from puyu.parallel.metrics import MetricsLog, mfu
 from puyu.parallel.parallelize import StageModule, apply_ac, apply_compile, apply_fsdp
 from puyu.parallel.pretrain import PretrainTask, _all_reduce
@@ -82,26 +90,70 @@ class SFTStage(StageModule):
 
 def check_checkpoint(path: str) -> Path:
     p = Path(path)
-    if not (p / "model.safetensors").is_file() and not (p / "model.safetensors.index.json").is_file():
+    if not (p / SINGLE_FILE).is_file() and not (p / INDEX_FILE).is_file():
         raise PuyuError(f"checkpoint {path}: no model.safetensors (or index) there; expected a puyu model dir "
                         f"as pretraining exports it (<run>/pretrain/model)")
     return p
 
 
-def load_base(path: str, args: ModelArgs) -> Transformer:
-    model = Transformer(args)
+class SafetensorsDir(Mapping):
+    """The tensors of a safetensors dir (one file or an index with shards), each read when asked for,
+    so a rank never holds the whole state dict (each read opens and closes the file: its mapping does
+    not stay resident)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        if (path / INDEX_FILE).is_file():
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+            self.files = {name: path / fname for name, fname in weight_map.items()}
+        else:
+            with safe_open(path / SINGLE_FILE, framework="pt") as f:
+                self.files = {name: path / SINGLE_FILE for name in f.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with self._open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor of its shape (read from the headers only)."""
+        out = {}
+        for file in sorted(set(self.files.values())):
+            with self._open(file, framework="pt") as f:
+                out.update({n: torch.empty(f.get_slice(n).get_shape(), device="meta") for n in f.keys()})
+        return out
+
+
+def read_base(path: str, args: ModelArgs) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
+    """The base model to finetune: its shapes and its weights by puyu name (read as they are used).
+
+    The one place finetuning reads the base (training, export and the report's "before" loss all come
+    through here; a Hugging Face model dir, whose ``config.json`` gives the shapes, would plug in here).
+    A puyu model dir (what pretraining exports) holds no shapes, so they are ``args`` (``job.model``),
+    checked against the tensors' (one error naming every missing, unexpected or mis-shaped one).
+    """
+    weights = SafetensorsDir(check_checkpoint(path))
     try:
-        load_model(model, check_checkpoint(path))
-    except PuyuError:
-        raise
-    except Exception as exc:  # shapes or names do not fit model.flavor / vocab_size
+        check_state_dict(weights.shapes(), expected_shapes(args), what=f"checkpoint {path}")
+    except StateDictError as exc:
         raise PuyuError(f"checkpoint {path} does not fit the configured model (model.flavor / vocab_size / "
-                        f"n_layers): {str(exc).splitlines()[0][:300]}") from exc
-    return model
+                        f"n_layers): {' '.join(str(exc).split())[:300]}") from exc
+    return args, weights
 
 
 def add_lora(model: torch.nn.Module, lora: LoraConfig, seed: int = 0) -> torch.nn.Module:
-    """Freeze ``model`` and add peft LoRA adapters to the target linears (B = 0: the output is unchanged)."""
+    """Freeze ``model`` and add peft LoRA adapters to the target linears (B = 0: the output is unchanged).
+
+    On a real model peft draws A under ``seed``; on a meta model it draws nothing (shapes only) and
+    :func:`base_values` gives the adapters their values when the shards are materialised.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
@@ -124,9 +176,33 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_model(cfg: FinetuneJobConfig, args: ModelArgs) -> Transformer:
-    model = load_base(cfg.checkpoint, args)
-    return add_lora(model, cfg.lora, cfg.train.seed) if cfg.lora.rank else model
+def meta_finetune_model(args: ModelArgs, lora: LoraConfig) -> Transformer:
+    """The model to finetune on the meta device: the base, with frozen weights and adapters if LoRA."""
+    model = meta_model(args)
+    return add_lora(model, lora) if lora.rank else model
+
+
+def base_values(weights: Mapping[str, torch.Tensor], seed: int) -> FullValue:
+    """Full values for :func:`~puyu.parallel.meta_init.materialize`: the base's weights (a LoRA-wrapped
+    linear's weight under its plain name), and new adapters as peft's default draws them (A
+    Kaiming-uniform, seeded per name; B zeros, so the adapted model starts as the base)."""
+
+    def full_value(name: str, p: torch.Tensor) -> torch.Tensor:
+        if ".lora_B." in name:
+            return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        if ".lora_A." in name:
+            return seeded_full(seed, name, p, lambda full: torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5)))
+        return weights[name.replace(".base_layer.", ".")]
+
+    return full_value
+
+
+def load_base(path: str, args: ModelArgs, lora: Optional[LoraConfig] = None) -> Transformer:
+    """The whole base model in this process (export and evaluation on rank 0), with fresh adapters if LoRA."""
+    args, weights = read_base(path, args)
+    model = meta_finetune_model(args, lora or LoraConfig(rank=0))
+    materialize([model], args, torch.device("cpu"), base_values(weights, 0))
+    return model
 
 
 def trainable_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -257,6 +333,10 @@ class FinetuneTask(PretrainTask):
             raise PuyuError(f"{ctx.run_dir / SFT_DATA / 'train.npz'} not found: the sft_data stage has not run")
         return cfg
 
+    def model_args(self) -> ModelArgs:
+        """The base model's shapes (checked against its weights before any process group starts)."""
+        return read_base(self.cfg.checkpoint, self.cfg.model.args())[0]
+
     def on_step_end(self, step: int) -> None:
         """Called after each finished step (tests hook in here)."""
 
@@ -269,16 +349,18 @@ class FinetuneTask(PretrainTask):
         data = Packed.load(ctx.run_dir / SFT_DATA / "train.npz")
         if data.tokens.shape[1] != cfg.data.seq_len:
             raise PuyuError(f"sft_data rows are {data.tokens.shape[1]} long but data.seq_len={cfg.data.seq_len}")
-        model = build_model(cfg, args)
+        # built on meta and sharded there, then each rank reads its own shards of the base
+        model = meta_finetune_model(args, cfg.lora)
         trainable, total = trainable_params(model)
-        stage = SFTStage(model.to(device), list(range(args.n_layers)), first=True, last=True)
+        stage = SFTStage(model, list(range(args.n_layers)), first=True, last=True)
         if cfg.parallel.activation_checkpointing:
             apply_ac(stage)
         if cfg.parallel.compile:
             apply_compile(stage)
         if dims.dp > 1:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-            apply_fsdp(stage, dp_mesh, torch.bfloat16 if device.type == "cuda" else None, False)
+            apply_fsdp(stage, dp_mesh, param_dtype(device), False)
+        materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
         optimizers = [self._optimizer(stage)]
@@ -294,7 +376,7 @@ class FinetuneTask(PretrainTask):
         metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
         # forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains) + attention
         flops = (4.0 + 2.0 * (trainable == total)) * total + 12.0 * args.n_layers * args.dim * cfg.data.seq_len
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and dims.dp == 1)
+        autocast = torch.autocast("cuda", torch.bfloat16, enabled=param_dtype(device) is not None and dims.dp == 1)
         last_loss = float("nan")
         for step in range(start_step, t.steps):
             if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
@@ -354,7 +436,7 @@ class FinetuneTask(PretrainTask):
         """Rank 0: base + final trainable weights → merged plain model dir; held-out loss before/after."""
         cfg = self.cfg
         final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
-        model = build_model(cfg, args)
+        model = load_base(cfg.checkpoint, args, cfg.lora)
         load_trainable(final, [model])
         merged = merge_lora(model).eval()
         out = ctx.stage_dir / "model"
@@ -391,6 +473,7 @@ def finetune_stages(cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = N
     inside the run directory (pipeline use: they exist only once earlier stages ran)."""
     in_run = dict(in_run or {})
     cfg.validate(in_run=bool(in_run))
+    check_device(cfg.device)
     if "checkpoint" not in in_run:
         check_checkpoint(cfg.checkpoint)
     if "tokenizer" not in in_run and not Path(cfg.tokenizer).is_file():

@@ -66,6 +66,7 @@ def _ft_train() -> TrainConfig:
 class FinetuneJobConfig(JobConfig):
     checkpoint: str = ""  # the base model: a puyu safetensors dir (e.g. <pretrain run>/pretrain/model)
     tokenizer: str = ""  # the data stage's tokenizer.json (the one the base model was trained with)
+    device: str = "auto"  # auto | cpu | cuda, as pretraining's (puyu.parallel.device)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # flavor/vocab_size of the checkpoint
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)

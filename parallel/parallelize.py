@@ -1,5 +1,8 @@
 """Apply parallelism to the single-device model from outside, in one fixed order.
 
+The model comes on the meta device (shapes only); every step below works on meta parameters, and
+:func:`puyu.parallel.meta_init.materialize` allocates each rank's shards afterwards.
+
 1. pipeline split: each pipeline rank keeps a :class:`StageModule` holding its slice of the
    model's own submodules under their original names (``layers.3.attention.wqkv``), so
    checkpoints keep the single-device names and load into any layout;

@@ -2,11 +2,14 @@
 
 One process per device, started by ``srun`` through the launcher (or as local subprocesses); ranks
 come from :func:`puyu.launcher.distributed.dist_env`. The same code path runs on CPU/gloo and
-GPU/NCCL. A step: every rank takes its data-parallel slice of the global batch, runs its
-micro-batches (through the pipeline schedule when ``pp > 1``), clips the global gradient norm,
-steps AdamW with warmup + cosine. Checkpoints are written every ``checkpoint_every`` steps and
-when Slurm signals the coming time limit or preemption (all ranks agree on it at the next step
-boundary, save, then the job requeues); a restarted job resumes from the newest complete one.
+GPU/NCCL (``job.device``: :mod:`puyu.parallel.device`). The model is built on the meta device and
+sharded there; each rank then allocates and initialises only its own shards
+(:mod:`puyu.parallel.meta_init`), or loads them from the checkpoint it resumes from. A step: every
+rank takes its data-parallel slice of the global batch, runs its micro-batches (through the
+pipeline schedule when ``pp > 1``), clips the global gradient norm, steps AdamW with warmup +
+cosine. Checkpoints are written every ``checkpoint_every`` steps and when Slurm signals the coming
+time limit or preemption (all ranks agree on it at the next step boundary, save, then the job
+requeues); a restarted job resumes from the newest complete one.
 """
 from __future__ import annotations
 
@@ -27,11 +30,13 @@ from submitit.helpers import DelayedSubmission
 from puyu.launcher.distributed import dist_env
 from puyu.launcher.errors import PuyuError
 from puyu.launcher.stage import Stage, TaskContext
-from puyu.model import ModelArgs, Transformer, save_model
+from puyu.model import ModelArgs, save_model
 from puyu.parallel import checkpoint
 from puyu.parallel.config import PretrainJobConfig
 from puyu.parallel.data import StepBatches, build_dataset
+from puyu.parallel.device import backend, check_device, param_dtype, resolve_device
 from puyu.parallel.dims import ParallelDims
+from puyu.parallel.meta_init import materialize, meta_model, seeded_init
 from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
 from puyu.parallel.parallelize import check_layout, parallelize
 
@@ -72,21 +77,19 @@ class PretrainTask:
     def __call__(self, ctx: TaskContext) -> dict[str, Any]:
         cfg = self.cfg = self._in_run(ctx)
         env = dist_env()
-        args = cfg.model.args()
+        args = self.model_args()
         p = cfg.parallel
         dims = ParallelDims(env.world_size, p.tp, p.pp, p.dp_replicate, p.dp_shard)
         check_layout(dims, args, p)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = device
+        device = self.device = resolve_device(cfg.device, env.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         mesh = None
         if env.world_size > 1:
             env.export()
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
+            dist.init_process_group(backend(device), timeout=datetime.timedelta(seconds=cfg.train.collective_timeout_s))
             mesh = dims.build_mesh(device.type)
         previous_handler = signal.signal(signal.SIGUSR2, self._on_signal)
         try:
@@ -104,23 +107,27 @@ class PretrainTask:
             result.update(self._export(ctx, args))
         return result
 
+    def model_args(self) -> ModelArgs:
+        """The shapes of the model to train."""
+        return self.cfg.model.args()
+
     def _export(self, ctx: TaskContext, args: ModelArgs) -> dict[str, Any]:
         final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
         return {"model": str(export_checkpoint(final, args, ctx.stage_dir / "model"))}
 
     def _train(self, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        torch.manual_seed(t.seed)  # the same full model on every rank: layout-independent init
-        model = Transformer(args).to(device)
         coords = dims.coords(env.rank)
-        param_dtype = torch.bfloat16 if device.type == "cuda" else None
-        stages = parallelize(model, dims, cfg.parallel, mesh, coords["pp"], param_dtype)
+        # built on meta and sharded there: this rank allocates its own shards only
+        stages = parallelize(meta_model(args), dims, cfg.parallel, mesh, coords["pp"], param_dtype(device))
+        ckpt_root = ctx.stage_dir / "checkpoints"
+        latest = checkpoint.latest_complete(ckpt_root)
+        # layout-independent init (per parameter name, see meta_init); a resume overwrites every weight
+        materialize(stages, args, device, None if latest is not None else seeded_init(args, t.seed))
         params = [q for s in stages for q in s.parameters()]
         optimizers = [self._optimizer(s) for s in stages]  # one per stage: checkpoints merge them by name
-        ckpt_root = ctx.stage_dir / "checkpoints"
         checkpointer = checkpoint.Checkpointer(ckpt_root, t.keep_checkpoints, t.async_checkpoint)
         start_step, consumed = 0, 0
-        latest = checkpoint.latest_complete(ckpt_root)
         if latest is not None:
             record = checkpoint.load(latest, stages, optimizers)
             start_step, consumed = record["step"], record["consumed_samples"]
@@ -210,7 +217,8 @@ class PretrainTask:
             stage = stages[0]
             total = torch.zeros((), device=self.device)
             # bf16 compute on GPU; with FSDP its MixedPrecisionPolicy casts instead
-            autocast = torch.autocast("cuda", torch.bfloat16, enabled=self.device.type == "cuda" and dims.dp == 1)
+            bf16 = param_dtype(self.device) is not None and dims.dp == 1
+            autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
             for b in micro:
                 with autocast:
                     loss = stage.loss(stage(b.tokens.to(self.device)), b.labels.to(self.device)) / len(micro)
@@ -263,13 +271,15 @@ class PretrainTask:
 
 def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path) -> Path:
     """Load a sharded training checkpoint into one single-device model and save it as safetensors."""
-    model = Transformer(args)
+    model = meta_model(args)
+    materialize([model], args, torch.device("cpu"), None)  # every weight comes from the checkpoint
     checkpoint.load(path, [model], optimizers=None)
     save_model(model, out_dir)
     return out_dir
 
 
 def pretrain_stages(cfg: PretrainJobConfig, corpus_in_run: str = "", cluster: dict | None = None) -> list[Stage]:
+    check_device(cfg.device)
     return [Stage("pretrain", PretrainTask(cfg, corpus_in_run), cluster=dict(cluster or {}))]
 
 

@@ -49,7 +49,7 @@ def base(tmp_path_factory) -> dict:
 
 def job(base, steps=6, wiki=240, **train) -> FinetuneJobConfig:
     cfg = FinetuneJobConfig(kind="finetune", checkpoint=str(base["model"]), tokenizer=str(base["tokenizer"]),
-                            model=ModelConfig(flavor="tiny", vocab_size=VOCAB),
+                            device="cpu", model=ModelConfig(flavor="tiny", vocab_size=VOCAB),
                             data=SFTDataConfig(wiki=wiki, wiki_heldout=16, seq_len=128), eval_rows=16)
     cfg.optim.lr, cfg.optim.warmup_steps = 2e-3, 2
     cfg.train.steps, cfg.train.threads, cfg.train.checkpoint_every = steps, 1, 2
@@ -332,6 +332,14 @@ def test_missing_checkpoint_and_unknown_lora_target_are_one_line(base, tmp_path)
     with pytest.raises(StageFailed, match=r"does not fit the configured model") as info:
         run(cfg, tmp_path / "run")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")
+def test_device_cuda_without_cuda_is_refused_at_submit_naming_the_key(base):
+    cfg = job(base)
+    cfg.device = "cuda"
+    with pytest.raises(PuyuError, match=r"^job.device=cuda but CUDA is not available here[^\n]*$"):
+        finetune_stages(cfg)
 
 
 # --------------------------------------------------------------------------- Slurm

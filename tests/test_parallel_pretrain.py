@@ -1,7 +1,8 @@
 """Pretraining in real processes (gloo on CPU): every layout's loss curve equals the single process's.
 
 Tiny model, synthetic token shards (unit test; the Slurm test trains on the data stage's real
-output), layout-independent initialisation: the same seed builds the full model on every rank.
+output), layout-independent initialisation: every layout builds on the meta device and draws each
+parameter from the same (seed, name), keeping its own shards (:mod:`puyu.parallel.meta_init`).
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def config(shards: Path, steps: int = STEPS, n_layers: int = 0, **parallel) -> PretrainJobConfig:
+def config(shards: Path, steps: int = STEPS, n_layers: int = 0, device: str = "auto", **parallel) -> PretrainJobConfig:
     return PretrainJobConfig(
-        kind="pretrain", model=ModelConfig(flavor="tiny", n_layers=n_layers),
+        kind="pretrain", device=device, model=ModelConfig(flavor="tiny", n_layers=n_layers),
         data=PretrainDataConfig(paths=[str(shards)], seq_len=32), parallel=ParallelConfig(**parallel),
         train=TrainConfig(steps=steps, global_batch=8, micro_batch=2, checkpoint_every=3, threads=1, export=False))
 
@@ -70,7 +71,8 @@ def assert_same_curve(losses, ref):
     (4, dict(dp_replicate=2, dp_shard=2)),  # HSDP
 ], ids=["tp2", "pp2", "dp2", "tp2pp2", "tp2dp2", "hsdp2x2"])
 def test_layout_matches_single_process(shards, reference, tmp_path, tasks, layout):
-    assert_same_curve(train(config(shards, **layout), tmp_path, tasks), reference[2])
+    # the reference resolved device=auto (the CPU here); these name it
+    assert_same_curve(train(config(shards, device="cpu", **layout), tmp_path, tasks), reference[2])
 
 
 def test_interleaved_pipeline_matches_single_process(shards, reference, tmp_path):
@@ -126,6 +128,22 @@ def test_impossible_model_split_is_named(shards, tmp_path, layout, msg):
         check_layout(ParallelDims(world, p.tp, p.pp), cfg.model.args(), p)
 
 
+def test_device_is_checked_at_submit_and_cpu_is_explicit_or_auto_here(shards):
+    from puyu.parallel.device import resolve_device
+    from puyu.parallel.pretrain import pretrain_stages
+
+    assert resolve_device("cpu", 0) == torch.device("cpu")
+    with pytest.raises(PuyuError, match=r"^job.device='tpu'; choose one of auto, cpu, cuda$"):
+        pretrain_stages(config(shards, device="tpu"))
+    if torch.cuda.is_available():
+        assert resolve_device("auto", 1) == resolve_device("cuda", 1) == torch.device("cuda", 1)
+        return
+    assert resolve_device("auto", 1) == torch.device("cpu")
+    with pytest.raises(PuyuError, match=r"^job.device=cuda but CUDA is not available here") as info:
+        pretrain_stages(config(shards, device="cuda"))
+    assert "\n" not in str(info.value)
+
+
 def test_nan_loss_stops_naming_the_step(shards, tmp_path):
     cfg = config(shards)
     cfg.optim.lr = 1e6  # diverges within a few steps
@@ -159,7 +177,9 @@ def test_export_after_sharded_training_is_the_single_process_model(shards, tmp_p
         exported[name] = model.state_dict()
     assert exported["single"].keys() == exported["pp2"].keys()
     for key, value in exported["single"].items():
-        torch.testing.assert_close(exported["pp2"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        # atol: AdamW's normalised step turns rounding-level gradient differences (another summation
+        # order) into weight differences of ~1e-6, a few thousandths of one step's size
+        torch.testing.assert_close(exported["pp2"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_activation_checkpointing_keeps_the_curve(shards, reference, tmp_path):
