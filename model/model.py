@@ -138,6 +138,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def init_parameter(args: ModelArgs, name: str, p: torch.Tensor) -> None:
+    """Initialise the parameter called ``name`` (its puyu name) in place: normal(0, init_std) for
+    matrices, with the residual-stream outputs (wo, w2) scaled by 1/sqrt(2 * n_layers) so the residual
+    variance does not grow with depth; ones for norms, zeros for biases. One rule per name, so a
+    sharded model can draw each full parameter on its own (``puyu.parallel.meta_init``)."""
+    if name.endswith(".bias"):
+        nn.init.zeros_(p)
+    elif p.dim() == 1:
+        nn.init.ones_(p)
+    else:
+        std = args.init_std
+        if name.endswith(("wo.weight", "w2.weight")):
+            std = std / math.sqrt(2 * args.n_layers)
+        nn.init.normal_(p, std=std)
+
+
 class Transformer(nn.Module):
     """InternLM2 decoder. ``forward`` gives logits; ``loss`` gives the fused chunked cross-entropy."""
 
@@ -153,18 +169,9 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Normal(0, init_std) for matrices, with the residual-stream outputs (wo, w2) scaled by
-        1/sqrt(2 * n_layers) so the residual variance does not grow with depth; ones for norms, zeros
-        for biases."""
-        std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.n_layers)
+        """Every parameter by :func:`init_parameter`'s rule."""
         for name, p in self.named_parameters():
-            if name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif p.dim() == 1:
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, std=out_std if name.endswith(("wo.weight", "w2.weight")) else std)
+            init_parameter(self.args, name, p)
 
     def hidden_states(
         self,

@@ -10,7 +10,7 @@ checkpoint read tensor by tensor (finetuning), or nothing when a DCP checkpoint 
 
 Deterministic, layout-independent initialisation. Each parameter's full value is drawn from the
 default generator of the target device seeded by ``(seed, parameter name)``, with
-``Transformer.init_weights``' rule for that name; :func:`torch.distributed.tensor.distribute_tensor`
+``puyu.model.model.init_parameter``'s rule for that name; :func:`torch.distributed.tensor.distribute_tensor`
 with ``src_data_rank=None`` then keeps this rank's slice without communicating. So every layout
 (TP/PP/FSDP/HSDP, any world size) and the single process start from bitwise the same weights on a
 given device type, and pretraining's parity tests still compare loss curves from one seed. The
@@ -30,7 +30,6 @@ So the weights differ from that older single-device initialisation (same distrib
 from __future__ import annotations
 
 import hashlib
-from types import SimpleNamespace
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from puyu.model import ModelArgs, Transformer
+from puyu.model.model import init_parameter
 
 # A parameter's full value from its name (single-device, puyu layout) and its (meta or sharded)
 # parameter, whose ``shape``/``dtype``/``device`` are those of the full tensor wanted.
@@ -128,11 +128,9 @@ def seeded_full(seed: int, name: str, like: torch.Tensor, init: Callable[[torch.
 
 
 def seeded_init(args: ModelArgs, seed: int) -> FullValue:
-    """Full values drawn per parameter name with ``Transformer.init_weights``' rule."""
+    """Full values drawn per parameter name with ``init_parameter``'s rule."""
 
     def full_value(name: str, p: torch.Tensor) -> torch.Tensor:
-        # init_weights iterates ``self.named_parameters()``: hand it this one parameter
-        return seeded_full(seed, name, p, lambda full: Transformer.init_weights(
-            SimpleNamespace(args=args, named_parameters=lambda: [(name, full)])))
+        return seeded_full(seed, name, p, lambda full: init_parameter(args, name, full))
 
     return full_value
