@@ -20,6 +20,7 @@ come from a named flavor with the vocabulary, layer count and tying read off the
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,6 +35,9 @@ CONFIG_FILE = "config.json"
 BIN_FILE, BIN_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # model_type -> state-dict layout (puyu.model.state_dict.convert)
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "internlm2": "internlm2"}
+# What a Hugging Face directory keeps its tokenizer in (the vocabulary itself in one of the first two)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 _ROPE_KINDS = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3", "yarn": "yarn"}
 
 
@@ -206,6 +210,87 @@ def read_model_dir(path: str | Path, fused_ops: bool = True, flavor: str = "tiny
     return args, state
 
 
+class ModelDirWeights(Mapping):
+    """A model directory's weights under puyu names, each read from disk when asked for (q/k/v packed
+    into ``wqkv`` on the way), so a rank that materialises only its shards never holds the whole model.
+
+    ``shapes()`` gives every tensor as a meta tensor from the files' headers alone, for validation
+    before anything is read. PyTorch ``.bin`` files are memory-mapped (``torch.load(mmap=True)``).
+    """
+
+    def __init__(self, path: str | Path, args: ModelArgs, layout: str):
+        from safetensors import safe_open
+
+        self.path, self.args, self.layout, self._open = Path(path), args, layout, safe_open
+        self.files: dict[str, Path] = {}
+        self._bin: Tensors = {}
+        if (self.path / INDEX_FILE).exists():
+            weight_map = json.loads((self.path / INDEX_FILE).read_text())["weight_map"]
+            self.files = {name: self.path / fname for name, fname in weight_map.items()}
+        elif (self.path / SINGLE_FILE).exists():
+            with safe_open(self.path / SINGLE_FILE, framework="pt") as f:
+                self.files = {name: self.path / SINGLE_FILE for name in f.keys()}
+        else:
+            self._bin = read_hf_weights(self.path)
+        self.expected = expected_shapes(args)
+        self.names = list(self.expected)
+
+    def _raw(self, name: str) -> torch.Tensor:
+        if self._bin:
+            return self._bin[name]
+        with self._open(self.files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def _sources(self, name: str) -> list[str]:
+        """The checkpoint's tensor names that make up puyu's ``name`` (three for a packed wqkv)."""
+        return list(convert({name: torch.empty(self.expected[name], device="meta")}, "puyu", self.layout, self.args))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        sources = self._sources(name)
+        state = convert({n: self._raw(n) for n in sources}, self.layout, "puyu", self.args)
+        return state[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shapes(self) -> Tensors:
+        """Every tensor, puyu-named, as a meta tensor of its shape (headers only)."""
+        if self._bin:
+            meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self._bin.items()}
+        else:
+            meta = {}
+            for file in sorted(set(self.files.values())):
+                with self._open(file, framework="pt") as f:
+                    for k in f.keys():
+                        sl = f.get_slice(k)
+                        meta[k] = torch.empty(sl.get_shape(), device="meta")
+        state = convert(meta, self.layout, "puyu", self.args)
+        if self.args.tie_embeddings:
+            state.pop("output.weight", None)
+        return state
+
+
+def open_model_dir(path: str | Path, args: ModelArgs) -> tuple[ModelArgs, ModelDirWeights]:
+    """Shapes and lazily-read, validated weights of a model directory: an HF one (shapes from its
+    ``config.json``, ``args`` supplying only ``fused_ops``) or a puyu export (shapes are ``args``).
+    A mismatch raises ``StateDictError`` naming every missing, unexpected or mis-shaped tensor."""
+    path = Path(path)
+    if is_hf_model_dir(path):
+        config = read_hf_config(path)
+        args = args_from_hf_config(config, where=str(path / CONFIG_FILE), fused_ops=args.fused_ops)
+        layout = FAMILIES[config["model_type"]]
+    else:
+        layout = "puyu"
+    weights = ModelDirWeights(path, args, layout)
+    check_state_dict(weights.shapes(), expected_shapes(args), what=f"{layout} checkpoint {path}")
+    return args, weights
+
+
 def load_hf_model(path: str | Path, fused_ops: bool = True, dtype: torch.dtype | None = None,
                   flavor: str = "tiny") -> Transformer:
     """A ``Transformer`` holding the weights of the model directory ``path`` (in ``dtype`` if given)."""
@@ -218,6 +303,26 @@ def load_hf_model(path: str | Path, fused_ops: bool = True, dtype: torch.dtype |
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.to(dtype) if dtype is not None else model
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a directory holds a tokenizer's vocabulary (``tokenizer.json`` or ``tokenizer.model``)."""
+    return any((Path(path) / f).is_file() for f in TOKENIZER_FILES[:2])
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy a tokenizer (a directory's ``TOKENIZER_FILES`` that exist, or one file) into ``dst``; the
+    names copied."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    sources = [src / f for f in TOKENIZER_FILES] if src.is_dir() else [src]
+    copied = []
+    for f in sources:
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+            copied.append(f.name)
+    return copied
 
 
 # ---- export --------------------------------------------------------------------------------------------

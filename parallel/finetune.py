@@ -18,8 +18,9 @@ parameters (the adapters) and their optimizer state; the frozen base comes from 
 The loss is the mean cross-entropy over the *global batch's* labelled tokens (each micro-batch's
 sum divided by the step's total label count, all-reduced), so the curve does not depend on how
 rows are split over ranks and micro-batches. At the end rank 0 merges the adapters into the base
-weights (``W + alpha/r · B A``, peft's ``merge``), exports a plain puyu model dir (what pretraining
-exports: ``job=build_engine`` takes it unchanged), scores the held-out conversations' masked loss
+weights (``W + alpha/r · B A``, peft's ``merge``), exports the merged model as the base came in (a
+Hugging Face directory with its tokenizer, in the base's layout, or a plain puyu model dir as pretraining
+exports; ``job=build_engine`` takes either), scores the held-out conversations' masked loss
 with the base and the merged model, and writes ``finetune/report.md``.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -45,7 +46,8 @@ from puyu.model import ModelArgs, Transformer, ops, save_model
 from puyu.model.checkpoint import INDEX_FILE, SINGLE_FILE
 from puyu.model.model import document_causal_mask, positions_from_document_ids
 from puyu.model.rope import rope_cos_sin
-from puyu.model.state_dict import StateDictError, check_state_dict, expected_shapes
+from puyu.model.hf import copy_tokenizer_files, export_hf, is_hf_model_dir, open_model_dir, read_hf_config
+from puyu.model.state_dict import StateDictError
 from puyu.parallel import checkpoint
 from puyu.parallel.data import StepBatches
 from puyu.parallel.device import check_device, param_dtype
@@ -90,62 +92,27 @@ class SFTStage(StageModule):
 
 def check_checkpoint(path: str) -> Path:
     p = Path(path)
-    if not (p / SINGLE_FILE).is_file() and not (p / INDEX_FILE).is_file():
-        raise PuyuError(f"checkpoint {path}: no model.safetensors (or index) there; expected a puyu model dir "
-                        f"as pretraining exports it (<run>/pretrain/model)")
+    if not is_hf_model_dir(p) and not (p / SINGLE_FILE).is_file() and not (p / INDEX_FILE).is_file():
+        raise PuyuError(f"checkpoint {path}: neither a Hugging Face model directory (config.json) nor a puyu "
+                        f"model dir (model.safetensors or its index) as pretraining exports it (<run>/pretrain/model)")
     return p
 
 
-class SafetensorsDir(Mapping):
-    """The tensors of a safetensors dir (one file or an index with shards), each read when asked for,
-    so a rank never holds the whole state dict (each read opens and closes the file: its mapping does
-    not stay resident)."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self._open = safe_open
-        if (path / INDEX_FILE).is_file():
-            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-            self.files = {name: path / fname for name, fname in weight_map.items()}
-        else:
-            with safe_open(path / SINGLE_FILE, framework="pt") as f:
-                self.files = {name: path / SINGLE_FILE for name in f.keys()}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        with self._open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.files)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def shapes(self) -> dict[str, torch.Tensor]:
-        """Every tensor as a meta tensor of its shape (read from the headers only)."""
-        out = {}
-        for file in sorted(set(self.files.values())):
-            with self._open(file, framework="pt") as f:
-                out.update({n: torch.empty(f.get_slice(n).get_shape(), device="meta") for n in f.keys()})
-        return out
-
-
 def read_base(path: str, args: ModelArgs) -> tuple[ModelArgs, Mapping[str, torch.Tensor]]:
-    """The base model to finetune: its shapes and its weights by puyu name (read as they are used).
+    """The base model to finetune: its shapes and its weights by puyu name (read as they are used, so a
+    rank holds only its shards; :func:`puyu.model.hf.open_model_dir`).
 
     The one place finetuning reads the base (training, export and the report's "before" loss all come
-    through here; a Hugging Face model dir, whose ``config.json`` gives the shapes, would plug in here).
-    A puyu model dir (what pretraining exports) holds no shapes, so they are ``args`` (``job.model``),
-    checked against the tensors' (one error naming every missing, unexpected or mis-shaped one).
+    through here). A Hugging Face model directory's ``config.json`` gives the shapes; a puyu model dir
+    (what pretraining exports) holds none, so they are ``args`` (``job.model``), checked against the
+    tensors' (one error naming every missing, unexpected or mis-shaped one).
     """
-    weights = SafetensorsDir(check_checkpoint(path))
     try:
-        check_state_dict(weights.shapes(), expected_shapes(args), what=f"checkpoint {path}")
+        return open_model_dir(check_checkpoint(path), args)
     except StateDictError as exc:
-        raise PuyuError(f"checkpoint {path} does not fit the configured model (model.flavor / vocab_size / "
-                        f"n_layers): {' '.join(str(exc).split())[:300]}") from exc
-    return args, weights
+        fix = "its config.json" if is_hf_model_dir(path) else "model.flavor / vocab_size / n_layers"
+        raise PuyuError(f"checkpoint {path} does not fit the configured model ({fix}): "
+                        f"{' '.join(str(exc).split())[:300]}") from exc
 
 
 def add_lora(model: torch.nn.Module, lora: LoraConfig, seed: int = 0) -> torch.nn.Module:
@@ -310,8 +277,9 @@ class SFTDataTask:
 
         cfg = _with_in_run(self.cfg, self.in_run, ctx.run_dir)
         d = cfg.data
-        return prepare(ctx.stage_dir, cfg.tokenizer, d.paths, d.eval_paths, d.seq_len, d.overlong, d.wiki,
-                       d.wiki_heldout, vocab_size=cfg.model.args().vocab_size)
+        vocab = read_base(cfg.checkpoint, cfg.model.args())[0].vocab_size  # the checkpoint's (HF: config.json)
+        return prepare(ctx.stage_dir, cfg.tokenizer or cfg.checkpoint, d.paths, d.eval_paths, d.seq_len, d.overlong,
+                       d.wiki, d.wiki_heldout, vocab_size=vocab)
 
 
 class FinetuneTask(PretrainTask):
@@ -440,7 +408,12 @@ class FinetuneTask(PretrainTask):
         load_trainable(final, [model])
         merged = merge_lora(model).eval()
         out = ctx.stage_dir / "model"
-        save_model(merged, out)
+        if is_hf_model_dir(cfg.checkpoint):  # what came in as a Hugging Face directory goes out as one
+            family = "internlm2" if read_hf_config(cfg.checkpoint)["model_type"] == "internlm2" else "llama"
+            export_hf(merged, out, family)
+            copy_tokenizer_files(cfg.tokenizer or cfg.checkpoint, out)
+        else:
+            save_model(merged, out)
         result: dict[str, Any] = {"model": str(out)}
         heldout = ctx.run_dir / SFT_DATA / "heldout.npz"
         if heldout.is_file():
@@ -476,8 +449,8 @@ def finetune_stages(cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = N
     check_device(cfg.device)
     if "checkpoint" not in in_run:
         check_checkpoint(cfg.checkpoint)
-    if "tokenizer" not in in_run and not Path(cfg.tokenizer).is_file():
-        raise PuyuError(f"tokenizer file {cfg.tokenizer} not found")
+    if "tokenizer" not in in_run and cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise PuyuError(f"job.tokenizer: {cfg.tokenizer} not found")
     return [Stage(SFT_DATA, SFTDataTask(cfg, in_run)),
             Stage("finetune", FinetuneTask(cfg, in_run), cluster=dict(cluster or {}))]
 
@@ -502,8 +475,9 @@ def finetune_report(run_dir: Path, result: dict) -> str:
         lines += [f"Held-out masked loss: {result['heldout_loss_before']:.4f} (base) → "
                   f"{result['heldout_loss_after']:.4f} (finetuned, merged).", ""]
     if result.get("model"):
-        lines += [f"Merged model exported to `{result['model']}` (plain puyu safetensors; `job=build_engine` "
-                  f"takes it).", ""]
+        form = ("a Hugging Face directory with its tokenizer" if (Path(result["model"]) / "config.json").is_file()
+                else "plain puyu safetensors")
+        lines += [f"Merged model exported to `{result['model']}` ({form}; `job=build_engine` takes it).", ""]
     lines += ["| step | loss | grad norm | lr | trained tokens | tokens/s |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['step']} | {r['loss']:.4f} | {r['grad_norm']:.3f} | {r['lr']:.2e} | {r['trained_tokens']} | "
               f"{r['tokens_per_s']:.0f} |" for r in shown]

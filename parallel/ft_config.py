@@ -6,6 +6,7 @@ the ``puyu`` command composes and checks a finetuning config without importing t
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from puyu.launcher.config import JobConfig
 from puyu.launcher.errors import PuyuError
@@ -64,8 +65,8 @@ def _ft_train() -> TrainConfig:
 
 @dataclasses.dataclass
 class FinetuneJobConfig(JobConfig):
-    checkpoint: str = ""  # the base model: a puyu safetensors dir (e.g. <pretrain run>/pretrain/model)
-    tokenizer: str = ""  # the data stage's tokenizer.json (the one the base model was trained with)
+    checkpoint: str = ""  # the base model: a Hugging Face model dir, or a puyu one (<pretrain run>/pretrain/model)
+    tokenizer: str = ""  # tokenizer.json or tokenizer dir; "" = the checkpoint's own (an HF model dir has one)
     device: str = "auto"  # auto | cpu | cuda, as pretraining's (puyu.parallel.device)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # flavor/vocab_size of the checkpoint
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
@@ -87,6 +88,9 @@ class FinetuneJobConfig(JobConfig):
                             "LoRA runs under FSDP")
         if not in_run:
             if not self.checkpoint:
-                raise PuyuError("finetune: set job.checkpoint=<puyu model dir> (e.g. runs/pt1/pretrain/model)")
-            if not self.tokenizer:
-                raise PuyuError("finetune: set job.tokenizer=<tokenizer.json> (the data stage's)")
+                raise PuyuError("finetune: set job.checkpoint=<Hugging Face or puyu model dir> "
+                                "(e.g. runs/pt1/pretrain/model)")
+            own = any((Path(self.checkpoint) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+            if not self.tokenizer and not own:
+                raise PuyuError(f"finetune: set job.tokenizer=<tokenizer.json or tokenizer dir> ({self.checkpoint} "
+                                "has no tokenizer of its own)")

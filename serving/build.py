@@ -21,7 +21,8 @@ from puyu.data_pipeline.corpora import WIKI_EVAL_DOCS, wiki_summaries_file, wiki
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError, resolve_device
-from puyu.serving.engine import TOKENIZER_FILES, engine_tensors, place_tensors, read_checkpoint, save_engine
+from puyu.model.hf import has_tokenizer
+from puyu.serving.engine import engine_tensors, place_tensors, read_checkpoint, save_engine
 from puyu.serving.engine_model import LINEARS, EngineModel
 from puyu.serving.quant import quantize_linear
 from puyu.serving.tokenizer import TextTokenizer
@@ -96,12 +97,6 @@ def quantize_tensors(model: EngineModel, tensors: dict, cfg: BuildConfig, calib:
     return alphas
 
 
-def model_dir_tokenizer(checkpoint: str) -> bool:
-    """Whether a model directory carries its own tokenizer (a Hugging Face one does): then it is the
-    engine's tokenizer unless ``tokenizer`` names another."""
-    return any((Path(checkpoint) / f).is_file() for f in TOKENIZER_FILES[:2])
-
-
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -113,7 +108,8 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     if not cfg.checkpoint:
         raise ServingError("build_engine: checkpoint is not set")
-    tokenizer_src = cfg.tokenizer or (cfg.checkpoint if model_dir_tokenizer(cfg.checkpoint) else "")
+    # a model directory's own tokenizer (a Hugging Face one has it) unless job.tokenizer names another
+    tokenizer_src = cfg.tokenizer or (cfg.checkpoint if has_tokenizer(cfg.checkpoint) else "")
     wiki_json = not b.calib_file or Path(b.calib_file).suffix == ".json"  # the default is the wiki summaries
     if tokenizer_src and wiki_json and b.eval_docs > WIKI_EVAL_DOCS:
         raise ServingError(f"build.eval_docs={b.eval_docs}: a wiki summaries file holds out only its last "

@@ -8,7 +8,7 @@ An engine directory holds:
   outputs SwiGLU reads without copies), ``wo``, ``w2``, the norms; ``rope.cos``/``rope.sin`` [max_seq_len, head_dim/2] tables;
   quantized linears as described in :mod:`puyu.serving.quant`;
 - ``manifest.json``: shape, dtype and sha256 of every tensor and of every other file;
-- optionally the tokenizer's files (``TOKENIZER_FILES``: puyu's ``tokenizer.json``, or a Hugging Face
+- optionally the tokenizer's files (``puyu.model.hf.TOKENIZER_FILES``: puyu's ``tokenizer.json``, or a Hugging Face
   model's tokenizer, config and chat template), and ``build_report.{json,md}``.
 Loading recomputes every checksum and refuses an engine whose bytes or shapes do not match, naming the
 tensor or file.
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,17 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from puyu.launcher.atomic import atomic_write_text
 from puyu.model import ModelArgs, is_hf_model_dir, read_model_dir
-from puyu.model.hf import FAMILIES, read_hf_config
+from puyu.model.hf import FAMILIES, copy_tokenizer_files, has_tokenizer, read_hf_config
 from puyu.model.rope import rope_cos_sin
 from puyu.serving.config import ServingError
 
 FORMAT = "puyu-engine"
 VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE = "engine.json", "weights.safetensors", "manifest.json"
-# What a Hugging Face directory keeps its tokenizer in (the vocabulary itself in one of the first two); an
-# engine copies those present (puyu's own: tokenizer.json)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 Tensors = dict[str, torch.Tensor]
 
 
@@ -137,11 +132,7 @@ def save_engine(out_dir: str | Path, args: ModelArgs, tensors: Tensors, build: d
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     files = [CONFIG_FILE]
     if tokenizer:
-        tokenizer = Path(tokenizer)
-        sources = [tokenizer / f for f in TOKENIZER_FILES] if tokenizer.is_dir() else [tokenizer]
-        for src in (s for s in sources if s.is_file()):
-            shutil.copyfile(src, out / src.name)
-            files.append(src.name)
+        files += copy_tokenizer_files(tokenizer, out)
     manifest = {
         "format": FORMAT,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch."), "sha256": tensor_sha256(v)}
@@ -162,7 +153,7 @@ class Engine:
     @property
     def tokenizer_path(self) -> Optional[Path]:
         """The directory holding the engine's tokenizer files (an engine dir or the model dir), or None."""
-        return self.path if any((self.path / f).is_file() for f in TOKENIZER_FILES[:2]) else None
+        return self.path if has_tokenizer(self.path) else None
 
 
 def is_engine_dir(path: str | Path) -> bool:

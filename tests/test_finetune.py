@@ -320,7 +320,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_on_the_same_curve(base, refere
 def test_missing_checkpoint_and_unknown_lora_target_are_one_line(base, tmp_path):
     cfg = job(base)
     cfg.checkpoint = str(tmp_path / "nowhere")
-    with pytest.raises(PuyuError, match=r"checkpoint .*nowhere: no model.safetensors") as info:
+    with pytest.raises(PuyuError, match=r"checkpoint .*nowhere: neither a Hugging Face model directory") as info:
         finetune_stages(cfg)
     assert "\n" not in str(info.value)
     cfg = job(base)
@@ -369,3 +369,28 @@ def test_requeued_finetune_on_slurm_resumes_with_the_same_curve(base, tmp_path, 
     assert_same_curve(curve(run_dir), reference)
     log_text = "".join(f.read_text() for f in (run_dir / "finetune" / "logs").rglob("*_log.err"))
     assert "resumed from" in log_text, "the job finished without being restarted from a checkpoint"
+
+
+def test_lora_on_a_transformers_written_llama_dir_exports_a_dir_transformers_loads(base, tmp_path):
+    """The user's path: ``job.checkpoint=<HF dir>`` (shapes from its config.json, its own tokenizer, no
+    job.tokenizer), LoRA, and the merged model comes back as a Hugging Face directory with the tokenizer."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "hf")
+    shutil.copy(base["tokenizer"], tmp_path / "hf" / "tokenizer.json")
+    cfg = job(base, steps=4)
+    cfg.checkpoint, cfg.tokenizer = str(tmp_path / "hf"), ""
+    cfg.model = ModelConfig(flavor="7b")  # ignored: an HF directory brings its own shapes
+    result = run(cfg, tmp_path / "run")["finetune"][0]
+    out = Path(result["model"])
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    tuned = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    start = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = torch.randint(0, VOCAB, (1, 16))
+    with torch.no_grad():
+        assert (tuned(tokens).logits - start(tokens).logits).abs().max() > 1e-4  # the adapters were merged in
+    assert "Hugging Face directory" in (tmp_path / "run" / "finetune" / "report.md").read_text()

@@ -338,3 +338,16 @@ def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_doe
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert rec["token_ids"] == ref[0, len(ids):].tolist()
         assert rec["text"] == tok.decode(rec["token_ids"])
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_lazily_read_weights_equal_the_loaded_ones(cls_name, tmp_path):
+    """``open_model_dir``: the weights finetuning materialises shard by shard, read tensor by tensor."""
+    from puyu.model.hf import open_model_dir
+
+    _hf_model(cls_name, tmp_path, randomize_bias=True, max_shard_size="200KB")
+    args, state = read_model_dir(tmp_path)
+    lazy_args, lazy = open_model_dir(tmp_path, get_flavor("tiny"))
+    assert lazy_args == args and sorted(lazy) == sorted(state)
+    assert all(torch.equal(lazy[k], state[k]) for k in state)
+    assert {k: tuple(v.shape) for k, v in lazy.shapes().items()} == {k: tuple(v.shape) for k, v in state.items()}
