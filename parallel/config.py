@@ -95,6 +95,9 @@ class TrainConfig:
 @dataclasses.dataclass
 class PretrainJobConfig(JobConfig):
     device: str = "auto"  # auto | cpu | cuda (auto: CUDA where the ranks see a GPU); see puyu.parallel.device
+    # continued pretraining: start from this model dir's weights (a Hugging Face one also gives the shapes,
+    # and the export is then an HF dir in its layout) instead of a seeded initialisation; "" = from scratch
+    init_from: str = ""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)

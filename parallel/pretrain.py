@@ -30,13 +30,15 @@ from submitit.helpers import DelayedSubmission
 from puyu.launcher.distributed import dist_env
 from puyu.launcher.errors import PuyuError
 from puyu.launcher.stage import Stage, TaskContext
-from puyu.model import ModelArgs, save_model
+from puyu.model import ModelArgs, ModelDirError, export_hf, is_hf_model_dir, save_model
+from puyu.model.hf import copy_tokenizer_files, open_model_dir, read_hf_config
+from puyu.model.state_dict import StateDictError
 from puyu.parallel import checkpoint
 from puyu.parallel.config import PretrainJobConfig
 from puyu.parallel.data import StepBatches, build_dataset
 from puyu.parallel.device import backend, check_device, param_dtype, resolve_device
 from puyu.parallel.dims import ParallelDims
-from puyu.parallel.meta_init import materialize, meta_model, seeded_init
+from puyu.parallel.meta_init import FullValue, materialize, meta_model, seeded_init
 from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
 from puyu.parallel.parallelize import check_layout, parallelize
 
@@ -108,12 +110,21 @@ class PretrainTask:
         return result
 
     def model_args(self) -> ModelArgs:
-        """The shapes of the model to train."""
+        """The shapes of the model to train (``init_from``'s when it is a Hugging Face directory)."""
+        if self.cfg.init_from:
+            return open_model_dir(self.cfg.init_from, self.cfg.model.args())[0]
         return self.cfg.model.args()
+
+    def initial_values(self, args: ModelArgs) -> FullValue:
+        """Each parameter's full starting value: read from ``init_from``, else drawn per name."""
+        if self.cfg.init_from:
+            weights = open_model_dir(self.cfg.init_from, args)[1]
+            return lambda name, p: weights[name]
+        return seeded_init(args, self.cfg.train.seed)
 
     def _export(self, ctx: TaskContext, args: ModelArgs) -> dict[str, Any]:
         final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
-        return {"model": str(export_checkpoint(final, args, ctx.stage_dir / "model"))}
+        return {"model": str(export_checkpoint(final, args, ctx.stage_dir / "model", self.cfg.init_from))}
 
     def _train(self, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -123,7 +134,7 @@ class PretrainTask:
         ckpt_root = ctx.stage_dir / "checkpoints"
         latest = checkpoint.latest_complete(ckpt_root)
         # layout-independent init (per parameter name, see meta_init); a resume overwrites every weight
-        materialize(stages, args, device, None if latest is not None else seeded_init(args, t.seed))
+        materialize(stages, args, device, None if latest is not None else self.initial_values(args))
         params = [q for s in stages for q in s.parameters()]
         optimizers = [self._optimizer(s) for s in stages]  # one per stage: checkpoints merge them by name
         checkpointer = checkpoint.Checkpointer(ckpt_root, t.keep_checkpoints, t.async_checkpoint)
@@ -269,17 +280,27 @@ class PretrainTask:
         raise PuyuError("requeue did not end the job within 300 s")
 
 
-def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path) -> Path:
-    """Load a sharded training checkpoint into one single-device model and save it as safetensors."""
+def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path, init_from: str = "") -> Path:
+    """Load a sharded training checkpoint into one single-device model and save it as safetensors: a
+    Hugging Face directory (with the tokenizer) when training started from one, else a puyu model dir."""
     model = meta_model(args)
     materialize([model], args, torch.device("cpu"), None)  # every weight comes from the checkpoint
     checkpoint.load(path, [model], optimizers=None)
-    save_model(model, out_dir)
+    if init_from and is_hf_model_dir(init_from):
+        export_hf(model, out_dir, "internlm2" if read_hf_config(init_from)["model_type"] == "internlm2" else "llama")
+        copy_tokenizer_files(init_from, out_dir)
+    else:
+        save_model(model, out_dir)
     return out_dir
 
 
 def pretrain_stages(cfg: PretrainJobConfig, corpus_in_run: str = "", cluster: dict | None = None) -> list[Stage]:
     check_device(cfg.device)
+    if cfg.init_from:
+        try:  # shapes and every tensor's name and shape, before anything is submitted
+            open_model_dir(cfg.init_from, cfg.model.args())
+        except (ModelDirError, StateDictError, FileNotFoundError) as exc:
+            raise PuyuError(f"job.init_from: {' '.join(str(exc).split())[:400]}") from None
     return [Stage("pretrain", PretrainTask(cfg, corpus_in_run), cluster=dict(cluster or {}))]
 
 

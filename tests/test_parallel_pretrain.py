@@ -190,3 +190,36 @@ def test_compiled_blocks_keep_the_curve(shards, reference, tmp_path):
     """Twice: the second compile finds the first's graphs in the inductor caches (see apply_compile)."""
     for attempt in ("cold", "warm"):
         assert_same_curve(train(config(shards, compile=True), tmp_path / attempt, 1), reference[2])
+
+
+def test_continued_pretraining_from_a_transformers_written_dir(shards, tmp_path):
+    """``job.init_from=<HF dir>``: shapes from its config.json (job.model ignored), training starts from its
+    weights, and the export is an HF directory again."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    start = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # a head far from a fresh init's: logits with std ~8, so the first loss is ~20, not ~7
+        start.lm_head.weight.normal_(std=1.0)
+    start.save_pretrained(tmp_path / "hf")
+    cfg = config(shards, steps=2, device="cpu")
+    cfg.init_from, cfg.model, cfg.train.export = str(tmp_path / "hf"), ModelConfig(flavor="7b"), True
+    losses = train(cfg, tmp_path / "run", 1)
+    assert len(losses) == 2 and losses[0] > 3 * np.log(1024)  # the HF weights, not a fresh init (~log V)
+    out = tmp_path / "run" / "pretrain" / "model"
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(tuned).__name__ == "Qwen2ForCausalLM"
+    tokens = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        assert (tuned(tokens).logits - start(tokens).logits).abs().max() > 1e-5  # two steps trained it
+
+
+def test_init_from_a_missing_dir_is_refused_at_submit(shards, tmp_path):
+    from puyu.parallel.pretrain import pretrain_stages
+
+    cfg = config(shards, device="cpu")
+    cfg.init_from = str(tmp_path / "nosuch")
+    with pytest.raises(PuyuError, match=r"job.init_from: .*nosuch") as err:
+        pretrain_stages(cfg)
+    assert "\n" not in str(err.value)
