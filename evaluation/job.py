@@ -14,7 +14,6 @@ its log by the launcher, which cancels what is left.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path

@@ -174,6 +174,17 @@ def _templates_value(value: Any, where: str) -> dict[str, str]:
     raise ChatTemplateError(f"{where}: 'chat_template' must be a string or a list of {{name, template}}")
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """A JSON file holding an object, or ``error`` naming the file, the line and what is wrong."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_chat_templates(directory: Path, config: Mapping) -> dict[str, str]:
     """A model directory's chat templates by name, as ``transformers`` loads them: ``chat_template.jinja``
     (the default) and ``additional_chat_templates/<name>.jinja`` over ``tokenizer_config.json``'s
@@ -190,11 +201,6 @@ def read_chat_templates(directory: Path, config: Mapping) -> dict[str, str]:
     templates = _templates_value(config.get("chat_template"), str(directory / "tokenizer_config.json"))
     legacy = directory / LEGACY_TEMPLATE_FILE
     if not templates and legacy.is_file():
-        try:
-            value = json.loads(legacy.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ChatTemplateError(f"{legacy}: not JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(value, Mapping):
-            raise ChatTemplateError(f"{legacy}: expected a JSON object with 'chat_template'")
+        value = read_json_object(legacy, ChatTemplateError)
         templates = _templates_value(value.get("chat_template"), str(legacy))
     return templates

@@ -341,6 +341,25 @@ def _rope_fields(args: ModelArgs) -> dict:
     return out
 
 
+def _shape_fields(args: ModelArgs, dtype: torch.dtype) -> dict:
+    """The ``config.json`` keys every family spells the same way."""
+    return {
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "tie_word_embeddings": args.tie_embeddings,
+        "initializer_range": args.init_std,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
 def llama_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
     """A ``config.json`` dict that ``transformers`` reads as ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` when
     the model has q/k/v biases) with ``args``' shapes.
@@ -354,22 +373,10 @@ def llama_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
     config = {
         "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
         "model_type": "qwen2" if qwen else "llama",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
+        **_shape_fields(args, dtype),
         "head_dim": args.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
         "rope_scaling": None if s.kind == "none" else {"rope_type": rope_type, **_rope_fields(args)},
         "rope_parameters": {"rope_type": rope_type, "rope_theta": args.rope_theta, **_rope_fields(args)},
-        "tie_word_embeddings": args.tie_embeddings,
-        "initializer_range": args.init_std,
-        "torch_dtype": str(dtype).removeprefix("torch."),
     }
     if qwen:
         config["use_sliding_window"] = False
@@ -391,21 +398,9 @@ def internlm2_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dic
                      "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
                      "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
         "model_type": "internlm2",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.ffn_hidden_dim,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps,
+        **_shape_fields(args, dtype),
         "bias": False,
-        "rope_theta": args.rope_theta,
         "rope_scaling": None if s.kind == "none" else {"type": s.kind, "factor": s.factor},
-        "tie_word_embeddings": args.tie_embeddings,
-        "initializer_range": args.init_std,
-        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 

