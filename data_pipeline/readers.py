@@ -3,19 +3,29 @@
 Sharding: all input files, in a fixed order, form one virtual byte stream cut into ``world_size``
 equal ranges. A plain ``.jsonl`` or fortune file (and the Wikipedia JSON, whose records are spread
 over its size) is cut exactly at those boundaries, a record belonging to the range its start falls in; a
-file that cannot be cut (``.zst``, parquet, one-document text files) goes to the rank holding its
-midpoint. Bad records never stop a rank: each is counted and reported with file and line.
+file that cannot be cut (compressed ``.gz``/``.bz2``/``.xz``/``.zst``, parquet, one-document text files)
+goes to the rank holding its midpoint.
+
+Text inputs are decompressed by file extension as a stream. A bad record is counted and reported with
+file and line; once more than ``error_rate_limit`` of a file's records are bad (for one-document-per-file
+inputs: of the rank's files of that input) the rank fails with one line naming the first bad one, so a
+broken crawl cannot pass as an empty corpus.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import lzma
 import re
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import fsspec
 import pyarrow.parquet as pq
 import zstandard
+from fsspec.utils import infer_compression
 
 from puyu.data_pipeline import corpora
 from puyu.data_pipeline.config import InputSpec
@@ -28,7 +38,7 @@ class Unit:
     """A piece of one input file owned by one rank: bytes [start, end) of ``path``."""
 
     source: int  # index of the InputSpec
-    mode: str  # jsonl, jsonl.zst, parquet, text, wiki
+    mode: str  # jsonl, parquet, text, wiki, fortunes
     path: str
     start: int
     end: int
@@ -37,6 +47,12 @@ class Unit:
 
 
 SPLITTABLE = {"jsonl", "wiki", "fortunes"}
+DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+
+
+def is_compressed(path: str) -> bool:
+    """Whether ``path``'s extension names a codec (byte offsets then mean nothing for the text inside)."""
+    return infer_compression(path) is not None
 
 
 def _folder_files(root: Path, pattern: str, max_docs: int) -> list[Path]:
@@ -69,7 +85,7 @@ def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> li
     root = Path(spec.path)
     if spec.kind == "jsonl":
         files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.jsonl*", 0)
-        return [unit("jsonl.zst" if p.name.endswith(".zst") else "jsonl", p, p.name) for p in files]
+        return [unit("jsonl", p, p.name) for p in files]
     if spec.kind == "parquet":
         files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.parquet", 0)
         return [unit("parquet", p, p.name) for p in files]
@@ -85,7 +101,7 @@ def plan_shards(specs: list[InputSpec], world_size: int, data_dir: str | None = 
     shards: list[list[Unit]] = [[] for _ in range(world_size)]
     offset = 0
     for u in units:
-        if u.mode in SPLITTABLE:
+        if u.mode in SPLITTABLE and not is_compressed(u.path):
             for r in range(world_size):
                 lo, hi = max(bounds[r], offset), min(bounds[r + 1], offset + u.size)
                 if lo < hi:
@@ -109,12 +125,51 @@ class InputReader(Step):
         self.data_dir = data_dir
 
     def run(self, docs: Iterable[Document] = (), rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        for u in plan_shards(self.specs, world_size, self.data_dir)[rank]:
-            spec = self.specs[u.source]
-            for doc in _READERS[u.mode](u, spec, self.stats):
-                self.stats.docs_out += 1
-                self.stats.bytes_out += utf8_len(doc.text)
-                yield doc
+        shard = plan_shards(self.specs, world_size, self.data_dir)[rank]
+        for _, units in itertools.groupby(shard, key=_tally_key):
+            tally = _ErrorTally(self.stats)
+            for u in units:
+                spec = self.specs[u.source]
+                for doc in _READERS[u.mode](u, spec, tally):
+                    tally.good += 1
+                    self.stats.docs_out += 1
+                    self.stats.bytes_out += utf8_len(doc.text)
+                    yield doc
+            tally.check(spec.error_rate_limit)
+
+
+def _tally_key(u: Unit) -> tuple:
+    """Units whose bad records are weighed together: one file, or all files of a one-document-per-file input.
+
+    A text file is a single record, so one unreadable file among thousands must not fail the input.
+    """
+    return (u.source,) if u.mode == "text" else (u.source, u.path)
+
+
+class _ErrorTally:
+    """Bad and good records of one file (see :func:`_tally_key`), forwarding errors to the step's stats.
+
+    Readers report through this instead of the stats so the error rate is judged per file, while the
+    stats keep counting across files as before.
+    """
+
+    def __init__(self, stats) -> None:
+        self.stats, self.good, self.bad, self.first = stats, 0, 0, ""
+
+    def error(self, message: str) -> None:
+        self.bad += 1
+        self.first = self.first or message
+        self.stats.error(message)
+
+    def add(self, key: str, value: float) -> None:
+        self.stats.add(key, value)
+
+    def check(self, limit: float) -> None:
+        """Fail in one line once more than ``limit`` of the records are bad (an unreadable file counts one)."""
+        total = self.good + self.bad
+        if self.bad > limit * total:
+            raise ConfigError(f"{self.first} (first of {self.bad} bad records out of {total}: "
+                              f"{self.bad / total:.1%} > error_rate_limit {limit:g})")
 
 
 def _record_to_doc(raw: bytes, where: str, u: Unit, spec: InputSpec, lineno: int, stats) -> Document | None:
@@ -156,7 +211,10 @@ def _count_newlines(fh, upto: int) -> int:
 
 
 def read_jsonl(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    """Records of a plain .jsonl whose first byte lies in [u.start, u.end)."""
+    """Records of a plain .jsonl whose first byte lies in [u.start, u.end); a compressed one is read whole."""
+    if is_compressed(u.path):
+        yield from _read_compressed_jsonl(u, spec, stats)
+        return
     with open(u.path, "rb") as fh:
         lineno = _count_newlines(fh, u.start)
         fh.seek(u.start)
@@ -204,17 +262,47 @@ def _zst_lines(path: str) -> Iterator[bytes]:
         yield pending
 
 
-def read_jsonl_zst(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
+def decompressed_lines(path: str) -> Iterator[bytes]:
+    """Lines of a compressed file, decompressed as a stream (codec from the extension).
+
+    ``.zst`` goes through :func:`_zst_lines` because fsspec's zstandard reader stops after the first
+    frame and passes a truncated one silently; gz, bz2, xz (and whatever else fsspec infers) through fsspec.
+    """
+    if infer_compression(path) == "zstd":
+        yield from _zst_lines(path)
+        return
+    with fsspec.open(path, "rb", compression="infer") as fh:
+        yield from fh
+
+
+def _decompress_error(path: str, lineno: int, err: Exception, skipped: str = "rest of file") -> str:
+    return f"{path}:{lineno}: corrupt or truncated {infer_compression(path)} stream ({err}); {skipped} skipped"
+
+
+def _read_compressed_jsonl(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
     lineno = 0
     try:
-        for raw in _zst_lines(u.path):
+        for raw in decompressed_lines(u.path):
             lineno += 1
             if raw.strip():
                 doc = _record_to_doc(raw, f"{u.path}:{lineno}", u, spec, lineno, stats)
                 if doc is not None:
                     yield doc
-    except zstandard.ZstdError as err:
-        stats.error(f"{u.path}:{lineno + 1}: corrupt or truncated zstd stream ({err}); rest of file skipped")
+    except DECOMPRESSION_ERRORS as err:
+        stats.error(_decompress_error(u.path, lineno + 1, err))
+
+
+def _file_bytes(path: str, stats) -> bytes | None:
+    """The (decompressed) content of a whole-file input, or None after reporting why it cannot be read."""
+    if not is_compressed(path):
+        return Path(path).read_bytes()
+    parts: list[bytes] = []
+    try:
+        parts.extend(decompressed_lines(path))
+    except DECOMPRESSION_ERRORS as err:
+        stats.error(_decompress_error(path, len(parts) + 1, err, "file"))
+        return None
+    return b"".join(parts)
 
 
 def read_parquet(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
@@ -242,7 +330,9 @@ def read_parquet(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
 
 
 def read_text_file(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    raw = Path(u.path).read_bytes()
+    raw = _file_bytes(u.path, stats)
+    if raw is None:
+        return
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -284,8 +374,15 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def read_fortunes(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    """Items of a fortune file (between ``%`` lines) whose first byte lies in [u.start, u.end)."""
-    raw = Path(u.path).read_bytes()
+    """Items of a fortune file (between ``%`` lines) whose first byte lies in [u.start, u.end).
+
+    A compressed file is one whole unit, so its range is widened to the decompressed size.
+    """
+    raw = _file_bytes(u.path, stats)
+    if raw is None:
+        return
+    if is_compressed(u.path):
+        u = dataclasses.replace(u, start=0, end=len(raw))
     starts = [0] + [m.end() for m in FORTUNE_SEPARATOR.finditer(raw)]
     ends = [m.start() for m in FORTUNE_SEPARATOR.finditer(raw)] + [len(raw)]
     for number, (lo, hi) in enumerate(zip(starts, ends), 1):
@@ -301,5 +398,5 @@ def read_fortunes(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
         yield Document(f"{u.label}:{number}", ANSI_ESCAPE.sub("", text).strip(), {"file": u.label, "line": line})
 
 
-_READERS = {"jsonl": read_jsonl, "jsonl.zst": read_jsonl_zst, "parquet": read_parquet,
+_READERS = {"jsonl": read_jsonl, "parquet": read_parquet,
             "text": read_text_file, "wiki": read_wiki, "fortunes": read_fortunes}

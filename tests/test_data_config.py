@@ -35,6 +35,7 @@ def test_without_dedup_the_chain_skips_the_minhash_stages():
     (lambda c: c.inputs.clear(), "inputs is empty"),
     (lambda c: setattr(c.inputs[0], "kind", "csv"), "inputs[0].kind 'csv' is not one of"),
     (lambda c: c.inputs.append(C.InputSpec(kind="debian")), "inputs[1].package is empty"),
+    (lambda c: setattr(c.inputs[0], "error_rate_limit", 1.5), "inputs[0].error_rate_limit must be in [0, 1]"),
     (lambda c: setattr(c.output, "format", "txt"), "output.format 'txt'"),
     (lambda c: setattr(c.dedup, "threshold", 1.5), "dedup.threshold must be in (0, 1]"),
     (lambda c: (setattr(c.dedup, "bands", 20), setattr(c.dedup, "rows", 10)), "exceeds num_perm"),
