@@ -2,6 +2,8 @@
 
 Anything another job reads (markers, checkpoints, results, configs) goes through here, so a
 reader sees either the old file or the whole new one, never a torn write from a killed task.
+The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` less the umask), not
+``tempfile``'s private ``0o600``, so a group sharing a run directory can read what a job wrote.
 """
 from __future__ import annotations
 
@@ -10,6 +12,25 @@ import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it where Linux shows it (``/proc/self/status``).
+
+    Elsewhere it is set and restored once, at import, before any writer thread exists; doing that per
+    write would race with threads creating files under the temporary umask.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+FILE_MODE = 0o666 & ~_process_umask()  # what open(path, "w") creates under the umask at import
 
 
 @contextlib.contextmanager
@@ -22,6 +43,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator[
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
