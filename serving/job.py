@@ -22,7 +22,7 @@ from puyu.launcher.stage import Stage, TaskContext
 from puyu.serving.build import build_engine_stages  # noqa: F401  (re-exported for the job registry)
 from puyu.serving.config import InferJobConfig, SamplingParams, ServingError
 from puyu.serving.llm import LLM, RequestOutput
-from puyu.serving.tokenizer import IM_END, Tokenizer, chat_prompt, uses_internlm2
+from puyu.serving.tokenizer import IM_END, Tokenizer, chat_prompt_ids, uses_internlm2
 
 PARTS = "parts"
 OUTPUTS = "outputs.jsonl"
@@ -54,7 +54,7 @@ def parse_request(line: str, where: str, base: SamplingParams, seed: int, tokeni
         if "messages" in rec:
             if uses_internlm2(tokenizer):  # no <|im_end|> token to stop at in puyu's own tokenizer
                 params = dataclasses.replace(params, stop=params.stop + [IM_END])
-            return chat_prompt(rec["messages"], tokenizer), params, rec.get("id")
+            return chat_prompt_ids(rec["messages"], tokenizer), params, rec.get("id")
         for key in ("prompt", "prompt_token_ids"):
             if key in rec:
                 return rec[key], params, rec.get("id")

@@ -25,7 +25,7 @@ from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
 from puyu.serving.sampling import argmax_rows, sample_rows
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
-from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt, uses_internlm2
+from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt_ids, uses_internlm2
 
 Prompt = Union[str, list[int]]
 DECODE_BUCKET = 32  # decode sequences per attention group (smaller: less padding; 16-32 measured best)
@@ -175,7 +175,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ServingError("a text prompt needs a tokenizer (engine without tokenizer.json): pass token ids")
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt, add_special_tokens=True)  # BOS where the tokenizer adds one
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) for t in prompt):
             raise ServingError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         bad = [t for t in prompt if not 0 <= t < self.args.vocab_size]
@@ -208,7 +208,7 @@ class LLM:
         prompts, errors = [], {}
         for i, conv in enumerate(conversations):
             try:
-                prompts.append(chat_prompt(conv, self.tokenizer))
+                prompts.append(chat_prompt_ids(conv, self.tokenizer))
             except ServingError as exc:
                 prompts.append("")  # served as an empty prompt's error, then replaced below
                 errors[i] = str(exc)

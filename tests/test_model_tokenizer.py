@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from puyu.model.tokenizer import EOD, Tokenizer, TokenizerError, load_tokenizer
 
@@ -257,3 +258,21 @@ def test_bad_input_is_one_line_naming_the_path(tmp_path):
         with pytest.raises(TokenizerError, match=message) as info:
             load_tokenizer(path)
         assert "\n" not in str(info.value)
+
+
+def test_runtime_prompts_get_bos_once(spm_model, tmp_path):
+    """The serving runtime encodes a text prompt as ``tokenizer(text)`` does (BOS first for a Llama
+    tokenizer) and a chat as its template renders it (the template's one BOS, none added on top)."""
+    from puyu.model import Transformer, get_flavor
+    from puyu.serving.config import SamplingParams
+    from puyu.serving.llm import LLM
+    from puyu.serving.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(llama_dir(tmp_path / "tok", spm_model))
+    torch.manual_seed(0)
+    llm = LLM.from_model(Transformer(get_flavor("tiny", vocab_size=tok.vocab_size)).eval(), tokenizer=tok)
+    sp = SamplingParams(max_tokens=1, ignore_eos=True)
+    text_ids = llm.generate(["The river flows"], sp)[0].prompt_token_ids
+    chat_ids = llm.chat([[{"role": "user", "content": "The river flows"}]], sp)[0].prompt_token_ids
+    assert text_ids == [tok.bos_id] + tok.encode("The river flows")
+    assert chat_ids[0] == tok.bos_id and chat_ids.count(tok.bos_id) == 1
