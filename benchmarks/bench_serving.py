@@ -24,12 +24,10 @@ a 12-layer, 768-wide Llama with a 32000-token vocabulary (~110M parameters, rand
 ``generate`` with the same weights in bf16), timed to the end of the device's work. The first run of each
 side also pays for CUDA's start-up, so give ``--repeats`` 2 or more.
 
-``--quant``: instead, puyu alone with fp32, w8 and w4 weights (group 128, no AWQ; quantization of a
-random model says nothing about accuracy, only speed) of a wider random model (dim 1024, 4 layers, vocab
-4000), or of ``--model DIR`` (e.g. the ~110M one ``--write-model`` writes): for each of
-``--quant-batches`` (default 16) that many prompts x ``--max-tokens`` greedy tokens, interleaved repeats,
-best wall time of each, its ratio to fp32, and how many of the quantized engines' tokens equal their own
-reference's (the linear over the dequantized weight).
+``--quant``: instead, puyu alone on a wider random model (dim 1024, 4 layers, vocab 4000) with fp32,
+w8 and w4 weights (no AWQ; quantization of a random model says nothing about accuracy, only speed):
+16 prompts x 32 greedy tokens, interleaved repeats, best wall time of each, and whether the quantized
+engines' tokens equal their own reference (the linear over the dequantized weight).
 """
 from __future__ import annotations
 
@@ -102,24 +100,18 @@ def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: in
     return time.perf_counter() - t0, time.process_time() - c0, [o.token_ids for o in outs]
 
 
-def bench_quant(repeats: int, model_dir: Path | None, batches: list[int], max_tokens: int) -> None:
-    """fp32 vs w8 vs w4 engines built in memory from the same weights, per batch size (``b`` prompts decoded
-    together, prompts of 20-27 tokens, ``max_tokens`` greedy tokens each), runs interleaved."""
-    from puyu.model import read_model_dir
+def bench_quant(repeats: int) -> None:
     from puyu.model.state_dict import puyu_state_dict
     from puyu.serving.engine import engine_tensors
     from puyu.serving.engine_model import LINEARS, EngineModel
     from puyu.serving.quant import dequantize, quantize_linear
 
     torch.manual_seed(0)
-    if model_dir:
-        args, state = read_model_dir(model_dir)
-    else:
-        args = get_flavor("tiny", vocab_size=4000).replace(dim=1024, n_layers=4, n_heads=16, n_kv_heads=4,
-                                                           ffn_hidden_dim=2816)
-        state = {k: v.detach() for k, v in puyu_state_dict(Transformer(args).eval()).items()}
-    print(f"model: {model_dir or 'random dim 1024 x 4 layers'}, {args.num_params() / 1e6:.0f}M parameters")
-    base = engine_tensors(args, state)
+    args = get_flavor("tiny", vocab_size=4000).replace(dim=1024, n_layers=4, n_heads=16, n_kv_heads=4,
+                                                       ffn_hidden_dim=2816)
+    base = engine_tensors(args, {k: v.detach() for k, v in puyu_state_dict(Transformer(args).eval()).items()})
+    prompts = [[(7 * i + j) % 3999 + 1 for j in range(20 + i)] for i in range(16)]
+    sp = SamplingParams(max_tokens=32, ignore_eos=True)
     engines, refs = {"fp32": base}, {}
     for mode in ("w8", "w4"):
         t, ref = dict(base), dict(base)
@@ -130,27 +122,21 @@ def bench_quant(repeats: int, model_dir: Path | None, batches: list[int], max_to
                 t.update({f"{key}.{k}": v for k, v in parts.items()})
                 ref[key + ".weight"] = dequantize(parts)
         engines[mode], refs[mode] = t, ref
-    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    vocab = args.vocab_size - 1
-    for batch in batches:
-        prompts = [[(7 * i + j) % vocab + 1 for j in range(20 + i % 8)] for i in range(batch)]
-        times: dict[str, list[float]] = {}
-        tokens = {}
-        for _ in range(repeats):
-            for mode, tensors in engines.items():
-                llm = LLM(EngineModel(args, tensors), runtime=RuntimeConfig(num_blocks=256))
-                t0 = time.perf_counter()
-                tokens[mode] = [o.token_ids for o in llm.generate(prompts, sp)]
-                times.setdefault(mode, []).append(time.perf_counter() - t0)
-        n_out = batch * sp.max_tokens
-        for mode, runs in times.items():
-            same = ""
-            if mode in refs:
-                ref = [o.token_ids for o in LLM(EngineModel(args, refs[mode]), runtime=RuntimeConfig(num_blocks=256)).generate(prompts, sp)]
-                agree = sum(a == b for r, o in zip(ref, tokens[mode]) for a, b in zip(r, o))
-                same = f"; tokens equal to the dequantized-weight reference: {agree}/{n_out}"
-            print(f"batch {batch} {mode}: wall s {[round(r, 2) for r in runs]}; best {n_out / min(runs):.1f} output tokens/s, "
-                  f"{min(times['fp32']) / min(runs):.2f}x fp32{same}")
+    times: dict[str, list[float]] = {}
+    tokens = {}
+    for _ in range(repeats):
+        for mode, tensors in engines.items():
+            llm = LLM(EngineModel(args, tensors), runtime=RuntimeConfig(num_blocks=256))
+            t0 = time.perf_counter()
+            tokens[mode] = [o.token_ids for o in llm.generate(prompts, sp)]
+            times.setdefault(mode, []).append(time.perf_counter() - t0)
+    n_out = len(prompts) * sp.max_tokens
+    for mode, runs in times.items():
+        same = ""
+        if mode in refs:
+            ref = [o.token_ids for o in LLM(EngineModel(args, refs[mode]), runtime=RuntimeConfig(num_blocks=256)).generate(prompts, sp)]
+            same = f"; tokens equal to the dequantized-weight reference: {sum(a == b for a, b in zip(ref, tokens[mode]))}/{len(prompts)}"
+        print(f"{mode}: wall s {[round(r, 2) for r in runs]}; best {n_out / min(runs):.1f} output tokens/s{same}")
 
 
 def main() -> None:
@@ -161,20 +147,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix-words", type=int, default=0, help="one passage of this many words before every prompt")
     ap.add_argument("--quant", action="store_true", help="fp32 vs w8 vs w4 weights on a wider model (puyu only)")
-    ap.add_argument("--quant-batches", type=int, nargs="+", default=[16], help="--quant: prompts decoded together, per run")
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
     ap.add_argument("--write-model", type=Path, help="first write a ~110M Llama there (then used as --model)")
     ap.add_argument("--device", choices=list(DTYPES), default="cpu", help="where both sides run (cuda: in bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.quant:
+        print(f"quantized weights: dim 1024 x 4 layers, 16 prompts x 32 new tokens, {args.threads} threads, torch {torch.__version__}")
+        bench_quant(args.repeats)
+        return
     if args.write_model:
         write_model(args.write_model)
         args.model = args.write_model
-    if args.quant:
-        print(f"quantized weights: batches {args.quant_batches}, {args.max_tokens} new tokens each, "
-              f"{args.threads} threads, torch {torch.__version__}")
-        bench_quant(args.repeats, args.model, args.quant_batches, args.max_tokens)
-        return
     texts = wiki_texts()
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(texts[:3000], Path(tmp) / "tokenizer.json", vocab_size=2000)

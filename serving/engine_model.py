@@ -76,67 +76,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, residual: Optional[torc
     return y.view(residual.shape)
 
 
-INT_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes ``_weight_int4pack_mm_for_cpu`` accepts
-# Rows up to which the integer kernels beat expanding the weight for a float GEMM (1-thread crossovers on
-# [2048, 768] and [768, 2048]: w8 ~32-40 rows, w4 ~64-96, where w4's expansion costs twice w8's).
-INT_KERNEL_MAX_ROWS = {"w8": 32, "w4": 64}
-
-
-def int8_kernel(qweight: torch.Tensor, scales: torch.Tensor):
-    """A function x [N, I] bf16 -> ``x (q * scales)^T`` [N, O] bf16 through ATen's int8 weight-only kernel,
-    or None where it cannot serve this weight (not on the CPU, op missing, shapes it mishandles).
-
-    Why: it reads the int8 codes [O, I] directly, so a decode step moves a quarter of fp32's weight bytes and
-    never writes a float copy. Its vectorized path takes bf16 activations only (fp32/fp16 inputs run a scalar
-    loop 10-30x slower), and in torch 2.13 it crashes or returns garbage when I is not a multiple of 16,
-    hence the conservative I % 64 guard.
-    """
-    O, I = qweight.shape
-    if qweight.device.type != "cpu" or I % 64 or not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        return None
-    s = scales.to(torch.bfloat16).contiguous()  # [O]
-    q = qweight.contiguous()
-    try:
-        torch.ops.aten._weight_int8pack_mm(torch.zeros(1, I, dtype=torch.bfloat16), q, s)
-    except (RuntimeError, NotImplementedError):  # a build without the CPU kernel
-        return None
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x, q, s)
-
-
-def int4_kernel(quant: Tensors):
-    """A function x [N, I] bf16 -> ``x W^T`` [N, O] bf16 for a w4 weight through ATen's int4 kernel, or None
-    where it cannot serve it (not on the CPU, op missing, group size it lacks, I padded, O % 16).
-
-    The op dequantizes ``w = (q - 8) * scale + zero`` from bf16 scales-and-zeros [G, O, 2]; puyu stores
-    ``w = (q - z) * s``, which is the same weight with ``zero = (8 - z) * s``. The conversion is made here,
-    at load, so engine files keep their format and old engines load unchanged.
-    """
-    packed, scales, zeros = quant["qweight"], quant["scales"], quant["zeros"]  # [O, Ipad/2], [O, G], [O, G]
-    O, G = scales.shape
-    I = int(quant["in_features"])
-    group = 2 * packed.shape[1] // G
-    if (packed.device.type != "cpu" or group not in INT_KERNEL_GROUPS or I != G * group or O % 16
-            or not hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")):
-        return None
-    codes = torch.stack([packed & 0xF, packed >> 4], dim=2).view(O, I).to(torch.int32)  # [O, I] in 0..15
-    s = scales.float()
-    scales_zeros = torch.stack([s, (8 - zeros.float()) * s], dim=2).transpose(0, 1).to(torch.bfloat16).contiguous()
-    try:
-        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)  # the op's own layout
-        torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, I, dtype=torch.bfloat16), w, group, scales_zeros)
-    except (RuntimeError, NotImplementedError):
-        return None
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, scales_zeros)
-
-
 class EngineLinear:
     """``y = x W^T`` from a dense weight (through ``onednn_packed`` on CPU), or from a weight-only
-    quantized one (inputs divided by the AWQ ``act_scale`` first).
+    quantized one expanded on use (inputs divided by the AWQ ``act_scale`` first).
 
-    Quantized, calls of up to ``INT_KERNEL_MAX_ROWS`` rows (decode steps) run through ATen's integer kernels
-    (``int8_kernel``/``int4_kernel``: codes read in place, activations and output in bf16). Their cost grows
-    linearly with the rows (~40 us per row per 1.5M weights at one thread), so past the crossover expanding
-    the weight once and running a float GEMM is cheaper, and larger calls (prefill) do that:
     w8: ``(x q^T) * scales`` — the per-output-channel scale is applied to the [N, O] output instead of the
     [O, I] weight, so a call costs one int8 -> float copy of the weight into the scratch buffer plus the
     matmul (equal to ``x (q * scales)^T`` in exact arithmetic; within float rounding here).
@@ -152,8 +95,6 @@ class EngineLinear:
         self.act_scale = self.quant.pop("act_scale", None)
         self.dtype = dtype
         self.scratch = scratch or Scratch()
-        self.kernel = None  # bf16 [N, I] -> bf16 [N, O] through an integer kernel, for N <= self.max_rows
-        self.max_rows = 0
         if self.packed is not None:
             self.weight = None  # the packed copy serves every call; not holding both halves the weights' memory
         elif self.weight is None:
@@ -161,10 +102,6 @@ class EngineLinear:
             if "zeros" in self.quant:
                 self.zeros = self.quant["zeros"].to(dtype)
                 self.in_features = int(self.quant["in_features"])
-                self.kernel, self.max_rows = int4_kernel(self.quant), INT_KERNEL_MAX_ROWS["w4"]
-            else:
-                self.kernel = int8_kernel(self.quant["qweight"], self.quant["scales"])
-                self.max_rows = INT_KERNEL_MAX_ROWS["w8"]
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., I] -> ``x W^T`` (+ bias) [..., O], plus ``residual`` [..., O] if given."""
@@ -180,9 +117,6 @@ class EngineLinear:
             return F.linear(x, self.weight)
         if self.act_scale is not None:
             x = x / self.act_scale.to(x.dtype)
-        if self.kernel is not None and x.numel() <= self.max_rows * x.shape[-1]:
-            y = self.kernel(x.reshape(-1, x.shape[-1]).to(torch.bfloat16))  # [N, O]
-            return y.to(self.dtype).view(*x.shape[:-1], -1)
         packed = self.quant["qweight"]
         if "zeros" not in self.quant:  # w8
             w = self.scratch.take(tuple(packed.shape), self.dtype, packed.device).copy_(packed)
