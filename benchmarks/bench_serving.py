@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--shared-prefix-words", type=int, default=0, help="one passage of this many words before every prompt")
     ap.add_argument("--quant", action="store_true", help="fp32 vs w8 vs w4 weights on a wider model (puyu only)")
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
-    ap.add_argument("--write-model", type=Path, help="first write a ~110M Llama there (then used as --model)")
+    ap.add_argument("--write-model", type=Path, help="first write a 125M-parameter Llama there (then used as --model)")
     ap.add_argument("--device", choices=list(DTYPES), default="cpu", help="where both sides run (cuda: in bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
