@@ -10,6 +10,34 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from puyu.launcher.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(key: str, value: str, error: type[Exception] = ConfigError) -> None:
+    """Refuse an unknown device setting, or ``cuda`` where this process sees no CUDA, naming ``key``
+    (``job.device``, ``runtime.device``, ...) in one line of ``error``.
+
+    torch is imported here, not at module level: configs import this module to check themselves."""
+    if value not in DEVICES:
+        raise error(f"{key}={value!r}; choose one of {', '.join(DEVICES)}")
+    if value == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise error(f"{key}=cuda but CUDA is not available here (torch {torch.__version__}); "
+                        f"use {key}=cpu, or auto to take a GPU wherever the process finds one")
+
+
+def resolve_device(value: str) -> str:
+    """``cpu`` or ``cuda`` for a checked device setting (auto: cuda when this process sees a GPU)."""
+    if value != "auto":
+        return value
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @dataclasses.dataclass(frozen=True)
 class DistEnv:

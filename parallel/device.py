@@ -16,26 +16,18 @@ from typing import Optional
 
 import torch
 
+from puyu.launcher.distributed import check_device as check_device_setting, resolve_device as resolve_setting
 from puyu.launcher.errors import PuyuError
-
-DEVICES = ("auto", "cpu", "cuda")
-
 
 def check_device(name: str) -> None:
     """Refuse an unknown ``job.device``, or ``cuda`` where this process sees no CUDA."""
-    if name not in DEVICES:
-        raise PuyuError(f"job.device={name!r}; choose one of {', '.join(DEVICES)}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PuyuError(f"job.device=cuda but CUDA is not available here (torch {torch.__version__}); "
-                        f"use job.device=cpu, or auto to take a GPU wherever the ranks find one")
+    check_device_setting("job.device", name, PuyuError)
 
 
 def resolve_device(name: str, local_rank: int) -> torch.device:
     """This rank's device: GPU ``local_rank`` for ``cuda`` (and ``auto`` with CUDA), else the CPU."""
     check_device(name)
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    return torch.device("cuda", local_rank) if resolve_setting(name) == "cuda" else torch.device("cpu")
 
 
 def backend(device: torch.device) -> str:

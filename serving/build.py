@@ -20,7 +20,8 @@ import torch
 from puyu.data_pipeline.corpora import WIKI_EVAL_DOCS, wiki_summaries_file, wiki_titles
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.stage import Stage, TaskContext
-from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError, resolve_device
+from puyu.launcher.distributed import resolve_device
+from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
 from puyu.model.hf import has_tokenizer
 from puyu.serving.engine import engine_tensors, place_tensors, read_checkpoint, save_engine
 from puyu.serving.engine_model import LINEARS, EngineModel

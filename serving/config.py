@@ -10,6 +10,7 @@ import dataclasses
 from typing import Optional
 
 from puyu.launcher.config import JobConfig
+from puyu.launcher.distributed import check_device as check_device_setting
 from puyu.launcher.errors import PuyuError
 
 
@@ -21,31 +22,12 @@ class ServingError(PuyuError, ValueError):
     """
 
 
-DEVICES = ("auto", "cpu", "cuda")
 RUNTIME_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_device(key: str, value: str) -> None:
-    """Refuse an unknown device, or ``cuda`` where this process sees no CUDA, naming ``key``.
-
-    torch is imported here, not at module level: job configs import this module to register themselves."""
-    if value not in DEVICES:
-        raise ServingError(f"{key}={value!r}; choose one of {', '.join(DEVICES)}")
-    if value == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ServingError(f"{key}=cuda but CUDA is not available here (torch {torch.__version__}); "
-                               f"use {key}=cpu, or auto to take a GPU where there is one")
-
-
-def resolve_device(value: str) -> str:
-    """``cpu`` or ``cuda`` for a checked device setting (auto: cuda when this process sees a GPU)."""
-    if value != "auto":
-        return value
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``launcher.distributed.check_device`` raising ``ServingError``."""
+    check_device_setting(key, value, ServingError)
 
 
 @dataclasses.dataclass

@@ -17,7 +17,8 @@ import torch
 
 from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
-from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError, resolve_device
+from puyu.launcher.distributed import resolve_device
+from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.decode_run import DecodeRun, plain_decode
 from puyu.serving.engine import Engine, engine_tensors, is_quantized, open_engine, place_tensors
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch

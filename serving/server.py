@@ -19,7 +19,8 @@ from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from puyu.serving.config import DEVICES, RuntimeConfig, SamplingParams, ServingError
+from puyu.launcher.distributed import DEVICES
+from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.llm import LLM, RequestOutput
 from puyu.serving.tokenizer import IM_END, chat_prompt_ids, uses_internlm2
 
