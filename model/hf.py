@@ -179,6 +179,12 @@ def read_hf_weights(path: str | Path) -> Tensors:
     return state
 
 
+def _hf_args(path: Path, fused_ops: bool) -> tuple[ModelArgs, str]:
+    """An HF directory's ``ModelArgs`` (from its ``config.json``) and its state-dict layout."""
+    config = read_hf_config(path)
+    return args_from_hf_config(config, where=str(path / CONFIG_FILE), fused_ops=fused_ops), FAMILIES[config["model_type"]]
+
+
 def _puyu_dir_args(path: Path, raw: Tensors, flavor: str, fused_ops: bool) -> ModelArgs:
     emb = raw.get("tok_embeddings.weight")
     if emb is None:
@@ -198,9 +204,7 @@ def read_model_dir(path: str | Path, fused_ops: bool = True, flavor: str = "tiny
         raise ModelDirError(f"model directory {path} not found")
     raw = read_hf_weights(path)
     if is_hf_model_dir(path):
-        config = read_hf_config(path)
-        args = args_from_hf_config(config, where=str(path / CONFIG_FILE), fused_ops=fused_ops)
-        layout = FAMILIES[config["model_type"]]
+        args, layout = _hf_args(path, fused_ops)
     else:
         args, layout = _puyu_dir_args(path, raw, flavor, fused_ops), "puyu"
     state = convert(raw, layout, "puyu", args)
@@ -280,12 +284,7 @@ def open_model_dir(path: str | Path, args: ModelArgs) -> tuple[ModelArgs, ModelD
     ``config.json``, ``args`` supplying only ``fused_ops``) or a puyu export (shapes are ``args``).
     A mismatch raises ``StateDictError`` naming every missing, unexpected or mis-shaped tensor."""
     path = Path(path)
-    if is_hf_model_dir(path):
-        config = read_hf_config(path)
-        args = args_from_hf_config(config, where=str(path / CONFIG_FILE), fused_ops=args.fused_ops)
-        layout = FAMILIES[config["model_type"]]
-    else:
-        layout = "puyu"
+    args, layout = _hf_args(path, args.fused_ops) if is_hf_model_dir(path) else (args, "puyu")
     weights = ModelDirWeights(path, args, layout)
     check_state_dict(weights.shapes(), expected_shapes(args), what=f"{layout} checkpoint {path}")
     return args, weights
