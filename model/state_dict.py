@@ -101,14 +101,14 @@ def _wqkv_view(args: ModelArgs, wqkv: torch.Tensor) -> torch.Tensor:
     return wqkv.view(args.n_kv_heads, args.n_groups + 2, args.head_dim, *wqkv.shape[1:])
 
 
-def _split_qkv(args: ModelArgs, wqkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(args: ModelArgs, wqkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed grouped ``wqkv`` (weight or bias) -> Llama's q [Hq*d, ...], k and v [Hk*d, ...]."""
     w, g, rest = _wqkv_view(args, wqkv), args.n_groups, wqkv.shape[1:]
     return (w[:, :g].reshape(-1, *rest), w[:, g].reshape(-1, *rest), w[:, g + 1].reshape(-1, *rest))
 
 
 def _pack_qkv(args: ModelArgs, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_split_qkv``: interleave per KV head as [q_1 .. q_g, k, v]."""
+    """Inverse of ``split_qkv``: interleave per KV head as [q_1 .. q_g, k, v]."""
     hk, g, hd, rest = args.n_kv_heads, args.n_groups, args.head_dim, q.shape[1:]
     packed = torch.cat([q.view(hk, g, hd, *rest), k.view(hk, 1, hd, *rest), v.view(hk, 1, hd, *rest)], dim=1)
     return packed.reshape(-1, *rest)  # [Hk*(g+2)*d, ...]
@@ -128,7 +128,7 @@ def to_llama(state: Tensors, args: ModelArgs) -> Tensors:
         p = f"model.layers.{i}."
         if suffix in ("attention.wqkv.weight", "attention.wqkv.bias"):
             kind = suffix.rsplit(".", 1)[1]
-            for n, part in zip("qkv", _split_qkv(args, t)):
+            for n, part in zip("qkv", split_qkv(args, t)):
                 out[p + f"self_attn.{n}_proj.{kind}"] = part
         else:
             out[p + _LAYER_TO_LLAMA.get(suffix, suffix)] = t

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from puyu.launcher.atomic import atomic_write_text
 from puyu.model import ModelArgs, is_hf_model_dir, read_model_dir
 from puyu.model.hf import FAMILIES, copy_tokenizer_files, has_tokenizer, read_hf_config
+from puyu.model.state_dict import split_qkv
 from puyu.model.rope import rope_cos_sin
 from puyu.serving.config import ServingError
 
@@ -65,17 +66,15 @@ def rope_tables(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def engine_tensors(args: ModelArgs, state: Tensors, dtype: torch.dtype = torch.float32) -> Tensors:
     """puyu state dict -> the engine's unquantized inference layout (see the module docstring)."""
-    hd, D, g = args.head_dim, args.dim, args.n_groups
     out: Tensors = {"tok_embeddings.weight": state["tok_embeddings.weight"], "norm.weight": state["norm.weight"]}
     if not args.tie_embeddings:
         out["output.weight"] = state["output.weight"]
     for i in range(args.n_layers):
         p = f"layers.{i}."
-        w = state[p + "attention.wqkv.weight"].view(args.n_kv_heads, g + 2, hd, D)  # grouped InternLM2 order
-        out[p + "wqkv.weight"] = torch.cat([w[:, :g].reshape(-1, D), w[:, g].reshape(-1, D), w[:, g + 1].reshape(-1, D)])
-        if args.qkv_bias:  # the bias in the same q | k | v order
-            b = state[p + "attention.wqkv.bias"].view(args.n_kv_heads, g + 2, hd)
-            out[p + "wqkv.bias"] = torch.cat([b[:, :g].reshape(-1), b[:, g].reshape(-1), b[:, g + 1].reshape(-1)])
+        # grouped InternLM2 order -> q | k | v (the bias, where there is one, the same way)
+        out[p + "wqkv.weight"] = torch.cat(split_qkv(args, state[p + "attention.wqkv.weight"]))
+        if args.qkv_bias:
+            out[p + "wqkv.bias"] = torch.cat(split_qkv(args, state[p + "attention.wqkv.bias"]))
         out[p + "w13.weight"] = torch.cat([state[p + "feed_forward.w1.weight"], state[p + "feed_forward.w3.weight"]])
         out[p + "wo.weight"] = state[p + "attention.wo.weight"]
         out[p + "w2.weight"] = state[p + "feed_forward.w2.weight"]
