@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # What needs a GPU, on a machine with one NVIDIA GPU, this repository, a CUDA toolkit and no internet:
-# builds the fused ops extension with its CUDA kernels, compiles csrc/cuda with nvcc, runs every
-# `cuda`-marked test (CUDA kernels against the PyTorch references, forward and gradients), then the GPU
-# serving benchmark and a 2-step bf16 pretrain of a ~1B flavor with its MFU (scripts/pretrain_mfu.py). The CPU suite (`make test`) cannot see any of this.
+# builds the fused ops extension with its CUDA kernels, runs every `cuda`-marked test (CUDA kernels against
+# the PyTorch references, forward and gradients), a 3-step bf16 pretrain of a ~1B flavor reporting MFU
+# (scripts/pretrain_mfu.py; eager, then with compiled blocks), the GPU serving benchmark on the 125M Llama
+# that bench_serving.py writes with transformers, and last the stand-alone nvcc compile test that CI also
+# runs. The CPU suite (`make test`) cannot see any of the GPU checks.
 #
 #   bash scripts/gpu_check.sh            # from anywhere; works in the repository root
 #
 # Python: .venv when its torch already sees the GPU; else a venv over a system torch that does; else the
 # Makefile's steps (pip install torch==2.13.0, then the package) into build/gpu-venv, which needs a
 # reachable package index. One line per check, `gpu_check: <check>: PASS|FAIL|SKIP <detail>`, each under
-# its own timeout and all within GPU_CHECK_BUDGET_S (default 470 s, under 8 minutes); exits 1 if any
-# check failed.
+# its own timeout and all within GPU_CHECK_BUDGET_S (default 470 s, under 8 minutes); logs in
+# GPU_CHECK_LOG_DIR (default: a fresh temporary directory); exits 1 if any check failed.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 BUDGET=${GPU_CHECK_BUDGET_S:-470}
 START=$SECONDS
-LOG_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
+LOG_DIR=${GPU_CHECK_LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
+mkdir -p "$LOG_DIR"
 SUMMARY=()
 FAILED=0
 
@@ -107,7 +110,13 @@ if [[ -x .venv/bin/python ]] && timeout 120 .venv/bin/python -c "$sees_gpu" 2>/d
   record venv PASS "reused .venv ($(.venv/bin/python -c "$torch_line"))"
 elif timeout 120 "$SYS_PY" -c "$sees_gpu" 2>/dev/null; then
   # The system's CUDA torch (and whatever else it has) under a venv of our own for the editable install.
-  if run venv 120 "$SYS_PY" -m venv --system-site-packages build/gpu-venv; then
+  # --system-site-packages alone is not enough when $SYS_PY is itself a venv's python (the new venv then
+  # sees the base interpreter's packages, not that venv's torch), so a .pth names $SYS_PY's own
+  # site-packages, after the new venv's; pip comes from there too.
+  if run venv 120 bash -c "rm -rf build/gpu-venv && $SYS_PY -m venv --without-pip --system-site-packages build/gpu-venv \
+      && $SYS_PY -c 'import site; print(\"\n\".join(site.getsitepackages()))' \
+         >\"\$(build/gpu-venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')/zz_system_site.pth\" \
+      && build/gpu-venv/bin/python -c '$sees_gpu'"; then
     PY=build/gpu-venv/bin/python
     record venv PASS "build/gpu-venv over $SYS_PY's site-packages ($($PY -c "$torch_line"))"
   else
@@ -131,7 +140,9 @@ if [[ -z $PY ]]; then
 else
   # One architecture (the GPU's own) and every core: the build fits the budget.
   arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
-  if run build 300 env CUDA_HOME="$CUDA_HOME" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
+  # PIP_USE_PEP517: an older pip would otherwise run `setup.py develop`, which a newer setuptools turns into
+  # an isolated build that downloads setuptools (pips that always use PEP 517 ignore the variable).
+  if run build 300 env PIP_USE_PEP517=1 CUDA_HOME="$CUDA_HOME" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" \
       MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" -m pip install -q --no-build-isolation "${INSTALL_TARGET[@]}"; then
     if has=$($PY -c 'from puyu.model import ops; print(ops.extension_available("cuda"))' 2>&1) && [[ $has == True ]]; then
       record build PASS "puyu.model._fused_ops with CUDA kernels for sm_${arch/./}"
@@ -143,20 +154,7 @@ else
   fi
 fi
 
-# ---- nvcc compiles csrc/cuda (torch's headers suffice: no GPU needed), and the cuda-marked tests ---------
-compile_py=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python)}
-if [[ -z $compile_py ]]; then
-  record nvcc_compile SKIP "no Python with torch"
-elif run nvcc_compile 150 env PATH="${CUDA_HOME:+$CUDA_HOME/bin:}$PATH" "$compile_py" -m pytest -q \
-    tests/test_ops_cuda_build.py; then
-  if grep -q ' passed' "$LOG_DIR/nvcc_compile.log"; then
-    record nvcc_compile PASS "$(grep -E ' passed' "$LOG_DIR/nvcc_compile.log" | tail -n 1)"
-  else
-    record nvcc_compile FAIL "$(grep -E 'SKIPPED' "$LOG_DIR/nvcc_compile.log" | tail -n 1 | cut -c1-200)"
-  fi
-else
-  record nvcc_compile FAIL "$(why nvcc_compile $?)"
-fi
+# ---- the cuda-marked tests: every CUDA kernel against its reference, forward and gradients -----------
 if [[ -z $PY ]]; then
   record cuda_tests SKIP "no usable Python"
 else
@@ -170,7 +168,22 @@ else
   fi
 fi
 
-# ---- GPU benchmarks, where the scripts have the options ----------------------------------------------
+# ---- GPU benchmarks: pretraining MFU (eager, then with compiled blocks), then serving ------------------
+if [[ -z $PY ]]; then
+  record pretrain_mfu SKIP "no usable Python"
+elif run pretrain_mfu 150 "$PY" scripts/pretrain_mfu.py --device cuda --flavor 1b --steps 3 --warmup 1; then
+  record pretrain_mfu PASS "$(grep 'MFU' "$LOG_DIR/pretrain_mfu.log" | tail -n 1 | cut -c1-200)"
+else
+  record pretrain_mfu FAIL "$(why pretrain_mfu $?)"
+fi
+if [[ -z $PY ]]; then
+  record pretrain_mfu_compiled SKIP "no usable Python"
+elif run pretrain_mfu_compiled 180 "$PY" scripts/pretrain_mfu.py --device cuda --flavor 1b --steps 3 --warmup 2 --compile; then
+  record pretrain_mfu_compiled PASS "$(grep 'MFU' "$LOG_DIR/pretrain_mfu_compiled.log" | tail -n 1 | cut -c1-200)"
+else
+  record pretrain_mfu_compiled FAIL "$(why pretrain_mfu_compiled $?)"
+fi
+
 # help_of <script>: its --help text (asked once: each call imports torch)
 help_of() { timeout 120 "$PY" "$1" --help 2>/dev/null; }
 # listed <help text> <option>: the help lists exactly that option
@@ -184,25 +197,34 @@ else
     record bench_serving SKIP "benchmarks/bench_serving.py has no --device option"
   else
     args=(--device cuda)
+    # the 125M-parameter Llama written by transformers, when the script can write it
+    listed "$help" --write-model && args+=(--write-model "$LOG_DIR/llama125m")
     listed "$help" --prompts && args+=(--prompts 64)
-    listed "$help" --max-tokens && args+=(--max-tokens 32)
-    listed "$help" --repeats && args+=(--repeats 1)
-    if run bench_serving 90 "$PY" benchmarks/bench_serving.py "${args[@]}"; then
+    listed "$help" --max-tokens && args+=(--max-tokens 64)
+    listed "$help" --repeats && args+=(--repeats 2)
+    if run bench_serving 120 "$PY" benchmarks/bench_serving.py "${args[@]}"; then
       record bench_serving PASS "$(grep -v '^\s*$' "$LOG_DIR/bench_serving.log" | tail -n 1 | cut -c1-200)"
     else
       record bench_serving FAIL "$(why bench_serving $?)"
     fi
+    rm -rf "$LOG_DIR/llama125m"
   fi
 fi
 
-if [[ -z $PY ]]; then
-  record pretrain_mfu SKIP "no usable Python"
-elif run pretrain_mfu 150 "$PY" scripts/pretrain_mfu.py --device cuda --flavor 1b --steps 2 --warmup 1; then
-  record pretrain_mfu PASS "$(grep 'MFU' "$LOG_DIR/pretrain_mfu.log" | tail -n 1 | cut -c1-200)"
+# ---- nvcc compiles csrc/cuda on its own (torch's headers suffice: no GPU needed); last, as CI checks it too --
+compile_py=${PY:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python)}
+if [[ -z $compile_py ]]; then
+  record nvcc_compile SKIP "no Python with torch"
+elif run nvcc_compile 150 env PATH="${CUDA_HOME:+$CUDA_HOME/bin:}$PATH" "$compile_py" -m pytest -q \
+    tests/test_ops_cuda_build.py; then
+  if grep -q ' passed' "$LOG_DIR/nvcc_compile.log"; then
+    record nvcc_compile PASS "$(grep -E ' passed' "$LOG_DIR/nvcc_compile.log" | tail -n 1)"
+  else
+    record nvcc_compile FAIL "$(grep -E 'SKIPPED' "$LOG_DIR/nvcc_compile.log" | tail -n 1 | cut -c1-200)"
+  fi
 else
-  record pretrain_mfu FAIL "$(why pretrain_mfu $?)"
+  record nvcc_compile FAIL "$(why nvcc_compile $?)"
 fi
-
 echo "== summary ($((SECONDS - START)) s; logs in $LOG_DIR)"
 printf '%s\n' "${SUMMARY[@]}"
 exit "$FAILED"

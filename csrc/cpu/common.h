@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <bit>
 
 namespace puyu::cpu {
 
@@ -32,7 +31,8 @@ inline float vexp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  // __builtin_bit_cast, not std::bit_cast: torch builds before 2.13 compile extensions as C++17.
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 inline double vexp(double x) { return std::exp(x); }
