@@ -444,6 +444,13 @@ def linear_cross_entropy(
     if chunk_rows is None:
         rows = CE_CHUNK_BYTES // (4 * weight.shape[0])
         chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
+    device_type = hidden.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # Autocast never reaches the chunked products below (they write into a preallocated buffer), so
+        # cast here as it casts a linear: else the head, the largest matmul, runs in fp32 (on an H200 the
+        # 1b flavor's step took 2.2x as long, two thirds of it in fp32 GEMMs).
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
     # The kernel goes through its op even in eager: it runs once per chunk of up to 128 MiB of logits.
     use_ext = _route(True, hidden) != "reference"
     # Decided here: inside forward grad mode is off, so evaluation would otherwise pay for gradients.

@@ -41,11 +41,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block")
+    ap.add_argument("--no-fused-ops", action="store_true", help="PyTorch reference ops instead of puyu's kernels")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one step and print its N most expensive device kernels")
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("pretrain_mfu: --device cuda but CUDA is not available here")
     name, overrides = FLAVORS[a.flavor]
     args = get_flavor(name, max_seq_len=max(a.seq_len, 512), **overrides)
+    if a.no_fused_ops:
+        args = args.replace(fused_ops=False)
     device = torch.device(a.device)
     torch.manual_seed(0)
     with device:
@@ -77,6 +82,14 @@ def main() -> None:
     print(f"flavor {a.flavor}: {args.num_params() / 1e9:.2f}B parameters, {a.batch} x {a.seq_len} tokens a step, "
           f"bf16 autocast on {device}{mem}; losses {[round(x, 3) for x in losses]}")
     print(f"pretrain {a.flavor} bf16: {tok_s:.0f} tokens/s, MFU {mfu:.1%} of {a.peak_tflops:.0f} TFLOP/s")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(tokens[-1])
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=a.profile, max_name_column_width=70))
 
 
 if __name__ == "__main__":

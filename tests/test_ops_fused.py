@@ -140,6 +140,25 @@ def test_linear_cross_entropy_with_a_frozen_input_computes_only_the_other_gradie
 
 
 @pytest.mark.parametrize("use_ext", [False, pytest.param(True, marks=needs_ext)])
+def test_linear_cross_entropy_under_autocast_multiplies_in_the_autocast_dtype(monkeypatch, use_ext):
+    """Autocast cannot reach the chunked products (they write into a buffer), so the op casts as a linear
+    is cast: fp32 master weights then give the bf16 product the reference gives under autocast, not an
+    fp32 one (on a GPU the head is the largest matmul of a step)."""
+    if not use_ext:
+        monkeypatch.setattr(ops, "_ext", None)
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 64), torch.randn(1000, 64)
+    target = torch.randint(0, 1000, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (fused, ref), grads = zip(*(_grads(lambda h, w: ops.linear_cross_entropy(h, w, target, fused=f), (hidden, weight),
+                                           (torch.tensor(1.0),)) for f in (True, False)))
+    assert fused[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads[0])
+    torch.testing.assert_close(fused[0], ref[0], atol=1e-5, rtol=1e-5)  # an fp32 product is off by ~1e-2
+    for g_fused, g_ref in zip(*grads):
+        torch.testing.assert_close(g_fused, g_ref, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("use_ext", [False, pytest.param(True, marks=needs_ext)])
 def test_cross_entropy_chunk_kernel_contract(use_ext):
     """The per-chunk kernel (extension or torch) leaves grad_scale * (softmax - onehot) in the logits."""
     logits = torch.randn(6, 50, dtype=torch.float64)
