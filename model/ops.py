@@ -441,9 +441,6 @@ def linear_cross_entropy(
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not fused:
         return linear_cross_entropy_reference(hidden, weight, target, ignore_index, reduction)
-    if chunk_rows is None:
-        rows = CE_CHUNK_BYTES // (4 * weight.shape[0])
-        chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
     device_type = hidden.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         # Autocast never reaches the chunked products below (they write into a preallocated buffer), so
@@ -451,6 +448,9 @@ def linear_cross_entropy(
         # 1b flavor's step took 2.2x as long, two thirds of it in fp32 GEMMs).
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if chunk_rows is None:  # logits are in hidden's dtype: bf16 chunks hold twice the rows of fp32 ones
+        rows = CE_CHUNK_BYTES // (hidden.element_size() * weight.shape[0])
+        chunk_rows = rows - rows % 64 if rows >= 64 else max(rows, 1)
     # The kernel goes through its op even in eager: it runs once per chunk of up to 128 MiB of logits.
     use_ext = _route(True, hidden) != "reference"
     # Decided here: inside forward grad mode is off, so evaluation would otherwise pay for gradients.
