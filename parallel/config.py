@@ -18,9 +18,9 @@ class ParallelConfig:
     pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: the rest of the world
-    pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B
-    pp_virtual_stages: int = 1  # stages per pipeline rank (Interleaved1F1B needs > 1)
-    activation_checkpointing: bool = False
+    pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble
+    pp_virtual_stages: int = 1  # stages per pipeline rank (the Interleaved schedules need > 1)
+    activation_checkpointing: str = "none"  # none | full | attention | every_<N> (every N-th block)
     compile: bool = False
 
 
@@ -95,6 +95,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class PretrainJobConfig(JobConfig):
     device: str = "auto"  # auto | cpu | cuda (auto: CUDA where the ranks see a GPU); see puyu.parallel.device
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 on CUDA, fp32 on CPU); the same in every layout
     # continued pretraining: start from this model dir's weights (a Hugging Face one also gives the shapes,
     # and the export is then an HF dir in its layout) instead of a seeded initialisation; "" = from scratch
     init_from: str = ""

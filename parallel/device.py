@@ -5,10 +5,12 @@ submitted from a login node without GPUs still trains on the compute nodes' GPUs
 demand: refused at submit time when this machine has no CUDA (the one-line error names the key),
 and again by a rank that finds none. On CUDA a rank uses GPU ``LOCAL_RANK`` and NCCL; on CPU, gloo.
 
-Precision follows the device and is not a setting here: on CUDA, bf16 compute with fp32 master
-weights (FSDP2's ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, or autocast without
-data parallelism); on CPU, fp32 throughout (bf16 matmuls there are slow and the parity tests
-compare fp32 curves).
+Precision is one policy for every layout (``job.precision=auto|bf16|fp32``; auto: bf16 on CUDA, fp32 on
+CPU): with bf16, matrix products run in bf16 while master weights, optimizer state and the gradient
+reduction stay fp32. Where data parallelism shards the model, FSDP2's ``MixedPrecisionPolicy`` applies it
+(parameters gathered in bf16, gradients reduced in fp32); elsewhere (one rank, TP or PP without DP) each
+stage module runs its forward and loss under ``torch.autocast``. Pipeline schedules call the stage's own
+forward, so a PP run with dp = 1 computes in bf16 too.
 """
 from __future__ import annotations
 
@@ -35,6 +37,18 @@ def backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def param_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype FSDP2 gathers parameters in (and autocast computes in): bf16 on CUDA, None (fp32) else."""
-    return torch.bfloat16 if device.type == "cuda" else None
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def check_precision(name: str) -> None:
+    """Refuse an unknown ``job.precision`` at submit time."""
+    if name not in PRECISIONS:
+        raise PuyuError(f"job.precision={name!r}; choose one of {', '.join(PRECISIONS)}")
+
+
+def compute_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype matrix products run in: bf16, or None for fp32 throughout (auto: bf16 on CUDA only)."""
+    check_precision(precision)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None

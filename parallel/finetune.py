@@ -50,12 +50,12 @@ from puyu.model.hf import copy_tokenizer_files, export_hf, is_hf_model_dir, open
 from puyu.model.state_dict import StateDictError
 from puyu.parallel import checkpoint
 from puyu.parallel.data import StepBatches
-from puyu.parallel.device import check_device, param_dtype
+from puyu.parallel.device import check_device, check_precision, compute_dtype
 from puyu.parallel.dims import ParallelDims
 from puyu.parallel.ft_config import FinetuneJobConfig, LoraConfig
 from puyu.parallel.meta_init import FullValue, materialize, meta_model, seeded_full
-from puyu.parallel.metrics import MetricsLog, mfu
-from puyu.parallel.parallelize import StageModule, apply_ac, apply_compile, apply_fsdp
+from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
+from puyu.parallel.parallelize import StageModule, apply_ac, apply_compile, apply_precision, check_parallel_config
 from puyu.parallel.pretrain import PretrainTask, _all_reduce
 
 log = logging.getLogger("puyu.finetune")
@@ -70,12 +70,13 @@ class SFTStage(StageModule):
     def forward(self, tokens: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         if document_ids is None:
             return super().forward(tokens)
-        h = self.tok_embeddings(tokens)  # [B, T, D]
-        mask = document_causal_mask(document_ids)  # [B, 1, T, T]
-        cos, sin = rope_cos_sin(self.args, positions_from_document_ids(document_ids))
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, mask, None)
-        return self.norm(h)
+        with self.autocast(tokens):
+            h = self.tok_embeddings(tokens)  # [B, T, D]
+            mask = document_causal_mask(document_ids)  # [B, 1, T, T]
+            cos, sin = rope_cos_sin(self.args, positions_from_document_ids(document_ids))
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, mask, None)
+            return self.norm(h)
 
     def loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy over the labelled positions (fused with the output projection).
@@ -86,8 +87,9 @@ class SFTStage(StageModule):
         labels = labels.flatten()
         keep = (labels != IGNORE).nonzero().squeeze(1)
         hidden, target = h.flatten(0, 1).index_select(0, keep), labels.index_select(0, keep)
-        return ops.linear_cross_entropy(hidden, self.output.weight, target, ignore_index=IGNORE, reduction="sum",
-                                        fused=self.args.fused_ops)
+        with self.autocast(h):
+            return ops.linear_cross_entropy(hidden, self.output.weight, target, ignore_index=IGNORE,
+                                            reduction="sum", fused=self.args.fused_ops)
 
 
 def check_checkpoint(path: str) -> Path:
@@ -321,13 +323,10 @@ class FinetuneTask(PretrainTask):
         model = meta_finetune_model(args, cfg.lora)
         trainable, total = trainable_params(model)
         stage = SFTStage(model, list(range(args.n_layers)), first=True, last=True)
-        if cfg.parallel.activation_checkpointing:
-            apply_ac(stage)
+        apply_ac(stage, cfg.parallel.activation_checkpointing)
         if cfg.parallel.compile:
             apply_compile(stage)
-        if dims.dp > 1:
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-            apply_fsdp(stage, dp_mesh, param_dtype(device), False)
+        apply_precision(stage, dims, mesh, compute_dtype(cfg.precision, device), False)
         materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
@@ -343,8 +342,7 @@ class FinetuneTask(PretrainTask):
                              cfg.data.seed)
         metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
         # forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains) + attention
-        flops = (4.0 + 2.0 * (trainable == total)) * total + 12.0 * args.n_layers * args.dim * cfg.data.seq_len
-        autocast = torch.autocast("cuda", torch.bfloat16, enabled=param_dtype(device) is not None and dims.dp == 1)
+        flops = flops_per_token(args, cfg.data.seq_len, 6.0 if trainable == total else 4.0)
         last_loss = float("nan")
         for step in range(start_step, t.steps):
             if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
@@ -357,10 +355,9 @@ class FinetuneTask(PretrainTask):
             n_labels = _all_reduce(torch.tensor([float(sum(int((b.labels != IGNORE).sum()) for b in micro))],
                                                 device=device)).item()
             total_loss = torch.zeros((), device=device)
-            for b in micro:
-                with autocast:
-                    h = stage(b.tokens.to(device), b.document_ids.to(device))
-                    loss_sum = stage.loss_sum(h, b.labels.to(device))
+            for b in micro:  # (the stage applies the precision policy itself: see apply_precision)
+                h = stage(b.tokens.to(device), b.document_ids.to(device))
+                loss_sum = stage.loss_sum(h, b.labels.to(device))
                 # FSDP averages gradients over the dp ranks: scale so they sum to the global token mean
                 (loss_sum * (dims.dp / max(n_labels, 1.0))).backward()
                 total_loss += loss_sum.detach()
@@ -447,6 +444,8 @@ def finetune_stages(cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = N
     in_run = dict(in_run or {})
     cfg.validate(in_run=bool(in_run))
     check_device(cfg.device)
+    check_precision(cfg.precision)
+    check_parallel_config(cfg.parallel)
     if "checkpoint" not in in_run:
         check_checkpoint(cfg.checkpoint)
     if "tokenizer" not in in_run and cfg.tokenizer and not Path(cfg.tokenizer).exists():

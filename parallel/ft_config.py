@@ -68,6 +68,7 @@ class FinetuneJobConfig(JobConfig):
     checkpoint: str = ""  # the base model: a Hugging Face model dir, or a puyu one (<pretrain run>/pretrain/model)
     tokenizer: str = ""  # tokenizer.json or tokenizer dir; "" = the checkpoint's own (an HF model dir has one)
     device: str = "auto"  # auto | cpu | cuda, as pretraining's (puyu.parallel.device)
+    precision: str = "auto"  # auto | bf16 | fp32, as pretraining's (auto: bf16 on CUDA, fp32 on CPU)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # flavor/vocab_size of the checkpoint
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)

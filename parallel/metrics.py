@@ -1,7 +1,9 @@
 """Per-step training metrics: a jsonl file, TensorBoard events and a progress line in the job log.
 
-MFU follows the PaLM accounting: ``6·N`` FLOPs per token for the dense weights plus
-``12·L·d·T`` for attention (forward + backward), divided by the hardware's peak.
+MFU follows the PaLM/Megatron accounting: ``6·N`` FLOPs per token (forward + backward) for the weights
+that multiply — every parameter but the input embedding table, whose lookup is no matmul (a tied table
+is the output head, so it counts) — plus ``12·L·d·T`` for attention scores and values (PaLM's
+``6·L·H·Q·T`` doubled for forward + backward, with ``H·Q = d``), divided by the hardware's peak.
 """
 from __future__ import annotations
 
@@ -13,8 +15,16 @@ from typing import Optional
 log = logging.getLogger("puyu.train")
 
 
-def flops_per_token(num_params: int, n_layers: int, dim: int, seq_len: int) -> float:
-    return 6.0 * num_params + 12.0 * n_layers * dim * seq_len
+def matmul_params(args) -> int:
+    """Parameters that multiply activations: all but the (untied) input embedding table."""
+    return args.num_params() - (0 if args.tie_embeddings else args.vocab_size * args.dim)
+
+
+def flops_per_token(args, seq_len: int, weight_flops_per_param: float = 6.0) -> float:
+    """Model FLOPs per trained token of a ``ModelArgs`` model at ``seq_len`` (see the module docstring).
+    ``weight_flops_per_param``: 6 (forward, input and weight gradients), 4 when no weight gradient is
+    needed for most weights (LoRA)."""
+    return weight_flops_per_param * matmul_params(args) + 12.0 * args.n_layers * args.dim * seq_len
 
 
 class MetricsLog:

@@ -11,12 +11,16 @@ The model comes on the meta device (shapes only); every step below works on meta
    of KV groups, so each rank attends with its own heads and no reordering is needed. Embeddings,
    norms and the output head stay replicated (their inputs are replicated after each row-wise
    all-reduce), which keeps the fused ops on plain tensors;
-3. activation checkpointing per block;
+3. activation checkpointing (:data:`AC_MODES`): every block, every N-th block, or each block's
+   attention only (its projections and scores are recomputed; the MLP keeps its activations);
 4. ``torch.compile`` per block;
-5. data parallel: FSDP2 ``fully_shard`` per block and on the stage (HSDP with ``dp_replicate > 1``).
+5. precision and data parallel: FSDP2 ``fully_shard`` per block and on the stage (HSDP with
+   ``dp_replicate > 1``), its ``MixedPrecisionPolicy`` carrying bf16; without data parallelism the stage
+   runs its forward and loss under autocast instead (:mod:`puyu.parallel.device`).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -42,10 +46,36 @@ def check_layout(dims: ParallelDims, args: ModelArgs, pcfg: ParallelConfig) -> N
     if args.n_layers % stages:
         raise PuyuError(f"{args.n_layers} layers cannot be split into pp {dims.pp} × virtual stages "
                         f"{pcfg.pp_virtual_stages} = {stages} equal pipeline stages")
-    if pcfg.pp_schedule not in ("1F1B", "GPipe", "Interleaved1F1B"):
-        raise PuyuError(f"parallel.pp_schedule={pcfg.pp_schedule!r}; choose 1F1B, GPipe or Interleaved1F1B")
-    if (pcfg.pp_schedule == "Interleaved1F1B") != (pcfg.pp_virtual_stages > 1):
-        raise PuyuError("parallel.pp_schedule=Interleaved1F1B goes with parallel.pp_virtual_stages > 1 (and only it)")
+    check_parallel_config(pcfg)
+
+
+PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble")
+LOOPED_SCHEDULES = ("Interleaved1F1B", "InterleavedZeroBubble")  # several stages per rank, looped placement
+
+
+def check_parallel_config(pcfg: ParallelConfig) -> None:
+    """The settings that need no model: schedule, virtual stages, activation checkpointing."""
+    if pcfg.pp_schedule not in PP_SCHEDULES:
+        raise PuyuError(f"parallel.pp_schedule={pcfg.pp_schedule!r}; choose one of {', '.join(PP_SCHEDULES)}")
+    if (pcfg.pp_schedule in LOOPED_SCHEDULES) != (pcfg.pp_virtual_stages > 1):
+        raise PuyuError(f"parallel.pp_schedule={pcfg.pp_schedule} and parallel.pp_virtual_stages="
+                        f"{pcfg.pp_virtual_stages}: {' and '.join(LOOPED_SCHEDULES)} go with "
+                        f"pp_virtual_stages > 1 (and only they)")
+    ac_every(pcfg.activation_checkpointing)
+
+
+AC_MODES = "none, full, attention or every_<N>"
+
+
+def ac_every(mode: str) -> int:
+    """Block period of ``parallel.activation_checkpointing``: 0 none, 1 full, N for every_<N>, -1 attention."""
+    fixed = {"none": 0, "full": 1, "attention": -1}
+    if mode in fixed:
+        return fixed[mode]
+    n = mode.removeprefix("every_")
+    if mode.startswith("every_") and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise PuyuError(f"parallel.activation_checkpointing={mode!r}; choose {AC_MODES}")
 
 
 class StageModule(nn.Module):
@@ -64,18 +94,27 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[i] for i in layer_ids})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
+        self.autocast_dtype: Optional[torch.dtype] = None  # set by apply_precision when FSDP does not cast
+
+    def autocast(self, x: torch.Tensor):
+        """The context this stage computes in: autocast to ``autocast_dtype``, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=self.autocast_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T, D]
-        B, T = h.shape[:2]
-        cos, sin = rope_cos_sin(self.args, torch.arange(T, device=h.device).expand(B, T))
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, None, None)
-        return self.norm(h) if self.norm is not None else h
+        with self.autocast(x):
+            h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T, D]
+            B, T = h.shape[:2]
+            cos, sin = rope_cos_sin(self.args, torch.arange(T, device=h.device).expand(B, T))
+            for layer in self.layers.values():
+                h = layer(h, cos, sin, None, None)
+            return self.norm(h) if self.norm is not None else h
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return ops.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
-                                        fused=self.args.fused_ops)
+        with self.autocast(h):
+            return ops.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
+                                            fused=self.args.fused_ops)
 
 
 def split_stages(model: Transformer, pp_rank: int, pp: int, virtual: int) -> list[StageModule]:
@@ -99,11 +138,17 @@ def apply_tp(stage: StageModule, tp_mesh: DeviceMesh) -> None:
         block.attention.n_kv_heads //= tp
 
 
-def apply_ac(stage: StageModule) -> None:
+def apply_ac(stage: StageModule, mode: str) -> None:
+    """Recompute activations in backward, per ``mode`` (:data:`AC_MODES`). Layer names are global layer
+    ids, so ``every_<N>`` picks the same blocks whatever the pipeline split."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    every = ac_every(mode)
     for name, block in list(stage.layers.items()):
-        stage.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        if every == -1:
+            block.attention = checkpoint_wrapper(block.attention, preserve_rng_state=False)
+        elif every and int(name) % every == 0:
+            stage.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(stage: StageModule) -> None:
@@ -128,18 +173,33 @@ def apply_fsdp(stage: StageModule, dp_mesh: DeviceMesh, param_dtype: Optional[to
     fully_shard(stage, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
+def apply_precision(stage: StageModule, dims: ParallelDims, mesh: Optional[DeviceMesh],
+                    dtype: Optional[torch.dtype], pp_enabled: bool) -> None:
+    """bf16 compute over fp32 master weights (``dtype``; None: fp32): through FSDP2 when data parallelism
+    shards the stage, else through autocast around the stage's forward and loss."""
+    if dims.dp > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        apply_fsdp(stage, dp_mesh, dtype, pp_enabled)
+    else:
+        stage.autocast_dtype = dtype
+
+
+def precision_summary(stages: list[StageModule], dims: ParallelDims, dtype: Optional[torch.dtype]) -> dict:
+    """What :func:`apply_precision` set up, for the run's result and report."""
+    return {"weights": str(next(stages[0].parameters()).dtype).removeprefix("torch."),
+            "matmul": str(dtype or torch.float32).removeprefix("torch."),
+            "cast_by": "none" if dtype is None else ("fsdp" if dims.dp > 1 else "autocast")}
+
+
 def parallelize(model: Transformer, dims: ParallelDims, pcfg: ParallelConfig, mesh: Optional[DeviceMesh],
-                pp_rank: int, param_dtype: Optional[torch.dtype] = None) -> list[StageModule]:
-    """Split and shard ``model`` for this rank; returns its stage modules (one unless interleaved PP)."""
+                pp_rank: int, compute_dtype: Optional[torch.dtype] = None) -> list[StageModule]:
+    """Split and shard ``model`` for this rank; returns its stage modules (several with looped PP)."""
     stages = split_stages(model, pp_rank, dims.pp, pcfg.pp_virtual_stages)
     for stage in stages:
         if dims.tp > 1:
             apply_tp(stage, mesh["tp"])
-        if pcfg.activation_checkpointing:
-            apply_ac(stage)
+        apply_ac(stage, pcfg.activation_checkpointing)
         if pcfg.compile:
             apply_compile(stage)
-        if dims.dp > 1:
-            dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-            apply_fsdp(stage, dp_mesh, param_dtype, dims.pp > 1)
+        apply_precision(stage, dims, mesh, compute_dtype, dims.pp > 1)
     return stages

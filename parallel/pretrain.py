@@ -36,11 +36,11 @@ from puyu.model.state_dict import StateDictError
 from puyu.parallel import checkpoint
 from puyu.parallel.config import PretrainJobConfig
 from puyu.parallel.data import StepBatches, build_dataset
-from puyu.parallel.device import backend, check_device, param_dtype, resolve_device
+from puyu.parallel.device import backend, check_device, check_precision, compute_dtype, resolve_device
 from puyu.parallel.dims import ParallelDims
 from puyu.parallel.meta_init import FullValue, materialize, meta_model, seeded_init
 from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
-from puyu.parallel.parallelize import check_layout, parallelize
+from puyu.parallel.parallelize import check_layout, check_parallel_config, parallelize, precision_summary
 
 log = logging.getLogger("puyu.train")
 
@@ -130,7 +130,8 @@ class PretrainTask:
         cfg, t = self.cfg, self.cfg.train
         coords = dims.coords(env.rank)
         # built on meta and sharded there: this rank allocates its own shards only
-        stages = parallelize(meta_model(args), dims, cfg.parallel, mesh, coords["pp"], param_dtype(device))
+        dtype = compute_dtype(cfg.precision, device)
+        stages = parallelize(meta_model(args), dims, cfg.parallel, mesh, coords["pp"], dtype)
         ckpt_root = ctx.stage_dir / "checkpoints"
         latest = checkpoint.latest_complete(ckpt_root)
         # layout-independent init (per parameter name, see meta_init); a resume overwrites every weight
@@ -146,7 +147,7 @@ class PretrainTask:
         batches = StepBatches(dataset, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed)
         schedule = self._schedule(stages, dims, mesh, device, batches.grad_accum) if dims.pp > 1 else None
         metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
-        flops = flops_per_token(args.num_params(), args.n_layers, args.dim, cfg.data.seq_len)
+        flops = flops_per_token(args, cfg.data.seq_len)
         last_loss = float("nan")
         for step in range(start_step, t.steps):
             if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
@@ -174,7 +175,8 @@ class PretrainTask:
         checkpointer.wait()
         if metrics:
             metrics.close()
-        return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe()}
+        return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(),
+                "precision": precision_summary(stages, dims, dtype)}
 
     @staticmethod
     def _step_optimizers(optimizers, step: int, loss: float, grad_norm: float, nan_policy: str) -> bool:
@@ -205,7 +207,7 @@ class PretrainTask:
     # ------------------------------------------------------------------ one step
     def _schedule(self, stages, dims: ParallelDims, mesh, device, n_microbatches: int):
         from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+                                                  ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble)
 
         n_stages = dims.pp * self.cfg.parallel.pp_virtual_stages
         pp_rank = dims.coords(dist.get_rank())["pp"]
@@ -217,8 +219,9 @@ class PretrainTask:
             return last.loss(h, labels)
 
         kind = self.cfg.parallel.pp_schedule
-        if kind == "Interleaved1F1B":
-            return ScheduleInterleaved1F1B(pipeline_stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
+        looped = {"Interleaved1F1B": ScheduleInterleaved1F1B, "InterleavedZeroBubble": ScheduleInterleavedZeroBubble}
+        if kind in looped:  # ZeroBubble splits each backward into input and weight gradients to fill bubbles
+            return looped[kind](pipeline_stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
         cls = Schedule1F1B if kind == "1F1B" else ScheduleGPipe
         return cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
 
@@ -227,12 +230,8 @@ class PretrainTask:
         if schedule is None:
             stage = stages[0]
             total = torch.zeros((), device=self.device)
-            # bf16 compute on GPU; with FSDP its MixedPrecisionPolicy casts instead
-            bf16 = param_dtype(self.device) is not None and dims.dp == 1
-            autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
-            for b in micro:
-                with autocast:
-                    loss = stage.loss(stage(b.tokens.to(self.device)), b.labels.to(self.device)) / len(micro)
+            for b in micro:  # (the stage applies the precision policy itself: see apply_precision)
+                loss = stage.loss(stage(b.tokens.to(self.device)), b.labels.to(self.device)) / len(micro)
                 loss.backward()
                 total += loss.detach()
             return total
@@ -296,6 +295,8 @@ def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path, init_from: str
 
 def pretrain_stages(cfg: PretrainJobConfig, corpus_in_run: str = "", cluster: dict | None = None) -> list[Stage]:
     check_device(cfg.device)
+    check_precision(cfg.precision)
+    check_parallel_config(cfg.parallel)
     if cfg.init_from:
         try:  # shapes and every tensor's name and shape, before anything is submitted
             open_model_dir(cfg.init_from, cfg.model.args())
@@ -309,7 +310,9 @@ def pretrain_report(run_dir: Path, result: dict) -> str:
     records = [json.loads(ln) for ln in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     every = max(1, len(records) // 10)
     shown = records[::every] + ([records[-1]] if (len(records) - 1) % every else [])
+    precision = result.get("precision") or {}
     lines = [f"Layout: {result['layout']}; {result['steps']} steps; final loss {result['final_loss']:.4f}; "
+             f"weights {precision.get('weights', '?')}, matmuls {precision.get('matmul', '?')}; "
              f"model exported to `{result.get('model')}`.", "",
              f"Metrics: `{run_dir / 'pretrain' / 'metrics.jsonl'}` (TensorBoard: `{run_dir / 'pretrain' / 'tensorboard'}`)",
              "", "| step | loss | grad norm | lr | tokens/s |", "|---:|---:|---:|---:|---:|"]

@@ -5,9 +5,9 @@ up at a real size on a real accelerator: the single-device ``Transformer`` (the 
 layout wraps), bf16 autocast over fp32 master weights, fused AdamW, the fused chunked linear +
 cross-entropy loss, ``--steps`` timed steps after ``--warmup`` untimed ones.
 
-MFU counts model FLOPs only, as PaLM and Megatron do: ``6 N`` per token for the weights that multiply
-(every parameter but the input embedding table, whose lookup costs no FLOPs) plus ``12 L d T`` for
-attention scores and values, forward and backward, over the device's dense bf16 peak
+MFU counts model FLOPs only, as PaLM and Megatron do (``puyu.parallel.metrics.flops_per_token``, the
+formula the pretraining job logs): ``6 N`` per token for the weights that multiply (every parameter but
+the input embedding table) plus ``12 L d T`` for attention, over the device's dense bf16 peak
 (``--peak-tflops``: 989 for H100/H200 SXM). Token ids are drawn at random: a step's FLOPs and time do
 not depend on which tokens they are.
 
@@ -21,14 +21,9 @@ import time
 import torch
 
 from puyu.model import Transformer, get_flavor
+from puyu.parallel.metrics import flops_per_token
 
 FLAVORS = {"1b": ("1_8b", {"n_layers": 12}), "tiny": ("tiny", {})}  # 1b: 1_8b's width at half its depth
-
-
-def model_flops_per_token(args, seq_len: int) -> float:
-    emb = args.vocab_size * args.dim
-    matmul_params = args.num_params() - (0 if args.tie_embeddings else emb)
-    return 6.0 * matmul_params + 12.0 * args.n_layers * args.dim * seq_len
 
 
 def main() -> None:
@@ -77,7 +72,7 @@ def main() -> None:
     losses = [step(tokens[a.warmup + i]) for i in range(a.steps)]
     seconds = time.perf_counter() - t0
     tok_s = a.steps * a.batch * a.seq_len / seconds
-    mfu = tok_s * model_flops_per_token(args, a.seq_len) / (a.peak_tflops * 1e12)
+    mfu = tok_s * flops_per_token(args, a.seq_len) / (a.peak_tflops * 1e12)
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
     print(f"flavor {a.flavor}: {args.num_params() / 1e9:.2f}B parameters, {a.batch} x {a.seq_len} tokens a step, "
           f"bf16 autocast on {device}{mem}; losses {[round(x, 3) for x in losses]}")

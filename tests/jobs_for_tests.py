@@ -128,3 +128,38 @@ def hanging_pretrain_task(cfg, hang_rank: int, hang_s: float):
             return super()._forward_backward(stages, schedule, micro, dims, coords)
 
     return HangingPretrain(cfg)
+
+
+def dtype_probing_pretrain_task(cfg):
+    """A pretraining task that records, on its first step, the dtypes its linears output and its master
+    weights hold (hooks on every ``nn.Linear`` of its stages), and rank 0 writes them with the run's
+    precision summary to ``<stage dir>/dtypes.json``."""
+    import torch
+
+    from puyu.parallel.pretrain import PretrainTask
+
+    class DtypeProbingPretrain(PretrainTask):
+        def _forward_backward(self, stages, schedule, micro, dims, coords):
+            if hasattr(self, "linear_outputs"):
+                return super()._forward_backward(stages, schedule, micro, dims, coords)
+            seen: set[str] = set()
+            hooks = [m.register_forward_hook(lambda mod, args, out: seen.add(str(out.dtype)))
+                     for s in stages for m in s.modules() if isinstance(m, torch.nn.Linear)]
+            try:
+                return super()._forward_backward(stages, schedule, micro, dims, coords)
+            finally:
+                for h in hooks:
+                    h.remove()
+                self.linear_outputs = sorted(x.removeprefix("torch.") for x in seen)
+                self.master_weights = sorted({str(p.dtype).removeprefix("torch.") for s in stages
+                                              for p in s.parameters()})
+
+        def __call__(self, ctx):
+            result = super().__call__(ctx)
+            if dist_env().rank == 0:
+                atomic_write_text(ctx.stage_dir / "dtypes.json", json.dumps(
+                    {"summary": result["precision"], "linear_outputs": self.linear_outputs,
+                     "master_weights": self.master_weights}))
+            return result
+
+    return DtypeProbingPretrain(cfg)

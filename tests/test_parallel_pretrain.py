@@ -182,8 +182,78 @@ def test_export_after_sharded_training_is_the_single_process_model(shards, tmp_p
         torch.testing.assert_close(exported["pp2"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_activation_checkpointing_keeps_the_curve(shards, reference, tmp_path):
-    assert_same_curve(train(config(shards, activation_checkpointing=True), tmp_path, 2), reference[2])
+@pytest.mark.parametrize("tasks,mode,layers", [(2, "full", 2), (1, "attention", 2), (1, "every_2", 4)])
+def test_activation_checkpointing_keeps_the_curve(shards, reference, tmp_path, tasks, mode, layers):
+    cfg = config(shards, n_layers=layers, activation_checkpointing=mode)
+    assert_same_curve(train(cfg, tmp_path, tasks), reference[layers])
+
+
+def test_selective_activation_checkpointing_wraps_the_chosen_modules():
+    from puyu.model import Transformer, get_flavor
+    from puyu.parallel.parallelize import StageModule, apply_ac
+
+    def wrapped(mode: str) -> list[str]:
+        model = Transformer(get_flavor("tiny", n_layers=4))
+        stage = StageModule(model, [2, 3], first=False, last=True)  # a later pipeline stage: global ids
+        apply_ac(stage, mode)
+        return sorted(n.removesuffix("._checkpoint_wrapped_module") for n, _ in stage.named_modules()
+                      if n.endswith("_checkpoint_wrapped_module"))
+
+    assert wrapped("none") == []
+    assert wrapped("full") == ["layers.2", "layers.3"]
+    assert wrapped("every_2") == ["layers.2"]
+    assert wrapped("attention") == ["layers.2.attention", "layers.3.attention"]
+
+
+def test_zero_bubble_pipeline_matches_single_process(shards, reference, tmp_path):
+    cfg = config(shards, n_layers=4, pp=2, pp_schedule="InterleavedZeroBubble", pp_virtual_stages=2)
+    assert_same_curve(train(cfg, tmp_path, 2), reference[4])
+
+
+@pytest.mark.parametrize("tasks,layout,cast_by", [
+    (1, dict(), "autocast"), (2, dict(pp=2), "autocast"), (2, dict(tp=2), "autocast"), (2, dict(), "fsdp"),
+], ids=["single", "pp2", "tp2", "dp2"])
+def test_bf16_precision_is_the_same_policy_in_every_layout(shards, reference, tmp_path, tasks, layout, cast_by):
+    """job.precision=bf16 on CPU: bf16 matmuls over fp32 master weights in every layout (PP with dp = 1
+    trained in fp32 before), checked inside the job by hooks on every linear and on the weights."""
+    import jobs_for_tests as J
+
+    cfg = config(shards, steps=2, device="cpu", **layout)
+    cfg.precision = "bf16"
+    run_dir = tmp_path / "run"
+    Pipeline([Stage("pretrain", J.dtype_probing_pretrain_task(cfg))], run_dir,
+             ClusterConfig(kind=ClusterKind.inline if tasks == 1 else ClusterKind.local, tasks_per_node=tasks,
+                           time_min=10), LauncherConfig(poll_s=0.5)).run()
+    result = json.loads((run_dir / "pretrain" / "dtypes.json").read_text())
+    assert result["summary"] == {"weights": "float32", "matmul": "bfloat16", "cast_by": cast_by}
+    assert result["linear_outputs"] == ["bfloat16"] and result["master_weights"] == ["float32"]
+    losses = [json.loads(ln)["loss"] for ln in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(reference[2][:2], rel=2e-2)  # bf16 rounding, not another model
+
+
+def test_precision_schedule_and_checkpointing_are_checked_at_submit(shards):
+    from puyu.parallel.pretrain import pretrain_stages
+
+    cfg = config(shards)
+    cfg.precision = "fp16"
+    with pytest.raises(PuyuError, match=r"^job.precision='fp16'; choose one of auto, bf16, fp32$"):
+        pretrain_stages(cfg)
+    with pytest.raises(PuyuError, match=r"^parallel.activation_checkpointing='every_0'; choose none, full"):
+        pretrain_stages(config(shards, activation_checkpointing="every_0"))
+    with pytest.raises(PuyuError, match=r"^parallel.pp_schedule=InterleavedZeroBubble and parallel.pp_virtual_stages=1"):
+        pretrain_stages(config(shards, pp=2, pp_schedule="InterleavedZeroBubble"))
+
+
+def test_mfu_counts_non_embedding_weights_and_attention():
+    from puyu.model import get_flavor
+    from puyu.parallel.metrics import flops_per_token
+
+    args = get_flavor("tiny")  # dim 256, 2 layers, vocab 1024, untied head
+    per_layer = 256 * (8 + 2 * 2) * 32 + 8 * 32 * 256 + 3 * 256 * 688 + 2 * 256
+    weights = 2 * per_layer + 256 + 1024 * 256  # blocks, final norm, head: not the input embedding
+    assert flops_per_token(args, 128) == 6 * weights + 12 * 2 * 256 * 128
+    tied = args.replace(tie_embeddings=True)  # the one table is also the head: it multiplies
+    assert flops_per_token(tied, 128) == 6 * weights + 12 * 2 * 256 * 128
 
 
 def test_compiled_blocks_keep_the_curve(shards, reference, tmp_path):
