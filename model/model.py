@@ -98,8 +98,9 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer_id: int,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_kv_heads, self.n_groups + 2, self.head_dim)
+        qkv = self.wqkv(x)  # [B, T, (Hq + 2 Hk) d]: T from here, as a sequence-parallel wqkv gathers x's T
+        B, T = qkv.shape[:2]
+        qkv = qkv.view(B, T, self.n_kv_heads, self.n_groups + 2, self.head_dim)
         q = qkv[..., : self.n_groups, :].reshape(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, d]
         k, v = qkv[..., -2, :], qkv[..., -1, :]  # [B, T, Hk, d]
         q, k = ops.apply_rope(q, k, cos, sin, fused=self.fused)

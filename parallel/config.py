@@ -20,6 +20,8 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: the rest of the world
     pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble
     pp_virtual_stages: int = 1  # stages per pipeline rank (the Interleaved schedules need > 1)
+    sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded on the sequence
+    vocab_parallel: bool = True  # with tp > 1: embedding and head sharded on the vocabulary, loss_parallel
     activation_checkpointing: str = "none"  # none | full | attention | every_<N> (every N-th block)
     compile: bool = False
 

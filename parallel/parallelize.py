@@ -8,9 +8,14 @@ The model comes on the meta device (shapes only); every step below works on meta
    checkpoints keep the single-device names and load into any layout;
 2. tensor parallel (DTensor): ``wqkv``/``w1``/``w3`` column-wise, ``wo``/``w2`` row-wise. InternLM2's
    grouped ``wqkv`` layout (per KV head: its queries, key, value) makes a column shard a whole set
-   of KV groups, so each rank attends with its own heads and no reordering is needed. Embeddings,
-   norms and the output head stay replicated (their inputs are replicated after each row-wise
-   all-reduce), which keeps the fused ops on plain tensors;
+   of KV groups, so each rank attends with its own heads and no reordering is needed. With
+   ``sequence_parallel`` (Megatron's SP) the residual stream and the norms hold ``T / tp`` tokens per
+   rank: each column-parallel linear all-gathers the sequence itself, saving only the local shard for
+   backward (:mod:`puyu.parallel.sequence_parallel`), and the row-parallel ones reduce-scatter instead of
+   all-reducing; the norms run on plain local tensors, so the fused ops stay in use, and their weights'
+   gradients are summed over the TP group after backward (:func:`reduce_sequence_parallel_grads`). With ``vocab_parallel`` the embedding and the output head
+   are sharded on the vocabulary and the loss is computed from vocab-sharded logits (``loss_parallel``),
+   never gathering the full [tokens, vocab] logits;
 3. activation checkpointing (:data:`AC_MODES`): every block, every N-th block, or each block's
    attention only (its projections and scores are recomputed; the MLP keeps its activations);
 4. ``torch.compile`` per block;
@@ -24,6 +29,7 @@ import contextlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -46,6 +52,9 @@ def check_layout(dims: ParallelDims, args: ModelArgs, pcfg: ParallelConfig) -> N
     if args.n_layers % stages:
         raise PuyuError(f"{args.n_layers} layers cannot be split into pp {dims.pp} × virtual stages "
                         f"{pcfg.pp_virtual_stages} = {stages} equal pipeline stages")
+    if dims.tp > 1 and pcfg.vocab_parallel and not args.tie_embeddings and args.vocab_size % dims.tp:
+        raise PuyuError(f"parallel.tp={dims.tp} does not divide the vocabulary of {args.vocab_size} "
+                        f"(parallel.vocab_parallel=true shards it; set it false or pad the vocabulary)")
     check_parallel_config(pcfg)
 
 
@@ -95,6 +104,8 @@ class StageModule(nn.Module):
         self.norm = model.norm if last else None
         self.output = model.output if last else None
         self.autocast_dtype: Optional[torch.dtype] = None  # set by apply_precision when FSDP does not cast
+        self.seq_shards = 1  # tp under sequence parallelism: each rank holds T / seq_shards positions
+        self.vocab_parallel = False  # the head is sharded on the vocabulary (apply_tp)
 
     def autocast(self, x: torch.Tensor):
         """The context this stage computes in: autocast to ``autocast_dtype``, or nothing."""
@@ -104,17 +115,29 @@ class StageModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast(x):
-            h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T, D]
-            B, T = h.shape[:2]
-            cos, sin = rope_cos_sin(self.args, torch.arange(T, device=h.device).expand(B, T))
+            h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T / seq_shards, D]
+            B, T = h.shape[0], h.shape[1] * self.seq_shards
+            cos, sin = rope_cos_sin(self.args, torch.arange(T, device=h.device).expand(B, T))  # attention sees all T
             for layer in self.layers.values():
                 h = layer(h, cos, sin, None, None)
             return self.norm(h) if self.norm is not None else h
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast(h):
+            if self.vocab_parallel:  # run under loss_context(), backward included
+                logits = self.output(h)  # DTensor [B, T, V] sharded on V
+                return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).to_local()
             return ops.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
                                             fused=self.args.fused_ops)
+
+    def loss_context(self):
+        """What forward, loss and backward of a vocab-parallel head run under (DTensor's ``loss_parallel``:
+        max, sum of exponentials and the target logit are reduced over the vocabulary shards)."""
+        if not self.vocab_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
 
 
 def split_stages(model: Transformer, pp_rank: int, pp: int, virtual: int) -> list[StageModule]:
@@ -125,17 +148,48 @@ def split_stages(model: Transformer, pp_rank: int, pp: int, virtual: int) -> lis
     return [StageModule(model, list(range(s * per, (s + 1) * per)), s == 0, s == n_stages - 1) for s in stage_ids]
 
 
-def apply_tp(stage: StageModule, tp_mesh: DeviceMesh) -> None:
+def apply_tp(stage: StageModule, tp_mesh: DeviceMesh, sequence_parallel: bool, vocab_parallel: bool) -> None:
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    plan = {"attention.wqkv": ColwiseParallel(), "attention.wo": RowwiseParallel(),
-            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel()}
+    from puyu.parallel.sequence_parallel import GatheredColwiseParallel
+
     tp = tp_mesh.size()
+    stream = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout between blocks
+    outer = {}
+    if vocab_parallel and stage.tok_embeddings is not None:  # partial lookups, reduced (and scattered on T)
+        outer["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+    if vocab_parallel and stage.output is not None:  # logits [B, T, V] stay a DTensor sharded on V
+        outer["output"] = ColwiseParallel(input_layouts=stream, output_layouts=Shard(-1), use_local_output=False)
+    if outer:
+        parallelize_module(stage, tp_mesh, outer)
+    # under SP the column-parallel linears gather the normed [B, T/tp, D] themselves, keeping only the shard
+    colwise = GatheredColwiseParallel if sequence_parallel else ColwiseParallel
+    plan = {"attention.wqkv": colwise(), "attention.wo": RowwiseParallel(output_layouts=stream),
+            "feed_forward.w1": colwise(), "feed_forward.w3": colwise(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream)}
     for block in stage.layers.values():
         parallelize_module(block, tp_mesh, plan)
         block.attention.n_heads //= tp  # the block now computes only its own heads
         block.attention.n_kv_heads //= tp
+    stage.seq_shards = tp if sequence_parallel else 1
+    stage.vocab_parallel = vocab_parallel and stage.output is not None
+
+
+SEQUENCE_PARALLEL_PARAMS = "norm.weight"  # names ending so see T / tp tokens per rank under SP
+
+
+def reduce_sequence_parallel_grads(stages: list[StageModule], tp_group) -> None:
+    """Sum the norms' weight gradients over the TP group: under sequence parallelism each rank's norms
+    saw only its own ``T / tp`` tokens (Megatron all-reduces these "sequence parallel" gradients too)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    for stage in stages:
+        for name, p in stage.named_parameters():
+            if name.endswith(SEQUENCE_PARALLEL_PARAMS) and p.grad is not None:
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # FSDP: this rank's shard
+                dist.all_reduce(grad, group=tp_group)
 
 
 def apply_ac(stage: StageModule, mode: str) -> None:
@@ -197,7 +251,7 @@ def parallelize(model: Transformer, dims: ParallelDims, pcfg: ParallelConfig, me
     stages = split_stages(model, pp_rank, dims.pp, pcfg.pp_virtual_stages)
     for stage in stages:
         if dims.tp > 1:
-            apply_tp(stage, mesh["tp"])
+            apply_tp(stage, mesh["tp"], pcfg.sequence_parallel, pcfg.vocab_parallel and not model.args.tie_embeddings)
         apply_ac(stage, pcfg.activation_checkpointing)
         if pcfg.compile:
             apply_compile(stage)

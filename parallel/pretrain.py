@@ -40,7 +40,8 @@ from puyu.parallel.device import backend, check_device, check_precision, compute
 from puyu.parallel.dims import ParallelDims
 from puyu.parallel.meta_init import FullValue, materialize, meta_model, seeded_init
 from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
-from puyu.parallel.parallelize import check_layout, check_parallel_config, parallelize, precision_summary
+from puyu.parallel.parallelize import (check_layout, check_parallel_config, parallelize, precision_summary,
+                                       reduce_sequence_parallel_grads)
 
 log = logging.getLogger("puyu.train")
 
@@ -83,6 +84,9 @@ class PretrainTask:
         p = cfg.parallel
         dims = ParallelDims(env.world_size, p.tp, p.pp, p.dp_replicate, p.dp_shard)
         check_layout(dims, args, p)
+        if p.sequence_parallel and cfg.data.seq_len % dims.tp:
+            raise PuyuError(f"parallel.tp={dims.tp} does not divide data.seq_len={cfg.data.seq_len} "
+                            f"(parallel.sequence_parallel=true splits each row's positions over the TP ranks)")
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         device = self.device = resolve_device(cfg.device, env.local_rank)
@@ -158,6 +162,8 @@ class PretrainTask:
             started = time.perf_counter()
             micro = batches.next_step()
             loss = self._forward_backward(stages, schedule, micro, dims, coords)
+            if dims.tp > 1 and cfg.parallel.sequence_parallel:
+                reduce_sequence_parallel_grads(stages, mesh["tp"].get_group())
             # mean loss over data-parallel ranks; only last-stage ranks hold it, each tp peer a copy
             loss = _all_reduce(loss.reshape(1).clone()).item() / (dims.dp * dims.tp)
             grad_norm = self._clip(params, mesh, dims)
@@ -231,15 +237,18 @@ class PretrainTask:
             stage = stages[0]
             total = torch.zeros((), device=self.device)
             for b in micro:  # (the stage applies the precision policy itself: see apply_precision)
-                loss = stage.loss(stage(b.tokens.to(self.device)), b.labels.to(self.device)) / len(micro)
-                loss.backward()
+                with stage.loss_context():
+                    loss = stage.loss(stage(b.tokens.to(self.device)), b.labels.to(self.device)) / len(micro)
+                    loss.backward()
                 total += loss.detach()
             return total
         tokens = torch.cat([b.tokens for b in micro]).to(self.device)
         labels = torch.cat([b.labels for b in micro]).to(self.device)
         first, last = coords["pp"] == 0, any(s.output is not None for s in stages)
         losses: list[torch.Tensor] = []
-        schedule.step(*([tokens] if first else []), target=labels if last else None, losses=losses if last else None)
+        with stages[-1].loss_context():  # the schedule runs the loss and its backward inside step()
+            schedule.step(*([tokens] if first else []), target=labels if last else None,
+                          losses=losses if last else None)
         # the schedule scales gradients by 1/n_microbatches itself
         return torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
 

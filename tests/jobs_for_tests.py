@@ -130,36 +130,54 @@ def hanging_pretrain_task(cfg, hang_rank: int, hang_s: float):
     return HangingPretrain(cfg)
 
 
-def dtype_probing_pretrain_task(cfg):
-    """A pretraining task that records, on its first step, the dtypes its linears output and its master
-    weights hold (hooks on every ``nn.Linear`` of its stages), and rank 0 writes them with the run's
-    precision summary to ``<stage dir>/dtypes.json``."""
+def probing_pretrain_task(cfg):
+    """A pretraining task that probes its first step and has rank 0 write ``<stage dir>/probe.json``: the
+    dtypes its linears output and its master weights hold (hooks on every ``nn.Linear``), the bytes of
+    activations autograd saved for backward (distinct storages, local shards of DTensors), the output
+    head's placements, and the run's precision summary."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     from puyu.parallel.pretrain import PretrainTask
 
-    class DtypeProbingPretrain(PretrainTask):
+    class ProbingPretrain(PretrainTask):
         def _forward_backward(self, stages, schedule, micro, dims, coords):
-            if hasattr(self, "linear_outputs"):
+            if hasattr(self, "probe"):
                 return super()._forward_backward(stages, schedule, micro, dims, coords)
-            seen: set[str] = set()
-            hooks = [m.register_forward_hook(lambda mod, args, out: seen.add(str(out.dtype)))
+            outputs: set[str] = set()
+            storages: dict[int, int] = {}
+
+            def pack(t):
+                local = t._local_tensor if isinstance(t, DTensor) else t
+                try:
+                    storage = local.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+                except RuntimeError:  # no plain storage (a wrapper subclass): count its own bytes
+                    storages[id(local)] = local.nbytes
+                return t
+
+            hooks = [m.register_forward_hook(lambda mod, args, out: outputs.add(str(out.dtype)))
                      for s in stages for m in s.modules() if isinstance(m, torch.nn.Linear)]
             try:
-                return super()._forward_backward(stages, schedule, micro, dims, coords)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    return super()._forward_backward(stages, schedule, micro, dims, coords)
             finally:
                 for h in hooks:
                     h.remove()
-                self.linear_outputs = sorted(x.removeprefix("torch.") for x in seen)
-                self.master_weights = sorted({str(p.dtype).removeprefix("torch.") for s in stages
-                                              for p in s.parameters()})
+                head = next((s.output.weight for s in stages if s.output is not None), None)
+                self.probe = {
+                    "linear_outputs": sorted(x.removeprefix("torch.") for x in outputs),
+                    "master_weights": sorted({str(p.dtype).removeprefix("torch.") for s in stages
+                                              for p in s.parameters()}),
+                    "saved_bytes": sum(storages.values()),
+                    "head_placements": [str(p) for p in head.placements] if isinstance(head, DTensor) else None,
+                }
 
         def __call__(self, ctx):
             result = super().__call__(ctx)
             if dist_env().rank == 0:
-                atomic_write_text(ctx.stage_dir / "dtypes.json", json.dumps(
-                    {"summary": result["precision"], "linear_outputs": self.linear_outputs,
-                     "master_weights": self.master_weights}))
+                atomic_write_text(ctx.stage_dir / "probe.json", json.dumps({"summary": result["precision"],
+                                                                           **self.probe}))
             return result
 
-    return DtypeProbingPretrain(cfg)
+    return ProbingPretrain(cfg)
