@@ -23,6 +23,7 @@ class ServingError(PuyuError, ValueError):
 
 
 RUNTIME_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 def check_device(key: str, value: str) -> None:
@@ -51,6 +52,7 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: Optional[int] = None  # per-request generator; None: drawn from the runtime's seed and request index
     logprobs: bool = False
+    top_logprobs: int = 0  # also the log-probabilities of the most likely tokens at each output position
     prompt_logprobs: bool = False
     prompt_logprobs_start: int = 0  # first prompt position whose logprob is returned (earlier: None)
 
@@ -67,6 +69,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
             (isinstance(self.prompt_logprobs_start, int) and self.prompt_logprobs_start >= 0,
              "prompt_logprobs_start must be an integer >= 0"),
         ]

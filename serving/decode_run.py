@@ -11,8 +11,8 @@ a handful of array operations; tokens are written to the ``Sequence`` objects wh
 A run covers only what the general loop would do identically: it starts when the fused paged-attention
 kernel serves the engine (the run's one ``paged`` attention group), nothing waits for
 admission, every running sequence has all but its last token in the cache, samples greedily, wants no
-log-probabilities and has no stop strings, and the step budget holds them all. It ends (after writing
-its tokens back and publishing newly full blocks to the prefix cache, as ``Scheduler.computed`` does
+log-probabilities, has no stop strings nor a constraint on its tokens, and the step budget holds them
+all. It ends (after writing its tokens back and publishing newly full blocks to the prefix cache, as ``Scheduler.computed`` does
 after every step) before a step whose blocks are not free (the general loop then preempts) and after a
 step in which a sequence finished (the general loop then admits the next requests).
 """
@@ -38,8 +38,8 @@ def plain_decode(llm: LLM, sched: Scheduler) -> bool:
         return False
     for seq in running:
         p = seq.params
-        if (not p.greedy or p.logprobs or p.stop or seq.num_computed != len(seq.tokens) - 1
-                or seq.wants_prompt_logprobs):
+        if (not p.greedy or p.logprobs or p.top_logprobs or p.stop or seq.constraint is not None
+                or seq.num_computed != len(seq.tokens) - 1 or seq.wants_prompt_logprobs):
             return False
     return True
 

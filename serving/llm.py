@@ -20,6 +20,7 @@ from puyu.model.state_dict import puyu_state_dict
 from puyu.launcher.distributed import resolve_device
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.decode_run import DecodeRun, plain_decode
+from puyu.serving.detokenize import IncrementalText, stop_cut
 from puyu.serving.engine import Engine, engine_tensors, is_quantized, open_engine, place_tensors
 from puyu.serving.engine_model import AttentionGroup, EngineModel, PagedBatch
 from puyu.serving.host_memory import cached_cpu_allocations
@@ -71,6 +72,7 @@ class RequestOutput:
     text: Optional[str] = None
     finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) | "length"
     logprobs: Optional[list[float]] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None  # per token: (id, logprob), most likely first
     prompt_logprobs: Optional[list[Optional[float]]] = None  # None at 0 (nothing predicts it) and before prompt_logprobs_start
     error: Optional[str] = None
 
@@ -184,7 +186,8 @@ class LLM:
             raise ServingError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {self.args.vocab_size})")
         return list(prompt)
 
-    def _sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def _sequence(self, index: int, prompt: Prompt, params: SamplingParams, text: bool = False) -> Sequence:
+        """A validated request; ``text``: keep its output text up to date every step (as stop strings do)."""
         params.validate()
         tokens = self._tokens(prompt)
         if not tokens:
@@ -200,7 +203,50 @@ class LLM:
             raise ServingError(f"prompt_logprobs_start ({params.prompt_logprobs_start}) is beyond the prompt "
                                f"({len(tokens)} tokens)")
         seed = params.seed if params.seed is not None else self.cfg.seed * 1_000_003 + index
-        return Sequence(index, tokens, params, torch.Generator().manual_seed(seed))
+        seq = Sequence(index, tokens, params, torch.Generator().manual_seed(seed))
+        if self.tokenizer is not None and (text or params.stop):
+            seq.detok = IncrementalText(self.tokenizer, params.stop)
+        return seq
+
+    # ---- step by step (the HTTP server: requests join and leave between steps) ---------------------
+    def prepare(self, index: int, prompt: Prompt, params: SamplingParams, constraint=None) -> Sequence:
+        """A request checked and tokenized (``ServingError`` if it cannot be served), its text kept up to
+        date every step; ``constraint`` limits its tokens (``json_constraint``). Touches no runtime state,
+        so request threads call it while ``step`` runs; ``add`` then queues it."""
+        seq = self._sequence(index, prompt, params, text=True)
+        seq.constraint = constraint
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a prepared sequence: the next ``step`` may admit it beside those already running."""
+        self.scheduler.add(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop an unfinished sequence and free its KV blocks."""
+        self.scheduler.abort(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self, outputs: dict, decode_run: bool = False) -> tuple[int, int, int]:
+        """One forward step over the running and newly admitted sequences (with ``decode_run``, a run of
+        plain decode steps where ``plain_decode`` allows, until a sequence finishes); the output of each
+        sequence that finished goes to ``outputs[seq.index]``. Returns (steps, tokens computed, tokens
+        generated). Between calls sequences may be added or aborted; the caller reads the new tokens
+        (``seq.output``, ``seq.detok``) of the sequences it holds."""
+        sched = self.scheduler
+        if decode_run and plain_decode(self, sched):
+            run_steps, run_tokens = DecodeRun(self, sched).run(outputs)
+            if run_steps:  # 0: its first step's blocks were not free; the general step preempts
+                return run_steps, run_tokens, run_tokens
+        chunks = sched.schedule()
+        if not chunks:
+            raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
+        chunks, segments = self._order(chunks)
+        logits_rows = self._logits_rows(chunks)
+        batch = self._batch(chunks, logits_rows, segments)
+        logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
+        return 1, sum(c.n for c in chunks), self._after_step(sched, chunks, logits_rows, logits, outputs)
 
     def chat(self, conversations: list[list[dict]], sampling: Union[SamplingParams, list[SamplingParams], None] = None):
         """``generate`` over the conversations in the tokenizer's chat template (``chat_prompt``); with
@@ -259,27 +305,14 @@ class LLM:
         return outputs  # type: ignore[return-value]
 
     def _steps(self, sched: Scheduler, outputs: list[Optional[RequestOutput]]) -> tuple[int, int, int]:
-        """Forward steps until every request is done; returns (steps, tokens computed, tokens generated).
+        """Steps until every request is done; returns (steps, tokens computed, tokens generated).
 
         Steady-state decoding goes through ``DecodeRun`` (array-only steps); every other step is scheduled,
-        laid out and sampled here, sequence by sequence."""
+        laid out and sampled sequence by sequence (``step``)."""
         steps = computed = out_tokens = 0
         while sched.has_work():
-            if plain_decode(self, sched):
-                run_steps, run_tokens = DecodeRun(self, sched).run(outputs)
-                if run_steps:  # 0: its first step's blocks were not free; the general step preempts
-                    steps, computed, out_tokens = steps + run_steps, computed + run_tokens, out_tokens + run_tokens
-                    continue
-            chunks = sched.schedule()
-            if not chunks:
-                raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
-            chunks, segments = self._order(chunks)
-            logits_rows = self._logits_rows(chunks)
-            batch = self._batch(chunks, logits_rows, segments)
-            logits = self.model.forward_paged(batch, self.cache).float()  # [M, V]
-            steps += 1
-            computed += sum(c.n for c in chunks)
-            out_tokens += self._after_step(sched, chunks, logits_rows, logits, outputs)
+            s, c, o = self.step(outputs, decode_run=True)
+            steps, computed, out_tokens = steps + s, computed + c, out_tokens + o
         return steps, computed, out_tokens
 
     def _logits_rows(self, chunks: list[Chunk]) -> list[list[int]]:
@@ -430,6 +463,13 @@ class LLM:
             return 0
         all_rows = len(rows_sampled) == logits.shape[0]  # decode steps: every row is sampled, in order
         picked = logits if all_rows else logits[torch.tensor(rows_sampled, device=logits.device)]
+        constrained = [j for j, s in enumerate(seqs) if s.constraint is not None]
+        if constrained:  # the raw logits stay for the logprobs
+            picked = picked.clone() if picked is logits else picked
+            for j in constrained:
+                s = seqs[j]
+                left = min(s.params.max_tokens - len(s.output), self.max_model_len - len(s.tokens))
+                picked[j].masked_fill_(~s.constraint.allowed(left).to(picked.device), float("-inf"))
         if all(seq.params.greedy for seq in seqs):
             new = argmax_rows(picked)
         else:
@@ -438,16 +478,28 @@ class LLM:
         if want:
             for j, lp in zip(want, pick_logprobs(logits, [rows_sampled[j] for j in want], [new[j] for j in want])):
                 seqs[j].logprobs.append(lp)
+        top = [j for j, s in enumerate(seqs) if s.params.top_logprobs]
+        if top:
+            k = max(seqs[j].params.top_logprobs for j in top)
+            values, ids = torch.log_softmax(logits[torch.tensor([rows_sampled[j] for j in top], device=logits.device)],
+                                            dim=-1).topk(k, dim=-1)
+            for j, vs, ts in zip(top, values.tolist(), ids.tolist()):
+                n = seqs[j].params.top_logprobs
+                seqs[j].top_logprobs.append(list(zip(ts[:n], vs[:n])))
         eos, max_len = self.eos_set, self.max_model_len
         for seq, tok in zip(seqs, new):
             seq.append(tok)
             p = seq.params
-            if (tok in eos and not p.ignore_eos) or p.stop or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len:
+            if seq.constraint is not None:
+                seq.constraint.advance(tok)
+            if ((tok in eos and not p.ignore_eos) or seq.detok is not None or seq.constraint is not None
+                    or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len):
                 self._finish_if_done(sched, seq, tok, outputs)
         return len(seqs)
 
-    def _finish_if_done(self, sched: Scheduler, seq: Sequence, tok: int, outputs: list[Optional[RequestOutput]]) -> None:
-        """After ``seq`` got ``tok``: if that ended it, release its blocks and record its output."""
+    def _finish_if_done(self, sched: Scheduler, seq: Sequence, tok: int, outputs) -> None:
+        """After ``seq`` got ``tok``: if that ended it, release its blocks and record its output
+        (``outputs``: a list or dict by request index)."""
         reason = self._finish_reason(seq, tok)
         if reason:
             seq.finish_reason = reason
@@ -457,24 +509,29 @@ class LLM:
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params
         if tok in self.eos_set and not p.ignore_eos:
+            return "stop"  # before the text takes it: the EOS is not part of the text
+        if seq.detok is not None:
+            seq.detok.update(seq.output)
+            if p.stop:
+                seq.text = stop_cut(seq.detok, p.stop)
+                if seq.text is not None:
+                    return "stop"
+        if seq.constraint is not None and seq.constraint.done:
             return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output)
-            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-            if cut >= 0:
-                seq.text = text[:cut]
-                return "stop"
         if len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_model_len:
             return "length"
         return None
 
     def _output(self, seq: Sequence) -> RequestOutput:
         text = seq.text  # set when a stop string cut it
-        if text is None and self.tokenizer is not None:
+        if text is None and seq.detok is not None:
+            text = seq.detok.flush()
+        elif text is None and self.tokenizer is not None:
             ids = seq.output
             if ids and ids[-1] in self.eos_set and not seq.params.ignore_eos:
                 ids = ids[:-1]
             text = self.tokenizer.decode(ids)
         return RequestOutput(seq.index, seq.prompt, list(seq.output), text, seq.finish_reason,
                              list(seq.logprobs) if seq.params.logprobs else None,
+                             list(seq.top_logprobs) if seq.params.top_logprobs else None,
                              list(seq.prompt_logprobs) if seq.params.prompt_logprobs else None)

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from puyu.serving.config import RuntimeConfig, SamplingParams
+from puyu.serving.detokenize import IncrementalText
 from puyu.serving.kv_cache import BlockAllocator, block_hash
 
 
@@ -34,8 +35,11 @@ class Sequence:
     block_hashes: list[int] = dataclasses.field(default_factory=list)  # of the first full blocks
     prompt_logprobs: list[Optional[float]] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per output token
     finish_reason: Optional[str] = None
     text: Optional[str] = None  # the output text cut at a stop string, once one appeared
+    detok: Optional[IncrementalText] = None  # the output's text as it grows (stop strings, streaming)
+    constraint: Any = None  # limits the next token (``json_constraint.JsonConstraint``); None: any token
     tokens: list[int] = dataclasses.field(init=False)  # prompt + output, kept up to date by append()
 
     def __post_init__(self) -> None:
@@ -103,6 +107,15 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop one unfinished sequence (its HTTP client went away), releasing its blocks."""
+        if seq in self.running:
+            self.allocator.release(seq.block_table)
+            seq.block_table = []
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
