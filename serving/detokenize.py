@@ -13,15 +13,13 @@ Stop strings are searched only in the new text and the ``len(stop) - 1`` charact
 """
 from __future__ import annotations
 
-from typing import Optional
-
 REPLACEMENT = "\ufffd"
 
 
 class IncrementalText:
     """The text of the token ids fed to ``update`` (with special tokens, as ``decode`` gives them)."""
 
-    __slots__ = ("tokenizer", "ids", "prefix", "read", "text", "searched", "max_stop")
+    __slots__ = ("ids", "max_stop", "prefix", "read", "searched", "text", "tokenizer")
 
     def __init__(self, tokenizer, stops: list[str] = ()):
         self.tokenizer = tokenizer
@@ -68,7 +66,7 @@ class IncrementalText:
         return len(self.text) if finished else max(0, len(self.text) - max(0, self.max_stop - 1))
 
 
-def stop_cut(text: IncrementalText, stops: list[str]) -> Optional[str]:
+def stop_cut(text: IncrementalText, stops: list[str]) -> str | None:
     """The text before the first stop string, once one appeared; None before."""
     cut = text.find_stop(stops)
     return text.text[:cut] if cut >= 0 else None

@@ -1,81 +1,176 @@
-"""An OpenAI-compatible HTTP endpoint over the runtime: ``/v1/completions``, ``/v1/chat/completions``,
-``/v1/models``. Standard library only (``http.server``); bound to 127.0.0.1 unless told otherwise.
+"""An OpenAI-compatible HTTP endpoint over the runtime: ``/v1/completions``, ``/v1/chat/completions``
+(both with ``stream: true`` as server-sent events), ``/v1/models``. Standard library only
+(``http.server``); bound to 127.0.0.1 unless told otherwise. Request fields: ``openai_api``.
 
-Why a batching worker: HTTP handlers run one thread per connection, but the runtime is one model and one
-KV cache. Handlers queue their requests; a single worker takes everything queued and runs it as one
-``generate`` call, so concurrent clients are batched together instead of serialised.
+Why an engine loop that steps: the runtime is one model and one KV cache, while HTTP handlers run one
+thread per connection. Handlers check and tokenize their request (``LLM.prepare``) and hand its
+sequences to a single ``EngineLoop`` thread, which admits them between forward steps (``LLM.add`` /
+``LLM.step``, the runtime's own scheduler): a request that arrives while others generate joins the
+running batch at the next step instead of waiting for it to finish, and every step's new tokens go back
+to their handlers at once, which stream them or collect them until their sequences finish. A client that
+disconnects mid-stream has its sequences aborted and their KV blocks freed.
 
 Run: ``python -m puyu.serving.server --engine <dir> [--port 8000] [--host 127.0.0.1] [--device auto|cpu|cuda]``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from puyu.launcher.distributed import DEVICES
-from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
+from puyu.serving.config import RuntimeConfig, ServingError
+from puyu.serving.host_memory import cached_cpu_allocations
+from puyu.serving.json_constraint import JsonConstraint, JsonGrammar
 from puyu.serving.llm import LLM, RequestOutput
-from puyu.serving.tokenizer import IM_END, chat_prompt_ids, uses_internlm2
+from puyu.serving.openai_api import (
+    ParsedRequest,
+    chat_logprobs,
+    completion_logprobs,
+    parse_chat,
+    parse_completion,
+    tool_calls,
+)
+from puyu.serving.scheduler import Sequence
 
 MAX_BODY_BYTES = 1 << 20
-# OpenAI request field -> SamplingParams field
-FIELDS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-          "stop": "stop", "seed": "seed", "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos"}
 
 
-class BatchingWorker(threading.Thread):
-    """Owns the ``LLM``; serves queued (prompt, params) items in batches."""
+@dataclasses.dataclass
+class Delta:
+    """New output of one choice since its last event; ``final`` (the output) when the choice finished."""
+
+    choice: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list
+    text: str
+    final: RequestOutput | None = None
+
+
+class Job:
+    """One HTTP request's sequences (one per choice) and the events the engine loop sends its handler."""
+
+    def __init__(self, seqs: list[Sequence]):
+        self.seqs = seqs
+        self.events: queue.Queue = queue.Queue()  # Delta, or a str: the runtime failed
+        self.sent_tokens = [0] * len(seqs)
+        self.sent_text = [0] * len(seqs)
+
+    def delta(self, choice: int, final: RequestOutput | None) -> Delta | None:
+        """The choice's output not yet sent (None if nothing new). Text that could still turn out to be
+        the start of a stop string is held back until it is known not to be."""
+        seq = self.seqs[choice]
+        lo, hi = self.sent_tokens[choice], len(seq.output)
+        if final is not None:
+            text = final.text or ""
+        else:
+            text = seq.detok.text[:seq.detok.stable(False)] if seq.detok is not None else ""
+        if hi == lo and len(text) == self.sent_text[choice] and final is None:
+            return None
+        out = Delta(choice, seq.output[lo:hi], seq.logprobs[lo:hi], seq.top_logprobs[lo:hi],
+                    text[self.sent_text[choice]:], final)
+        self.sent_tokens[choice], self.sent_text[choice] = hi, max(len(text), self.sent_text[choice])
+        return out
+
+
+class EngineLoop(threading.Thread):
+    """Owns the ``LLM``: admits queued jobs between steps, steps while any sequence runs, and sends
+    each job its new output after every step."""
 
     def __init__(self, llm: LLM):
-        super().__init__(daemon=True, name="puyu-serving-worker")
-        self.llm, self.queue = llm, queue.Queue()
+        super().__init__(daemon=True, name="puyu-serving-engine")
+        self.llm = llm
+        self.inbox: queue.Queue = queue.Queue()  # ("add" | "abort", Job)
+        self.live: dict[int, tuple[Job, int]] = {}  # sequence index -> (job, choice)
+        self.indices = itertools.count()
+        self._grammar: JsonGrammar | None = None
+        self._grammar_lock = threading.Lock()
 
-    def submit(self, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
-        futures = []
-        for p, sp in zip(prompts, params):
-            fut: Future = Future()
-            self.queue.put((p, sp, fut))
-            futures.append(fut)
-        return [f.result() for f in futures]
+    def grammar(self) -> JsonGrammar:
+        """The vocabulary's JSON grammar, built on the first request that asks for JSON."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                if self.llm.tokenizer is None:
+                    raise ServingError("response_format json_object needs the engine's tokenizer")
+                self._grammar = JsonGrammar(self.llm.tokenizer, self.llm.args.vocab_size)
+            return self._grammar
+
+    def prepare(self, req: ParsedRequest) -> Job:
+        """The request's sequences, choice by choice (prompt-major, ``n`` per prompt; the k-th of ``n``
+        sampled with ``seed + k``); raises ``ServingError`` for one the runtime cannot serve."""
+        seqs = []
+        for prompt in req.prompts:
+            for k in range(req.n):
+                params = req.params
+                if k and params.seed is not None:
+                    params = dataclasses.replace(params, seed=params.seed + k)
+                constraint = JsonConstraint(self.grammar()) if req.json_object else None
+                seqs.append(self.llm.prepare(next(self.indices), prompt, params, constraint))
+        return Job(seqs)
+
+    def submit(self, job: Job) -> None:
+        self.inbox.put(("add", job))
+
+    def abort(self, job: Job) -> None:
+        self.inbox.put(("abort", job))
+
+    def _take(self, block: bool) -> None:
+        while True:
+            try:
+                kind, job = self.inbox.get(block=block)
+            except queue.Empty:
+                return
+            block = False
+            for choice, seq in enumerate(job.seqs):
+                if kind == "add":
+                    self.llm.add(seq)
+                    self.live[seq.index] = (job, choice)
+                elif self.live.pop(seq.index, None) is not None:
+                    self.llm.abort(seq)
 
     def run(self) -> None:
+        host_cache_mb = self.llm.cfg.cpu_alloc_cache_mb if self.llm.device.type == "cpu" else 0
         while True:
-            items = [self.queue.get()]
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            try:
-                outs = self.llm.generate([p for p, _, _ in items], [sp for _, sp, _ in items])
-                for (_, _, fut), out in zip(items, outs):
-                    fut.set_result(out)
-            except Exception as exc:  # noqa: BLE001 - the clients get the failure, the worker lives on
-                for _, _, fut in items:
-                    fut.set_exception(exc)
+            self._take(block=True)
+            with cached_cpu_allocations(host_cache_mb):  # while busy: the steps reuse their activations' pages
+                while self.llm.has_work():
+                    outputs: dict[int, RequestOutput] = {}
+                    try:
+                        self.llm.step(outputs)
+                    except Exception as exc:  # noqa: BLE001 - the clients get the failure, the loop lives on
+                        self.llm.scheduler.abort_all()
+                        for job in {id(j): j for j, _ in self.live.values()}.values():
+                            job.events.put(f"the runtime failed: {type(exc).__name__}: {exc}")
+                        self.live.clear()
+                    self._publish(outputs)
+                    self._take(block=False)
+
+    def _publish(self, outputs: dict[int, RequestOutput]) -> None:
+        for index, (job, choice) in list(self.live.items()):
+            final = outputs.get(index)
+            delta = job.delta(choice, final)
+            if delta is not None:
+                job.events.put(delta)
+            if final is not None:
+                del self.live[index]
 
 
-def sampling_from(body: dict) -> SamplingParams:
-    values = {FIELDS[k]: v for k, v in body.items() if k in FIELDS and v is not None}
-    lp = body.get("logprobs")
-    if lp:  # completions: an int (top-n, we return the chosen token's); chat: a bool
-        values["logprobs"] = True
-    values.setdefault("max_tokens", 16)
-    return SamplingParams.from_dict(values)
-
-
-def _usage(outs: list[RequestOutput]) -> dict:
-    p = sum(len(o.prompt_token_ids) for o in outs)
-    c = sum(len(o.token_ids) for o in outs)
+def _usage(req: ParsedRequest, job: Job) -> dict:
+    p = sum(len(s.prompt) for s in job.seqs[::req.n])
+    c = sum(len(s.output) for s in job.seqs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 class Handler(BaseHTTPRequestHandler):
-    worker: BatchingWorker
+    engine: EngineLoop
     model_name: str = "puyu"
     protocol_version = "HTTP/1.1"
 
@@ -93,73 +188,141 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+    def do_GET(self) -> None:
         if self.path.rstrip("/") == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "puyu"}]})
         else:
             self._error(404, f"no route GET {self.path}")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             self._error(413, f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
             return
+        route = self.path.rstrip("/")
+        if route not in ("/v1/completions", "/v1/chat/completions"):
+            self._error(404, f"no route POST {self.path}")
+            return
+        chat = route == "/v1/chat/completions"
         try:
             body = json.loads(self.rfile.read(length) or b"{}")
             if not isinstance(body, dict):
                 raise ServingError("the request body must be a JSON object")
-            route = self.path.rstrip("/")
-            if route == "/v1/completions":
-                self._send(200, self._completions(body))
-            elif route == "/v1/chat/completions":
-                self._send(200, self._chat(body))
-            else:
-                self._error(404, f"no route POST {self.path}")
-        except (ServingError, json.JSONDecodeError, TypeError, KeyError) as exc:
+            req = parse_chat(body, self.engine.llm.tokenizer) if chat else parse_completion(body)
+            job = self.engine.prepare(req)
+        except (ServingError, json.JSONDecodeError) as exc:
             self._error(400, str(exc))
+            return
+        self.engine.submit(job)
+        try:
+            if req.stream:
+                self._stream(req, job, chat)
+            else:
+                self._complete(req, job, chat)
+        except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating for it
+            self.engine.abort(job)
+            self.close_connection = True
 
-    def _run(self, prompts: list, params: SamplingParams) -> list[RequestOutput]:
-        outs = self.worker.submit(prompts, [params] * len(prompts))
-        errors = [o.error for o in outs if o.error]
-        if errors:
-            raise ServingError(errors[0])
-        return outs
+    def _events(self, job: Job) -> Iterator[Delta]:
+        """The job's deltas until every choice finished; a runtime failure raises ``RuntimeError``."""
+        left = len(job.seqs)
+        while left:
+            event = job.events.get()
+            if isinstance(event, str):
+                raise RuntimeError(event)
+            left -= event.final is not None
+            yield event
 
-    def _completions(self, body: dict) -> dict[str, Any]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = prompt
-        else:
-            raise ServingError("prompt must be a string, a list of strings or a list of token ids")
-        outs = self._run(prompts, sampling_from(body))
-        choices = [{"index": i, "text": o.text if o.text is not None else "", "finish_reason": o.finish_reason,
-                    "token_ids": o.token_ids,
-                    "logprobs": {"token_logprobs": o.logprobs} if o.logprobs is not None else None}
-                   for i, o in enumerate(outs)]
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices, "usage": _usage(outs)}
+    def _head(self, chat: bool) -> dict:
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name}
 
-    def _chat(self, body: dict) -> dict[str, Any]:
-        params = sampling_from(body)
-        tokenizer = self.worker.llm.tokenizer
-        if uses_internlm2(tokenizer):  # puyu's own tokenizer has no <|im_end|> token to stop at
-            params.stop = list(params.stop) + [IM_END]
-        outs = self._run([chat_prompt_ids(body.get("messages"), tokenizer)], params)
-        o = outs[0]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "usage": _usage(outs),
-                "choices": [{"index": 0, "finish_reason": o.finish_reason,
-                             "message": {"role": "assistant", "content": o.text if o.text is not None else ""}}]}
+    # ---- whole responses ---------------------------------------------------------------------------
+    def _complete(self, req: ParsedRequest, job: Job, chat: bool) -> None:
+        try:
+            finals = {d.choice: d.final for d in self._events(job) if d.final is not None}
+        except RuntimeError as exc:
+            self._error(500, str(exc))
+            return
+        tok = self.engine.llm.tokenizer
+        choices = []
+        for i in range(len(job.seqs)):
+            o = finals[i]
+            text = o.text or ""
+            if chat:
+                message: dict = {"role": "assistant", "content": text}
+                reason = o.finish_reason
+                if req.tools:
+                    message["content"], calls = tool_calls(text, req.internlm2)
+                    if calls:
+                        message["tool_calls"], reason = calls, "tool_calls"
+                lps = chat_logprobs(tok, o.token_ids, o.logprobs, o.top_logprobs) if o.logprobs is not None else None
+                choices.append({"index": i, "message": message, "logprobs": lps, "finish_reason": reason})
+            else:
+                lps = (completion_logprobs(tok, o.token_ids, o.logprobs, o.top_logprobs, 0)
+                       if o.logprobs is not None else None)
+                choices.append({"index": i, "text": text, "finish_reason": o.finish_reason, "token_ids": o.token_ids,
+                                "logprobs": lps})
+        self._send(200, {**self._head(chat), "choices": choices, "usage": _usage(req, job)})
+
+    # ---- server-sent events ------------------------------------------------------------------------
+    def _chunk(self, payload: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _stream(self, req: ParsedRequest, job: Job, chat: bool) -> None:
+        """One chunk per choice and step with new text (chat: a first chunk with the role); tool calls are
+        read from the whole reply, so with tools a choice's content and calls come in its last chunk."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        head = {**self._head(chat), "object": "chat.completion.chunk" if chat else "text_completion"}
+        tok = self.engine.llm.tokenizer
+        if chat:
+            for i in range(len(job.seqs)):
+                self._chunk({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]})
+        texts, offsets = [""] * len(job.seqs), [0] * len(job.seqs)
+        try:
+            for d in self._events(job):
+                reason = d.final.finish_reason if d.final is not None else None
+                wants_lp = job.seqs[d.choice].params.logprobs and d.token_ids
+                if chat:
+                    delta: dict = {"content": d.text}
+                    if req.tools:
+                        texts[d.choice] += d.text
+                        if d.final is None:
+                            continue
+                        delta["content"], calls = tool_calls(texts[d.choice], req.internlm2)
+                        if calls:
+                            delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(calls)]
+                            reason = "tool_calls"
+                    lps = chat_logprobs(tok, d.token_ids, d.logprobs, d.top_logprobs) if wants_lp else None
+                    choice = {"index": d.choice, "delta": delta, "logprobs": lps, "finish_reason": reason}
+                else:
+                    lps = (completion_logprobs(tok, d.token_ids, d.logprobs, d.top_logprobs, offsets[d.choice])
+                           if wants_lp else None)
+                    offsets[d.choice] += sum(len(t) for t in lps["tokens"]) if lps else 0
+                    choice = {"index": d.choice, "text": d.text, "logprobs": lps, "finish_reason": reason}
+                self._chunk({**head, "choices": [choice]})
+        except RuntimeError as exc:
+            self._chunk({"error": {"message": str(exc), "type": "server_error", "code": 500}})
+        if req.include_usage:
+            self._chunk({**head, "choices": [], "usage": _usage(req, job)})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
 
 def make_server(llm: LLM, host: str = "127.0.0.1", port: int = 0, model_name: str = "puyu") -> ThreadingHTTPServer:
-    """A server (not yet serving: call ``serve_forever``) and its worker; port 0 picks a free port."""
-    worker = BatchingWorker(llm)
-    worker.start()
-    handler = type("PuyuHandler", (Handler,), {"worker": worker, "model_name": model_name})
+    """A server (not yet serving: call ``serve_forever``) and its engine loop; port 0 picks a free port."""
+    engine = EngineLoop(llm)
+    engine.start()
+    handler = type("PuyuHandler", (Handler,), {"engine": engine, "model_name": model_name})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server
