@@ -21,6 +21,7 @@ from torch import nn
 
 from puyu.model import ops
 from puyu.model.config import ModelArgs
+from puyu.model.document_attention import DocumentAttention
 from puyu.model.rope import rope_cos_sin
 
 
@@ -62,14 +63,6 @@ def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - last_start
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean mask [B, 1, T, T]: token i may attend to j iff j <= i and both are in the same document."""
-    T = document_ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
-    return (same_doc & causal)[:, None]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, fused: bool):
         super().__init__()
@@ -94,7 +87,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # [B, T, D]
         cos: torch.Tensor,  # [B, T, d/2]
         sin: torch.Tensor,
-        mask: torch.Tensor | None,  # [B, 1, T, S] bool, or None for plain causal
+        mask: torch.Tensor | DocumentAttention | None,  # [B, 1, T, S] bool, packed documents, or plain causal
         cache: KVCache | None,
         layer_id: int,
     ) -> torch.Tensor:
@@ -107,9 +100,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, d]
         if cache is not None:
             k, v = cache.update(layer_id, k, v)  # [B, Hk, S, d]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None, enable_gqa=self.n_groups > 1
-        )  # [B, Hq, T, d]
+        if isinstance(mask, DocumentAttention):
+            out = mask.attend(q, k, v, enable_gqa=self.n_groups > 1)  # [B, Hq, T, d]
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and cache is None, enable_gqa=self.n_groups > 1
+            )  # [B, Hq, T, d]
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -187,7 +183,7 @@ class Transformer(nn.Module):
         if document_ids is not None:
             if cache is not None:
                 raise ValueError("packed sequences (document_ids) and a KV cache cannot be combined")
-            mask = document_causal_mask(document_ids)
+            mask = DocumentAttention(document_ids)
             if positions is None:
                 positions = positions_from_document_ids(document_ids)
         if cache is not None:

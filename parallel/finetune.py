@@ -44,7 +44,8 @@ from puyu.launcher.errors import PuyuError
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.model import ModelArgs, Transformer, ops, save_model
 from puyu.model.checkpoint import INDEX_FILE, SINGLE_FILE
-from puyu.model.model import document_causal_mask, positions_from_document_ids
+from puyu.model.document_attention import DocumentAttention
+from puyu.model.model import positions_from_document_ids
 from puyu.model.rope import rope_cos_sin
 from puyu.model.hf import copy_tokenizer_files, export_hf, is_hf_model_dir, open_model_dir, read_hf_config
 from puyu.model.state_dict import StateDictError
@@ -72,7 +73,7 @@ class SFTStage(StageModule):
             return super().forward(tokens)
         with self.autocast(tokens):
             h = self.tok_embeddings(tokens)  # [B, T, D]
-            mask = document_causal_mask(document_ids)  # [B, 1, T, T]
+            mask = DocumentAttention(document_ids)  # per-document causal attention, no [B, 1, T, T] mask
             cos, sin = rope_cos_sin(self.args, positions_from_document_ids(document_ids))
             for layer in self.layers.values():
                 h = layer(h, cos, sin, mask, None)

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from puyu.model import KVCache, Transformer, generate, get_flavor
-from puyu.model.model import document_causal_mask, positions_from_document_ids
+from puyu.model.document_attention import DocumentAttention
+from puyu.model.model import positions_from_document_ids
 from puyu.model.state_dict import to_llama
 
 
@@ -28,12 +29,73 @@ def test_wqkv_split_follows_internlm2_rearrange(tiny):
     torch.testing.assert_close(x @ llama["model.layers.0.self_attn.v_proj.weight"].T, v_hf, rtol=0, atol=0)
 
 
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """The dense reference [B, 1, T, T]: token i sees j iff j <= i and both are in the same document."""
+    T = document_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    return ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
+
+
 def test_document_positions_and_mask():
     doc = torch.tensor([[0, 0, 0, 1, 1, 2]])
     assert positions_from_document_ids(doc).tolist() == [[0, 1, 2, 0, 1, 0]]
     mask = document_causal_mask(doc)[0, 0]
     assert mask[4].tolist() == [False, False, False, True, True, False]
     assert mask[2].tolist() == [True, True, True, False, False, False]
+
+
+def random_documents(B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """[B, T] ids of documents of random lengths 1..70 (a row may be one document), as SFT packs them."""
+    rows = []
+    for _ in range(B):
+        ids, doc = [], 0
+        while len(ids) < T:
+            ids += [doc] * int(torch.randint(1, 71, (1,), generator=gen))
+            doc += 1
+        rows.append(ids[:T])
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("B,T,Hq,Hk", [(1, 1, 2, 2), (2, 37, 4, 2), (3, 200, 8, 2), (1, 130, 2, 1)])
+def test_document_attention_equals_sdpa_with_the_dense_mask(B, T, Hq, Hk):
+    gen = torch.Generator().manual_seed(T)
+    doc = random_documents(B, T, gen)
+    if T == 130:
+        doc[:] = 0  # one document filling the row
+    q = torch.randn(B, Hq, T, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(B, Hk, T, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    grad = torch.randn(B, Hq, T, 16, generator=gen, dtype=torch.float64)
+    ours = DocumentAttention(doc).attend(q, k, v, enable_gqa=Hq != Hk)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc), enable_gqa=Hq != Hk)
+    torch.testing.assert_close(ours, ref)
+    g_ours = torch.autograd.grad(ours, (q, k, v), grad)
+    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_document_attention_never_builds_a_t_by_t_tensor():
+    """Forward and backward of a packed row of 4096 tokens: no tensor anywhere has T² elements (the dense
+    mask alone would be [1, 1, 4096, 4096])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    T = 4096
+    doc = random_documents(1, T, torch.Generator().manual_seed(0))
+    q, k, v = (torch.randn(1, 2, T, 8, requires_grad=True) for _ in range(3))
+    with LargestTensor():
+        DocumentAttention(doc).attend(q, k, v, enable_gqa=False).sum().backward()
+    assert 0 < LargestTensor.largest < T * T // 64, LargestTensor.largest
 
 
 @pytest.mark.parametrize("fused", [True, False])
