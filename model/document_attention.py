@@ -14,7 +14,9 @@ before any score is computed. Here each document is attended on its own, varlen-
    scatters the gradients back by the same indices).
 
 Memory is ``O(B·T·H·d)`` whatever T is. The plan (indices per bucket) is built once per forward and shared
-by every layer.
+by every layer. Rows shorter than :data:`DENSE_BELOW` tokens keep the dense mask: there it costs at most
+B·64 KiB, and one masked SDPA call beats several small ones (on 2 CPU cores, `benchmarks/
+bench_document_attention.py`: 0.75x at T=256, 0.9-1.2x at 512, 1.7-2.1x at 1024, 3.1x at 2048).
 """
 from __future__ import annotations
 
@@ -22,20 +24,26 @@ import torch
 import torch.nn.functional as F
 
 MIN_BUCKET = 16  # shorter documents share one bucket: fewer SDPA calls for chat turns of a few tokens
+DENSE_BELOW = 512  # rows shorter than this attend through one SDPA call with the dense mask
 
 
 class DocumentAttention:
     """Per-document causal attention for packed rows of ``document_ids`` [B, T]."""
 
-    def __init__(self, document_ids: torch.Tensor):
+    def __init__(self, document_ids: torch.Tensor, dense_below: int = DENSE_BELOW):
         B, T = document_ids.shape
         device = document_ids.device
+        self.shape = (B, T)
+        self.mask = None  # [B, 1, T, T] bool for short rows
+        if T < dense_below:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            self.mask = ((document_ids[:, :, None] == document_ids[:, None, :]) & causal)[:, None]
+            return
         new = torch.ones_like(document_ids, dtype=torch.bool)
         new[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
         starts = new.flatten().nonzero().squeeze(1)  # [n_docs] flat index of each document's first token
         lengths = torch.diff(starts, append=torch.tensor([B * T], device=device))
         caps = torch.clamp(lengths, min=MIN_BUCKET).sub(1).log2().floor().add(1).exp2().long()
-        self.shape = (B, T)
         self.buckets: list[tuple[torch.Tensor, torch.Tensor]] = []  # (gather index [n, L], valid [n, L])
         order = []
         for cap in torch.unique(caps).tolist():  # one host sync per forward: the bucket sizes
@@ -52,6 +60,8 @@ class DocumentAttention:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool) -> torch.Tensor:
         """q [B, Hq, T, d], k and v [B, Hk, T, d] -> [B, Hq, T, d], as SDPA with the document-causal mask."""
+        if self.mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=enable_gqa)
         B, T = self.shape
         flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (q, k, v)]  # [B*T, H, d]
         pieces = []

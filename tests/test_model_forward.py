@@ -56,8 +56,9 @@ def random_documents(B: int, T: int, gen: torch.Generator) -> torch.Tensor:
     return torch.tensor(rows)
 
 
+@pytest.mark.parametrize("dense_below", [0, 512], ids=["buckets", "dense-short-rows"])
 @pytest.mark.parametrize("B,T,Hq,Hk", [(1, 1, 2, 2), (2, 37, 4, 2), (3, 200, 8, 2), (1, 130, 2, 1)])
-def test_document_attention_equals_sdpa_with_the_dense_mask(B, T, Hq, Hk):
+def test_document_attention_equals_sdpa_with_the_dense_mask(B, T, Hq, Hk, dense_below):
     gen = torch.Generator().manual_seed(T)
     doc = random_documents(B, T, gen)
     if T == 130:
@@ -65,7 +66,7 @@ def test_document_attention_equals_sdpa_with_the_dense_mask(B, T, Hq, Hk):
     q = torch.randn(B, Hq, T, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(B, Hk, T, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
     grad = torch.randn(B, Hq, T, 16, generator=gen, dtype=torch.float64)
-    ours = DocumentAttention(doc).attend(q, k, v, enable_gqa=Hq != Hk)
+    ours = DocumentAttention(doc, dense_below).attend(q, k, v, enable_gqa=Hq != Hk)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=document_causal_mask(doc), enable_gqa=Hq != Hk)
     torch.testing.assert_close(ours, ref)
     g_ours = torch.autograd.grad(ours, (q, k, v), grad)
