@@ -83,10 +83,10 @@ class FinetuneJobConfig(JobConfig):
         self.data.validate()
         if self.parallel.pp != 1:
             raise PuyuError("finetune: parallel.pp must be 1 (packed chat rows need the document mask, which "
-                            "the pipeline schedule does not carry); use FSDP (dp_shard) and/or tp")
-        if self.parallel.tp != 1 and self.lora.rank:
-            raise PuyuError("finetune: parallel.tp > 1 works with full finetuning only (lora.rank=0); "
-                            "LoRA runs under FSDP")
+                            "the pipeline schedule does not carry); use data parallelism (FSDP)")
+        if self.parallel.tp != 1:  # (the step loop is data parallel only)
+            raise PuyuError(f"finetune: parallel.tp={self.parallel.tp} is not supported; finetuning runs data "
+                            "parallel only (FSDP over all ranks): set parallel.tp=1")
         if not in_run:
             if not self.checkpoint:
                 raise PuyuError("finetune: set job.checkpoint=<Hugging Face or puyu model dir> "
