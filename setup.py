@@ -95,6 +95,7 @@ setup(
         "scipy>=1.13",
         "tensorboard>=2.17",
         "matplotlib>=3.9",  # the evaluation report's plot
+        "markdown>=3.5",  # report.html from the chain's report.md (tensorboard pulls it in too)
         "peft==0.21.2",  # LoRA adapters for finetuning
     ],
     extras_require={

@@ -22,6 +22,7 @@ from puyu.data_pipeline.config import DataJobConfig
 from puyu.evaluation.config import EvalJobConfig
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.config import JobConfig
+from puyu.launcher.report_html import write_report_html
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.parallel.config import PretrainJobConfig
 from puyu.parallel.ft_config import FinetuneJobConfig, SFTDataConfig
@@ -145,7 +146,8 @@ def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
 
 
 def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
-    """``report.md`` in the run directory: what each part of the chain produced, with links."""
+    """``report.md`` in the run directory: what each part of the chain produced, with links; the same as
+    one page, ``report.html``, with the pretraining and finetuning loss curves drawn."""
     from puyu.agents.job import report_section as agent_report_section
     from puyu.parallel.finetune import finetune_report
     from puyu.parallel.pretrain import pretrain_report
@@ -163,4 +165,7 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
     lines += ["", *agent_report_section(run_dir)]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
+    write_report_html("\n".join(lines), run_dir / "report.html",
+                      {"Pretraining": (run_dir / "pretrain" / "metrics.jsonl", "pretraining loss"),
+                       "Finetuning": (run_dir / "finetune" / "metrics.jsonl", "finetuning loss")})
     return path

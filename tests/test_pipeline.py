@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -24,6 +25,11 @@ def test_pipeline_runs_the_whole_chain_and_a_rerun_resumes(tmp_path):
                     "## Evaluation", "| mmlu | acc_circular | ppl |", "| humaneval | pass@1 | gen |",
                     "| wiki_bpb | bits_per_byte | ppl |", "## Agents"):
         assert section in report, section
+    page = (run_dir / "report.html").read_text()  # the same report as one page, with both loss curves
+    assert page.count("<svg") == 2 and "<h2>Evaluation</h2>" in page and "<table>" in page
+    # the Debian copyright files hold real copies: the demo's dedup removes some (it removed none before)
+    removed = re.search(r"(\d+) exact and (\d+) near duplicates removed", report)
+    assert removed and int(removed[1]) + int(removed[2]) > 0, report[:2000]
     outputs = [json.loads(ln) for ln in (run_dir / "infer" / "outputs.jsonl").read_text().splitlines()]
     assert [o["index"] for o in outputs] == list(range(16)) and all("error" not in o for o in outputs)
 
