@@ -14,6 +14,8 @@ weights in ``checkpoint`` read tensor by tensor (:func:`read_base`; adapters see
 AdamW, global grad-norm clipping, NaN policy, ``metrics.jsonl``/TensorBoard, DCP checkpoints with
 ``complete.json`` and resume, USR2 → checkpoint + requeue. Checkpoints hold only the trainable
 parameters (the adapters) and their optimizer state; the frozen base comes from ``checkpoint`` again.
+``engine=deepspeed`` runs the same model, data, loss and schedule under DeepSpeed ZeRO instead of FSDP2
+(:mod:`puyu.parallel.deepspeed_engine`, dispatched from :meth:`FinetuneTask._train` and ``_export``).
 
 The loss is the mean cross-entropy over the *global batch's* labelled tokens (each micro-batch's
 sum divided by the step's total label count, all-reduced), so the curve does not depend on how
@@ -263,6 +265,23 @@ class SFTBatches(StepBatches):
                 for m in range(0, per_rank, self.micro_batch)]
 
 
+def load_sft_rows(ctx: TaskContext, cfg: FinetuneJobConfig):
+    """The ``sft_data`` stage's packed training rows, checked against ``data.seq_len``."""
+    from puyu.data_pipeline.sft import Packed
+
+    data = Packed.load(ctx.run_dir / SFT_DATA / "train.npz")
+    if data.tokens.shape[1] != cfg.data.seq_len:
+        raise PuyuError(f"sft_data rows are {data.tokens.shape[1]} long but data.seq_len={cfg.data.seq_len}")
+    return data
+
+
+def run_mode(cfg: FinetuneJobConfig) -> str:
+    """What trains, for the result and the report."""
+    if cfg.lora.rank:
+        return f"LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
+    return "full finetuning"
+
+
 # --------------------------------------------------------------------------- stages
 def _with_in_run(cfg: FinetuneJobConfig, in_run: dict[str, str], run_dir: Path) -> FinetuneJobConfig:
     changes = {field: str(run_dir / rel) for field, rel in in_run.items()}
@@ -312,14 +331,14 @@ class FinetuneTask(PretrainTask):
         """Called after each finished step (tests hook in here)."""
 
     def _train(self, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
-        from puyu.data_pipeline.sft import Packed
-
         cfg, t = self.cfg, self.cfg.train
         if dims.tp != 1 or dims.pp != 1:
             raise PuyuError(f"finetune runs data parallel only (FSDP/HSDP); got {dims.describe()}")
-        data = Packed.load(ctx.run_dir / SFT_DATA / "train.npz")
-        if data.tokens.shape[1] != cfg.data.seq_len:
-            raise PuyuError(f"sft_data rows are {data.tokens.shape[1]} long but data.seq_len={cfg.data.seq_len}")
+        if cfg.engine == "deepspeed":
+            from puyu.parallel import deepspeed_engine
+
+            return deepspeed_engine.train(self, ctx, env, dims, args, device, previous_handler)
+        data = load_sft_rows(ctx, cfg)
         # built on meta and sharded there, then each rank reads its own shards of the base
         model = meta_finetune_model(args, cfg.lora)
         trainable, total = trainable_params(model)
@@ -380,9 +399,7 @@ class FinetuneTask(PretrainTask):
         if metrics:
             metrics.close()
         return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(),
-                "trainable_params": trainable, "total_params": total,
-                "mode": f"LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
-                        if cfg.lora.rank else "full finetuning"}
+                "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg)}
 
     def __call__(self, ctx: TaskContext) -> dict[str, Any]:
         result = super().__call__(ctx)
@@ -403,7 +420,12 @@ class FinetuneTask(PretrainTask):
         cfg = self.cfg
         final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
         model = load_base(cfg.checkpoint, args, cfg.lora)
-        load_trainable(final, [model])
+        if cfg.engine == "deepspeed":
+            from puyu.parallel.deepspeed_engine import load_final
+
+            load_final(final, model, args)
+        else:
+            load_trainable(final, [model])
         merged = merge_lora(model).eval()
         out = ctx.stage_dir / "model"
         if is_hf_model_dir(cfg.checkpoint):  # what came in as a Hugging Face directory goes out as one

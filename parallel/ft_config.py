@@ -6,6 +6,7 @@ the ``puyu`` command composes and checks a finetuning config without importing t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 from puyu.launcher.config import JobConfig
@@ -55,6 +56,28 @@ class SFTDataConfig:
             raise PuyuError(f"data.seq_len={self.seq_len} is too short for a chat turn")
 
 
+ENGINES = ("fsdp", "deepspeed")
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """ZeRO settings of ``engine=deepspeed``, set by the presets under ``conf/job/deepspeed/`` (XTuner's
+    ``deepspeed_zero{1,2,3}[_offload]``: ``puyu job=finetune job/deepspeed=deepspeed_zero3``)."""
+
+    zero_stage: int = 2  # 1: optimizer states sharded; 2: + gradients; 3: + parameters
+    offload_optimizer: bool = False  # optimizer states and update on the CPU (ZeRO-Offload)
+    offload_param: bool = False  # ZeRO-3 only: parameters wait on the CPU between uses (ZeRO-Infinity)
+    overlap_comm: bool = True  # reduce gradients while backward still runs (as XTuner's presets)
+
+    def validate(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise PuyuError(f"deepspeed.zero_stage={self.zero_stage}; choose 1, 2 or 3 "
+                            "(or a preset: job/deepspeed=deepspeed_zero{1,2,3}[_offload])")
+        if self.offload_param and self.zero_stage != 3:
+            raise PuyuError(f"deepspeed.offload_param=true needs deepspeed.zero_stage=3 (got {self.zero_stage}): "
+                            "only ZeRO-3 partitions the parameters")
+
+
 def _ft_optim() -> OptimConfig:
     return OptimConfig(lr=2e-4, min_lr=2e-5, warmup_steps=3, weight_decay=0.0)
 
@@ -72,6 +95,8 @@ class FinetuneJobConfig(JobConfig):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # flavor/vocab_size of the checkpoint
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    engine: str = "fsdp"  # fsdp (FSDP2, parallel.dp_*) | deepspeed (ZeRO, the deepspeed section)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=_ft_optim)
     train: TrainConfig = dataclasses.field(default_factory=_ft_train)
@@ -83,10 +108,23 @@ class FinetuneJobConfig(JobConfig):
         self.data.validate()
         if self.parallel.pp != 1:
             raise PuyuError("finetune: parallel.pp must be 1 (packed chat rows need the document mask, which "
-                            "the pipeline schedule does not carry); use data parallelism (FSDP)")
+                            "the pipeline schedule does not carry); use data parallelism (FSDP or DeepSpeed ZeRO)")
         if self.parallel.tp != 1:  # (the step loop is data parallel only)
             raise PuyuError(f"finetune: parallel.tp={self.parallel.tp} is not supported; finetuning runs data "
-                            "parallel only (FSDP over all ranks): set parallel.tp=1")
+                            "parallel only (FSDP or DeepSpeed ZeRO over all ranks): set parallel.tp=1")
+        if self.engine not in ENGINES:
+            raise PuyuError(f"finetune: engine={self.engine!r}; choose {' or '.join(ENGINES)}")
+        if self.engine == "deepspeed":
+            self.deepspeed.validate()
+            if importlib.util.find_spec("deepspeed") is None:
+                raise PuyuError("finetune: engine=deepspeed but the deepspeed package is not installed "
+                                "(pip install deepspeed, or engine=fsdp)")
+            if self.parallel.dp_replicate != 1:
+                raise PuyuError(f"finetune: parallel.dp_replicate={self.parallel.dp_replicate} is FSDP's HSDP; "
+                                "with engine=deepspeed ZeRO shards over all ranks: set it to 1")
+            if self.parallel.compile:
+                raise PuyuError("finetune: parallel.compile=true is for engine=fsdp; set it false with "
+                                "engine=deepspeed")
         if not in_run:
             if not self.checkpoint:
                 raise PuyuError("finetune: set job.checkpoint=<Hugging Face or puyu model dir> "
