@@ -82,6 +82,7 @@ setup(
         "s3fs>=2024.2",  # s3:// corpus inputs through fsspec
         "warcio==1.8.1",  # WARC/WAT/WET corpus inputs
         "resiliparse==2.0.1",  # HTML to main-content text for WARC inputs (C++; see data_pipeline/warc.py)
+        "lingua-language-detector==2.1.1",  # language ID with its models in the wheel (data_pipeline/language.py)
         "numba>=0.60",
         "numpy>=1.26",
         "datasketch==2.0.0",
