@@ -51,6 +51,7 @@ class LauncherConfig:
     dry_run: bool = False  # print the sbatch script(s), submit nothing
     wait: bool = True  # wait for the pipeline and report; false: submit (with dependencies) and return
     poll_s: float = 2.0
+    overwrite: bool = False  # a stage whose recorded settings differ: clear it and later stages, instead of refusing
 
 
 @dataclasses.dataclass

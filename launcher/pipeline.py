@@ -4,8 +4,10 @@ On Slurm every stage is submitted at once, each with ``--dependency=afterok:<pre
 (and ``--kill-on-invalid-dep``), so the chain goes on without the login node; the launcher then
 waits (unless ``launcher.wait=false``), stops at the first failed task, names it with its log, and
 cancels what is left. Locally (real subprocesses) and inline (this process) stages run one after
-another. Only ranks without a completion marker are submitted, so rerunning a run resumes it.
-Every submission is recorded in ``<run>/launch.json`` for ``puyu job=status``.
+another. Only ranks without a completion marker are submitted, so rerunning a run resumes it; a
+rerun with other stage settings is refused (or, with ``launcher.overwrite=true``, redone from the
+first changed stage), and a second launcher on a run whose first one is still live stops
+(:mod:`puyu.launcher.runguard`). Every submission is recorded in ``<run>/launch.json`` for ``puyu job=status``.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.errors import PuyuError, StageFailed
 from puyu.launcher.executor import make_executor, sbatch_script, stage_cluster
+from puyu.launcher.runguard import RunLock, check_fingerprints
 from puyu.launcher.stage import Stage
 from puyu.launcher.task import StageTask
 
@@ -79,6 +82,7 @@ class Pipeline:
             raise PuyuError(f"stage names must be unique, got {names}")
         self.stages, self.run_dir, self.cluster, self.launcher = stages, Path(run_dir), cluster, launcher
         self.submitted: list[Submitted] = []
+        self.lock = RunLock(self.run_dir)
 
     # ------------------------------------------------------------------ entry
     def run(self) -> Optional[dict[str, list[Any]]]:
@@ -87,18 +91,25 @@ class Pipeline:
             self._dry_run()
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        queued = False  # submitted and not waited for: the lock stays, holding the job ids
         try:
+            check_fingerprints(self.stages, self.run_dir, self.launcher.overwrite)
             if self.cluster.kind is ClusterKind.inline:
                 self._run_inline()
             elif self.cluster.kind is ClusterKind.local:
                 self._run_local()
             else:
                 self._run_slurm()
-                if not self.launcher.wait:
+                queued = not self.launcher.wait
+                if queued:
                     return None
         except BaseException:
             self.cancel_pending()
             raise
+        finally:
+            if not queued:
+                self.lock.release()
         return self.results()
 
     def results(self) -> dict[str, list[Any]]:
@@ -217,6 +228,7 @@ class Pipeline:
             chain.append(sub)
             roots = sorted({j.split("_")[0] for j in sub.job_ids()})
             dependency = "afterok:" + ":".join(roots)
+        self.lock.record_jobs([j for sub in chain for j in sub.job_ids()])
         if not self.launcher.wait:
             print(f"submitted {len(chain)} stage(s); follow with: puyu job=status run={self.run_dir}")
             return

@@ -3,7 +3,8 @@
 A stage is a picklable callable plus how it is spread: ``shards=N`` makes it an array of N tasks
 (datatrove-style: each task handles ``rank`` of ``world_size`` and leaves ``completions/{rank:05d}``
 when done, so a rerun of the same run skips it); ``cluster`` overrides the job's cluster options
-for this stage alone (e.g. ``{"tasks_per_node": 4}`` for a torch.distributed stage).
+for this stage alone (e.g. ``{"tasks_per_node": 4}`` for a torch.distributed stage); ``config`` is what
+its outputs depend on, recorded so that a rerun with other settings is refused (:mod:`puyu.launcher.runguard`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.errors import ConfigError
@@ -60,6 +61,7 @@ class Stage:
     fn: Callable[[TaskContext], Any]
     shards: int = 1
     cluster: dict[str, Any] = dataclasses.field(default_factory=dict)
+    config: Optional[dict[str, Any]] = None  # JSON-friendly settings its outputs depend on (None: shards only)
 
     def __post_init__(self) -> None:
         if not self.name or os.sep in self.name:
