@@ -72,6 +72,7 @@ class GopherQualityConfig:
     """Gopher quality rules (Rae et al. 2021, appendix A; datatrove's GopherQualityFilter defaults)."""
 
     enabled: bool = True
+    languages: list[str] = dataclasses.field(default_factory=lambda: ["en"])  # judged (English thresholds)
     min_doc_words: int = 50
     max_doc_words: int = 100_000
     min_avg_word_length: float = 3.0
@@ -85,9 +86,17 @@ class GopherQualityConfig:
 
 @dataclasses.dataclass
 class GopherRepetitionConfig:
-    """Gopher repetition rules (Rae et al. 2021, table A1)."""
+    """Gopher repetition rules (Rae et al. 2021, table A1).
+
+    The n-gram rules count word n-grams; Chinese, Japanese and Thai have no spaces, so their words
+    would be characters, and character 2-grams repeat far more than word 2-grams (on fortunes-zh the
+    n-gram rules over characters dropped 26% of the poems, over punctuation-delimited runs 9%). Until a
+    segmenter is wired in, documents tagged with a language in ``ngram_skip_languages`` are judged by the
+    line and paragraph rules only.
+    """
 
     enabled: bool = True
+    ngram_skip_languages: list[str] = dataclasses.field(default_factory=lambda: ["zh", "ja", "th"])
     dup_line_frac: float = 0.3
     dup_para_frac: float = 0.3
     dup_line_char_frac: float = 0.2
@@ -102,6 +111,7 @@ class C4Config:
     """C4 line rules (Raffel et al. 2020; datatrove's C4QualityFilter defaults)."""
 
     enabled: bool = True
+    languages: list[str] = dataclasses.field(default_factory=lambda: ["en"])  # judged (English thresholds)
     split_paragraph: bool = True  # lines are "\n"-separated paragraphs, not sentences
     remove_citations: bool = True
     filter_no_terminal_punct: bool = True
@@ -119,6 +129,7 @@ class FineWebConfig:
     """FineWeb heuristics (Penedo et al. 2024; datatrove's FineWebQualityFilter defaults)."""
 
     enabled: bool = True
+    languages: list[str] = dataclasses.field(default_factory=lambda: ["en"])  # judged (English thresholds)
     line_punct_thr: float = 0.12
     line_punct_exclude_zero: bool = False
     short_line_thr: float = 0.67
@@ -129,22 +140,87 @@ class FineWebConfig:
 
 @dataclasses.dataclass
 class LanguageConfig:
-    """Script-based EN/ZH tagging: share of letters that are Han vs Latin decides the tag."""
+    """Language ID with lingua (see :mod:`puyu.data_pipeline.language` for why lingua).
+
+    Every document gets ``metadata.lang`` (ISO 639-1 code, ``unknown`` without letters) and
+    ``metadata.lang_score`` (lingua's confidence, 0..1). ``keep``: the languages to keep, any ISO 639-1
+    codes lingua knows (``[]``: keep every language). ``min_score``: drop a document whose best score
+    is lower (datatrove's LanguageFilter threshold, 0.65). ``candidates``: the languages lingua chooses
+    among (``[]``: all 74 spoken ones, ~1.5 GB per task; a short list is ~6x faster and ~0.4 GB, but a
+    document in a language left out is tagged as the closest candidate). ``max_chars``: only the first
+    this many characters are read (speed; the score barely moves beyond a paragraph).
+    """
 
     enabled: bool = True
     keep: list[str] = dataclasses.field(default_factory=lambda: ["en", "zh"])
-    min_script_share: float = 0.5  # tag a language only when its script holds this share of letters
+    min_score: float = 0.65
+    candidates: list[str] = dataclasses.field(default_factory=list)
+    max_chars: int = 1000
+    low_accuracy: bool = False  # lingua's low accuracy mode: trigrams only, ~0.3 GB, faster, worse on short text
+
+
+@dataclasses.dataclass
+class UrlFilterConfig:
+    """Drop documents whose ``metadata.url`` is on a blocklist (the readers keep a record's ``url`` field).
+
+    ``blocked_domains``: a host equal to one of these, or under it (``example.com`` blocks
+    ``www.example.com``); ``blocked_substrings``: anywhere in the lowercased URL; ``blocklist_file``: a
+    local file or fsspec URL with one domain per line (``#`` comments). Documents without a URL pass.
+    """
+
+    field: str = "url"
+    blocked_domains: list[str] = dataclasses.field(default_factory=list)
+    blocked_substrings: list[str] = dataclasses.field(default_factory=list)
+    blocklist_file: str = ""
+
+
+@dataclasses.dataclass
+class BadWordsConfig:
+    """Drop documents holding at least ``min_hits`` words of a list (C4's "bad words" rule).
+
+    Words come from ``words`` and ``file`` (one per line, ``#`` comments); matching is case-insensitive,
+    whole words for letters-and-spaces scripts and substrings for CJK words, which have no spaces around them.
+    """
+
+    words: list[str] = dataclasses.field(default_factory=list)
+    file: str = ""
+    min_hits: int = 1
+
+
+@dataclasses.dataclass
+class PIIConfig:
+    """Replace e-mail addresses and IPv4 addresses with placeholders (datatrove's PIIFormatter)."""
+
+    email_placeholder: str = "email@example.com"
+    ip_placeholder: str = "0.0.0.0"
+    only_public_ips: bool = True  # private, loopback and reserved addresses (10.x, 127.x...) are not personal
+
+
+DEFAULT_CHAIN = ["normalize", "length", "url", "language", "gopher_repetition", "gopher_quality", "c4", "fineweb",
+                 "pii"]
 
 
 @dataclasses.dataclass
 class FilterConfig:
+    """The read_filter stage's steps, in ``chain`` order (see :mod:`puyu.data_pipeline.steps`).
+
+    A chain entry is a registered name (its settings are the field of that name here; a rule with
+    ``enabled: false`` is skipped) or ``{_target_: package.module.Class, <keyword>: <value>...}``, a user
+    step: a puyu :class:`~puyu.data_pipeline.document.Step` or any class with datatrove's
+    ``run(docs, rank, world_size)`` that yields the documents it keeps.
+    """
+
+    chain: list[Any] = dataclasses.field(default_factory=lambda: list(DEFAULT_CHAIN))
     normalize: NormalizeConfig = dataclasses.field(default_factory=NormalizeConfig)
     length: LengthConfig = dataclasses.field(default_factory=LengthConfig)
+    url: UrlFilterConfig = dataclasses.field(default_factory=UrlFilterConfig)
     language: LanguageConfig = dataclasses.field(default_factory=LanguageConfig)
+    bad_words: BadWordsConfig = dataclasses.field(default_factory=BadWordsConfig)
     gopher_quality: GopherQualityConfig = dataclasses.field(default_factory=GopherQualityConfig)
     gopher_repetition: GopherRepetitionConfig = dataclasses.field(default_factory=GopherRepetitionConfig)
     c4: C4Config = dataclasses.field(default_factory=C4Config)
     fineweb: FineWebConfig = dataclasses.field(default_factory=FineWebConfig)
+    pii: PIIConfig = dataclasses.field(default_factory=PIIConfig)
     write_exclusions: bool = True  # dropped docs -> read_filter/excluded/<rank>.jsonl.zst with their reason
 
 
@@ -155,7 +231,7 @@ class DedupConfig:
     threshold: float = 0.8  # Jaccard similarity above which two documents are near duplicates
     num_perm: int = 128
     seed: int = 1
-    ngram: int = 5  # words per shingle (a Han character counts as a word)
+    ngram: int = 5  # words per shingle (a CJK or Thai character counts as a word)
     bands: int = 0  # 0: derive bands/rows from threshold and num_perm (datasketch's optimum)
     rows: int = 0
     verify: bool = True  # keep an LSH candidate pair only if its signature Jaccard estimate >= threshold

@@ -1,11 +1,12 @@
-"""Normalization, language tagging and quality filters (Gopher, C4, FineWeb, length).
+"""Normalization, language ID and quality filters (Gopher, C4, FineWeb, length).
 
 Each rule follows the published recipe as implemented in datatrove, with thresholds in
-:mod:`puyu.data_pipeline.config`. Word-based rules (Gopher quality, C4, FineWeb) are defined for
-space-separated languages, so they judge documents tagged ``en`` only and pass others through
-(counted under ``extra.skipped_not_en``); the repetition rules work on lines, paragraphs and words
-and apply to every document. A dropped document is counted under ``<step>/<reason>`` and, if an
-exclusion sink is attached, written there with its reason.
+:mod:`puyu.data_pipeline.config`. Word-based rules (Gopher quality, C4, FineWeb) carry English
+thresholds (stop words, word lengths), so they judge documents whose ``lang`` is in their
+``languages`` (default ``[en]``) and pass others through (counted under ``extra.skipped_lang``); the
+repetition rules work on lines, paragraphs and words (a CJK or Thai character is a word, see
+:mod:`puyu.data_pipeline.language`) and apply to every document. A dropped document is counted under
+``<step>/<reason>`` and, if an exclusion sink is attached, written there with its reason.
 """
 from __future__ import annotations
 
@@ -14,12 +15,10 @@ import unicodedata
 from typing import Optional
 
 from puyu.data_pipeline import config as C
-from puyu.data_pipeline import repetition
+from puyu.data_pipeline import language, repetition
 from puyu.data_pipeline.document import Document, Step
+from puyu.data_pipeline.language import words_of
 
-WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")  # words, and each punctuation mark on its own
-HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-LATIN_RE = re.compile(r"[A-Za-z\u00c0-\u024f]")
 SENTENCE_END_RE = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
@@ -31,10 +30,6 @@ END_PUNCTUATION = (".", "?", "!", '"', "'", "。", "！", "？", "…")
 POLICY_SUBSTRINGS = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
                      "use cookies")
 PUNCTUATION = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~…·•—–‘’“”«»")
-
-
-def words_of(text: str) -> list[str]:
-    return WORD_RE.findall(text)
 
 
 class ExclusionSink:
@@ -102,46 +97,40 @@ class LengthFilter(Filter):
         return None
 
 
-def tag_language(text: str, min_share: float) -> str:
-    """``zh`` if Han characters, ``en`` if Latin letters with English stop words dominate, else ``other``."""
-    han = len(HAN_RE.findall(text))
-    latin = len(LATIN_RE.findall(text))
-    letters = han + latin
-    if letters == 0:
-        return "other"
-    if han / letters >= min_share:
-        return "zh"
-    if latin / letters >= min_share:
-        lowered = [w.lower() for w in words_of(text[:5000])]
-        if sum(w in STOP_WORDS for w in lowered) >= 2:
-            return "en"
-    return "other"
-
-
 class LanguageFilter(Filter):
+    """Tags ``lang``/``lang_score`` in the metadata, counts documents per language, drops unkept ones."""
+
     name = "language"
 
     def __init__(self, cfg: C.LanguageConfig, sink: Optional[ExclusionSink] = None) -> None:
         super().__init__(sink)
         self.cfg = cfg
+        self.keep = {c.lower() for c in cfg.keep}
 
     def check(self, doc: Document) -> Optional[str]:
-        lang = tag_language(doc.text, self.cfg.min_script_share)
-        doc.metadata["lang"] = lang
-        return None if lang in self.cfg.keep else f"lang_{lang}"
+        lang, score = language.identify(doc.text, self.cfg)
+        doc.metadata["lang"], doc.metadata["lang_score"] = lang, score
+        self.stats.add(f"lang_{lang}", 1)
+        if self.keep and lang not in self.keep:
+            return f"lang_{lang}"
+        if score < self.cfg.min_score:
+            return "low_score"
+        return None
 
 
-class EnglishOnlyFilter(Filter):
-    """Base of the word-based rules: documents not tagged ``en`` pass untouched (and are counted)."""
+class LanguageScopedFilter(Filter):
+    """Base of the word-based rules: a document tagged with a language outside ``cfg.languages`` passes
+    untouched (counted); one without a tag (no language step in the chain) is judged."""
 
     def process(self, doc: Document) -> Optional[Document]:
-        if doc.metadata.get("lang", "en") != "en":
-            self.stats.add("skipped_not_en", 1)
+        lang = doc.metadata.get("lang")
+        if lang is not None and lang not in self.cfg.languages:
+            self.stats.add("skipped_lang", 1)
             return doc
         return super().process(doc)
 
 
-class GopherQualityFilter(EnglishOnlyFilter):
+class GopherQualityFilter(LanguageScopedFilter):
     name = "gopher_quality"
 
     def __init__(self, cfg: C.GopherQualityConfig, sink: Optional[ExclusionSink] = None) -> None:
@@ -215,6 +204,9 @@ class GopherRepetitionFilter(Filter):
             return "dup_line_frac"
         if chars / len(text) > cfg.dup_line_char_frac:
             return "dup_line_char_frac"
+        if doc.metadata.get("lang") in cfg.ngram_skip_languages:
+            self.stats.add("ngrams_skipped_lang", 1)
+            return None
         ids, lengths = repetition.encode_words(words_of(text))
         for n, frac in sorted(cfg.top_n_grams.items(), key=lambda kv: int(kv[0])):
             if repetition.top_ngram_chars(ids, lengths, int(n)) / len(text) > frac:
@@ -225,7 +217,7 @@ class GopherRepetitionFilter(Filter):
         return None
 
 
-class C4Filter(EnglishOnlyFilter):
+class C4Filter(LanguageScopedFilter):
     """C4 line rules: drops bad lines (rewriting the text) and documents left with too few sentences."""
 
     name = "c4"
@@ -271,7 +263,7 @@ class C4Filter(EnglishOnlyFilter):
         return None
 
 
-class FineWebFilter(EnglishOnlyFilter):
+class FineWebFilter(LanguageScopedFilter):
     name = "fineweb"
 
     def __init__(self, cfg: C.FineWebConfig, sink: Optional[ExclusionSink] = None) -> None:
@@ -293,19 +285,3 @@ class FineWebFilter(EnglishOnlyFilter):
         if text.count("\n") / max(len(words_of(text)), 1) > cfg.new_line_ratio:
             return "list_ratio"
         return None
-
-
-def build_filters(cfg: C.FilterConfig, sink: Optional[ExclusionSink] = None) -> list[Step]:
-    """The filter chain in datatrove's usual order, cheapest and broadest first."""
-    steps: list[Step] = [Normalize(cfg.normalize), LengthFilter(cfg.length, sink)]
-    if cfg.language.enabled:
-        steps.append(LanguageFilter(cfg.language, sink))
-    if cfg.gopher_repetition.enabled:
-        steps.append(GopherRepetitionFilter(cfg.gopher_repetition, sink))
-    if cfg.gopher_quality.enabled:
-        steps.append(GopherQualityFilter(cfg.gopher_quality, sink))
-    if cfg.c4.enabled:
-        steps.append(C4Filter(cfg.c4, sink))
-    if cfg.fineweb.enabled:
-        steps.append(FineWebFilter(cfg.fineweb, sink))
-    return steps

@@ -8,6 +8,7 @@ the summary stage merges the token shards into ``summary/corpus.{bin,idx}`` and 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -17,8 +18,8 @@ from typing import Any, Iterable, Iterator
 from puyu.data_pipeline import dedup, layout, tokenize
 from puyu.data_pipeline.config import DataJobConfig
 from puyu.data_pipeline.document import Document, Step, run_steps
-from puyu.data_pipeline.filters import build_filters
 from puyu.data_pipeline.readers import InputReader
+from puyu.data_pipeline.steps import build_chain, validate_chain
 from puyu.data_pipeline.summary import dropped_tokens, write_summary
 from puyu.data_pipeline.writers import DocWriter, ExclusionFile, read_docs
 from puyu.launcher.atomic import atomic_write_bytes
@@ -58,7 +59,7 @@ def read_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     sink = ExclusionFile(ctx.stage_dir / "excluded" / f"{ctx.rank:05d}{INTERMEDIATE}",
                          cfg.output.zstd_level) if cfg.filters.write_exclusions else None
     try:
-        steps = [InputReader(cfg.inputs, cfg.data_dir), *build_filters(cfg.filters, sink),
+        steps = [InputReader(cfg.inputs, cfg.data_dir), *build_chain(cfg.filters, sink),
                  DocWriter(out, cfg.output.zstd_level)]
         stats = run_steps(steps, ctx.rank, ctx.world_size)
     except BaseException:
@@ -226,8 +227,21 @@ def validate(cfg: DataJobConfig) -> None:
     if not 0 < cfg.dedup.threshold <= 1:
         raise ConfigError(f"data job: dedup.threshold must be in (0, 1], got {cfg.dedup.threshold}")
     dedup.lsh_params(cfg.dedup)  # bands x rows must fit num_perm
+    validate_chain(cfg.filters)
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
         raise ConfigError(f"data job: tokenizer.path {cfg.tokenizer.path!r} does not exist")
+
+
+def _settings(cfg: DataJobConfig) -> dict[str, dict[str, Any]]:
+    """Per stage, the settings its outputs depend on (the launcher refuses a rerun that changes them; a
+    change upstream redoes every later stage too, so each stage names only its own)."""
+    asdict = dataclasses.asdict
+    dedup_cfg = asdict(cfg.dedup)
+    return {layout.READ_FILTER: {"inputs": [asdict(s) for s in cfg.inputs], "filters": asdict(cfg.filters),
+                                 "data_dir": cfg.data_dir},
+            layout.SIGNATURES: dedup_cfg, layout.BUCKETS: dedup_cfg, layout.CLUSTERS: dedup_cfg,
+            layout.DEDUP: {"dedup": dedup_cfg, "output": asdict(cfg.output)},
+            layout.TOKENIZER: asdict(cfg.tokenizer), layout.TOKENIZE: asdict(cfg.tokenizer), layout.SUMMARY: {}}
 
 
 def build_data_stages(cfg: Any) -> list[Stage]:
@@ -235,13 +249,15 @@ def build_data_stages(cfg: Any) -> list[Stage]:
     cfg = _as_dataclass(cfg)
     validate(cfg)
     n = cfg.shards
-    stages = [Stage(layout.READ_FILTER, functools.partial(read_filter_stage, cfg=cfg), n)]
+    settings = _settings(cfg)
+
+    def stage(name: str, fn, shards: int) -> Stage:
+        return Stage(name, functools.partial(fn, cfg=cfg), shards, config=settings[name])
+
+    stages = [stage(layout.READ_FILTER, read_filter_stage, n)]
     if cfg.dedup.exact or cfg.dedup.near:
-        stages += [Stage(layout.SIGNATURES, functools.partial(signatures_stage, cfg=cfg), n),
-                   Stage(layout.BUCKETS, functools.partial(buckets_stage, cfg=cfg), n),
-                   Stage(layout.CLUSTERS, functools.partial(clusters_stage, cfg=cfg), 1),
-                   Stage(layout.DEDUP, functools.partial(dedup_filter_stage, cfg=cfg), n)]
-    stages += [Stage(layout.TOKENIZER, functools.partial(tokenizer_stage, cfg=cfg), 1),
-               Stage(layout.TOKENIZE, functools.partial(tokenize_stage, cfg=cfg), n),
-               Stage(layout.SUMMARY, functools.partial(summary_stage, cfg=cfg), 1)]
+        stages += [stage(layout.SIGNATURES, signatures_stage, n), stage(layout.BUCKETS, buckets_stage, n),
+                   stage(layout.CLUSTERS, clusters_stage, 1), stage(layout.DEDUP, dedup_filter_stage, n)]
+    stages += [stage(layout.TOKENIZER, tokenizer_stage, 1), stage(layout.TOKENIZE, tokenize_stage, n),
+               stage(layout.SUMMARY, summary_stage, 1)]
     return stages

@@ -1,8 +1,9 @@
 """MinHash signatures compiled with numba, equal to datasketch's ``MinHash`` (scheme ``affine32``).
 
 Shingles are ``ngram`` consecutive words of the normalized text (lowercased code point by code
-point, punctuation -> space; a Han character is a word on its own). A shingle's 32-bit hash folds FNV-1a-64 hashes of its words,
-so each word is hashed once however many shingles hold it. Permutations are datasketch's: seeded
+point, punctuation -> space; a character of a script written without spaces (CJK, Thai, Lao, Khmer,
+Myanmar) is a word on its own, as :mod:`puyu.data_pipeline.language` splits words for the filters).
+A shingle's 32-bit hash folds FNV-1a-64 hashes of its words, so each word is hashed once however many shingles hold it. Permutations are datasketch's: seeded
 ``RandomState``, ``h -> a*fmix32(h) + b mod 2^32`` with odd ``a``. Given :func:`shingle_hash32` as
 ``hashfunc``, ``datasketch.MinHash(num_perm, seed)`` fed :func:`shingles` has the same hashvalues.
 """
@@ -16,6 +17,8 @@ import numba
 import numpy as np
 from scipy.integrate import quad
 
+from puyu.data_pipeline.language import UNSPACED
+
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 MASK64 = (1 << 64) - 1
@@ -25,8 +28,8 @@ _PUNCTUATION = string.punctuation + "…·•—–‘’“”«»「」『』�
 _OTHER_SPACES = "\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029" \
                 "\u202f\u205f\u3000\x1c\x1d\x1e\x1f\x85"
 _CASED_LIMIT = 0x20000  # every cased script lies below this code point
-# Words as the compiled scanner sees them: a Han/CJK character alone, else a run of non-space bytes.
-_CJK = "\u2e80-\u9fff\uf900-\ufaff"
+# Words as the compiled scanner sees them: a character of an unspaced script alone, else a run of non-space bytes.
+_CJK = UNSPACED
 _WORD_RE = re.compile(f"[{_CJK}]|[^\t\n\x0b\x0c\r {_CJK}]+")
 # The same separators for the compiled scanner: a table for ASCII, sorted code points above it.
 _ASCII_SEPARATOR = np.zeros(128, dtype=np.bool_)
@@ -126,7 +129,8 @@ def _word_hashes(buf, start, end, out, ascii_sep, wide_sep, lower):
     """FNV-1a-64 of each word of UTF-8 ``buf[start:end]`` into ``out``; returns the word count.
 
     Letters are lowercased on the way (``lower``: code point -> lowercase code point); separators
-    are ASCII whitespace/punctuation and the code points in ``wide_sep``; a CJK character is a word.
+    are ASCII whitespace/punctuation and the code points in ``wide_sep``; a character of an unspaced
+    script (``language.UNSPACED``) is a word.
     """
     n = 0
     i = start
@@ -165,7 +169,8 @@ def _word_hashes(buf, start, end, out, ascii_sep, wide_sep, lower):
                 out[n] = h
                 n += 1
                 in_word = False
-        elif (0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF):  # a CJK character is a word
+        elif ((0x2E80 <= cp <= 0x9FFF) or (0xF900 <= cp <= 0xFAFF) or (0x0E00 <= cp <= 0x0EFF)
+              or (0x1000 <= cp <= 0x109F) or (0x1780 <= cp <= 0x17FF)):  # an unspaced script's character is a word
             if in_word:
                 out[n] = h
                 n += 1

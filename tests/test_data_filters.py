@@ -10,6 +10,7 @@ import pytest
 from puyu.data_pipeline import config as C
 from puyu.data_pipeline import corpora, repetition
 from puyu.data_pipeline import filters as F
+from puyu.data_pipeline.steps import build_chain
 from puyu.data_pipeline.document import Document
 
 GOOD = ("The river flows through the old town and past the mill. It has been the heart of the valley "
@@ -30,7 +31,7 @@ def reason(step, text: str, **meta):
 
 def test_good_english_passes_every_filter():
     cfg = C.FilterConfig()
-    steps = F.build_filters(cfg)
+    steps = build_chain(cfg)
     out = list(steps[-1].run(_chain(steps[:-1], [doc(GOOD)])))
     assert len(out) == 1 and out[0].metadata["lang"] == "en"
     assert all(sum(s.stats.dropped.values()) == 0 for s in steps)
@@ -54,20 +55,6 @@ def test_length_bounds():
     assert reason(step, "short")[0] == "too_short"
     assert reason(step, "x" * 21)[0] == "too_long"
     assert reason(step, "just right")[0] is None
-
-
-@pytest.mark.parametrize("text,lang", [(GOOD, "en"), ("床前明月光，疑是地上霜。举头望明月，低头思故乡。", "zh"),
-                                       ("Le chat est sur la table et il dort.", "other"), ("12345 !!!", "other")])
-def test_language_tags(text, lang):
-    assert F.tag_language(text, 0.5) == lang
-
-
-def test_language_filter_drops_unkept_and_skips_word_rules_for_zh():
-    lang = F.LanguageFilter(C.LanguageConfig(keep=["en", "zh"]))
-    assert reason(lang, "Le chat est sur la table et il dort.")[0] == "lang_other"
-    gopher = F.GopherQualityFilter(C.GopherQualityConfig())
-    assert gopher.process(doc("短文本", lang="zh")) is not None
-    assert gopher.stats.extra["skipped_not_en"] == 1
 
 
 def test_gopher_quality_rules():
