@@ -235,6 +235,9 @@ class DedupConfig:
     bands: int = 0  # 0: derive bands/rows from threshold and num_perm (datasketch's optimum)
     rows: int = 0
     verify: bool = True  # keep an LSH candidate pair only if its signature Jaccard estimate >= threshold
+    # Earlier corpora to dedup against: their runs (or minhash_signatures folders), made with the same
+    # num_perm/seed/ngram/bands/rows. A document of this corpus near one of theirs is removed; theirs stay.
+    index: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -255,9 +258,39 @@ class OutputConfig:
 
 
 @dataclasses.dataclass
+class StageResources:
+    """What one data stage asks of the cluster; 0 or None: the job's default (``shards``, ``cluster.*``).
+
+    ``tasks`` is the stage's array size: the stages after read_filter share its output files out
+    round-robin, so each may use any number (the buckets stage splits bands by hash range to use
+    them all); minhash_clusters, tokenizer and summary are one task. ``time`` is in minutes.
+    """
+
+    tasks: int = 0
+    cpus: int = 0
+    mem: Optional[str] = None  # sbatch --mem, e.g. "16G"
+    time: int = 0
+
+
+@dataclasses.dataclass
+class DataStagesConfig:
+    """Per-stage resources, by stage name (``job.data.stages.minhash_buckets.tasks=28``)."""
+
+    read_filter: StageResources = dataclasses.field(default_factory=StageResources)
+    minhash_signatures: StageResources = dataclasses.field(default_factory=StageResources)
+    minhash_buckets: StageResources = dataclasses.field(default_factory=StageResources)
+    minhash_clusters: StageResources = dataclasses.field(default_factory=StageResources)
+    minhash_filter: StageResources = dataclasses.field(default_factory=StageResources)
+    tokenizer: StageResources = dataclasses.field(default_factory=StageResources)
+    tokenize: StageResources = dataclasses.field(default_factory=StageResources)
+    summary: StageResources = dataclasses.field(default_factory=StageResources)
+
+
+@dataclasses.dataclass
 class DataJobConfig:
     inputs: list[InputSpec] = dataclasses.field(default_factory=list)
-    shards: int = 4  # array size of every sharded stage
+    shards: int = 4  # array size of every sharded stage without its own stages.<name>.tasks
+    stages: DataStagesConfig = dataclasses.field(default_factory=DataStagesConfig)
     filters: FilterConfig = dataclasses.field(default_factory=FilterConfig)
     dedup: DedupConfig = dataclasses.field(default_factory=DedupConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)

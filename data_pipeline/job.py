@@ -2,7 +2,8 @@
 
 ``build_data_stages(cfg)`` returns, in order: read_filter (N) -> minhash_signatures (N) ->
 minhash_buckets (N) -> minhash_clusters (1) -> minhash_filter (N) -> tokenizer (1) -> tokenize (N)
--> summary (1). Each function takes a :class:`TaskContext`, reads the previous stage's folder under
+-> summary (1), N being ``shards`` unless ``stages.<name>.tasks`` gives the stage its own (with its own
+``cpus``, ``mem`` and ``time``). Each function takes a :class:`TaskContext`, reads the previous stage's folder under
 ``ctx.run_dir`` and returns JSON-friendly stats, which the launcher keeps in the completion marker;
 the summary stage merges the token shards into ``summary/corpus.{bin,idx}`` and reports.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from puyu.data_pipeline import dedup, layout, tokenize
-from puyu.data_pipeline.config import DataJobConfig
+from puyu.data_pipeline.config import DataJobConfig, StageResources
 from puyu.data_pipeline.document import Document, Step, run_steps
 from puyu.data_pipeline.readers import InputReader
 from puyu.data_pipeline.steps import build_chain, validate_chain
@@ -80,14 +82,13 @@ def signatures_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
 
 def buckets_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     _announce(layout.BUCKETS, ctx)
-    sig_dir = ctx.run_dir / layout.SIGNATURES
-    numbers = [n for n, _ in layout.numbered_files(sig_dir / "sigs", ".u32")]
-    store = dedup.SignatureStore(sig_dir / "sigs", cfg.dedup.num_perm)
+    sources = dedup.signature_sources(ctx.run_dir / layout.SIGNATURES, cfg.dedup)
+    store = dedup.SignatureStore(sources, cfg.dedup.num_perm)
     pairs, stats = [], {}
-    for band in layout.owned(dedup.band_names(cfg.dedup), ctx.rank, ctx.world_size):
-        band_pairs, stats[band] = dedup.find_pairs(sig_dir, numbers, band, cfg.dedup, store)
-        pairs.extend(band_pairs)
-        log.info("buckets: band %s: %s", band, stats[band])
+    for unit in layout.owned(dedup.bucket_units(cfg.dedup, ctx.world_size), ctx.rank, ctx.world_size):
+        unit_pairs, stats[f"{unit[0]}/{unit[1]}of{unit[2]}"] = dedup.unit_pairs(sources, unit, cfg.dedup, store)
+        pairs.append(unit_pairs)
+        log.info("buckets: band %s part %d/%d: %s", *unit, stats[f"{unit[0]}/{unit[1]}of{unit[2]}"])
     dedup.save_pairs(ctx.stage_dir / "pairs" / f"{ctx.rank:05d}.npy", pairs)
     return stats
 
@@ -227,9 +228,33 @@ def validate(cfg: DataJobConfig) -> None:
     if not 0 < cfg.dedup.threshold <= 1:
         raise ConfigError(f"data job: dedup.threshold must be in (0, 1], got {cfg.dedup.threshold}")
     dedup.lsh_params(cfg.dedup)  # bands x rows must fit num_perm
+    dedup.check_index(cfg.dedup)
+    _check_resources(cfg)
     validate_chain(cfg.filters)
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
         raise ConfigError(f"data job: tokenizer.path {cfg.tokenizer.path!r} does not exist")
+
+
+SINGLE_TASK = (layout.CLUSTERS, layout.TOKENIZER, layout.SUMMARY)
+_MEM = re.compile(r"^[0-9]+[KMGT]?$")
+
+
+def _check_resources(cfg: DataJobConfig) -> None:
+    for f in dataclasses.fields(cfg.stages):
+        res, key = getattr(cfg.stages, f.name), f"stages.{f.name}"
+        for field in ("tasks", "cpus", "time"):
+            if getattr(res, field) < 0:
+                raise ConfigError(f"data job: {key}.{field} must be >= 0 (0: the default), got {getattr(res, field)}")
+        if f.name in SINGLE_TASK and res.tasks > 1:
+            raise ConfigError(f"data job: {key}.tasks must be 1 (the stage runs as one task), got {res.tasks}")
+        if res.mem is not None and not _MEM.match(str(res.mem)):
+            raise ConfigError(f"data job: {key}.mem {res.mem!r} is not a size like 4G or 512M")
+
+
+def _cluster_overrides(res: StageResources) -> dict[str, Any]:
+    """The stage's own cluster options, only those it sets (the rest stay the job's ``cluster.*``)."""
+    overrides = {"cpus_per_task": res.cpus or None, "mem": res.mem, "time_min": res.time or None}
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def _settings(cfg: DataJobConfig) -> dict[str, dict[str, Any]]:
@@ -248,16 +273,18 @@ def build_data_stages(cfg: Any) -> list[Stage]:
     """The data job's stages in dependency order (each reads the folder of the one before)."""
     cfg = _as_dataclass(cfg)
     validate(cfg)
-    n = cfg.shards
     settings = _settings(cfg)
 
-    def stage(name: str, fn, shards: int) -> Stage:
-        return Stage(name, functools.partial(fn, cfg=cfg), shards, config=settings[name])
+    def stage(name: str, fn) -> Stage:
+        res = getattr(cfg.stages, name)
+        tasks = 1 if name in SINGLE_TASK else res.tasks or cfg.shards
+        return Stage(name, functools.partial(fn, cfg=cfg), tasks, cluster=_cluster_overrides(res),
+                     config=settings[name])
 
-    stages = [stage(layout.READ_FILTER, read_filter_stage, n)]
+    stages = [stage(layout.READ_FILTER, read_filter_stage)]
     if cfg.dedup.exact or cfg.dedup.near:
-        stages += [stage(layout.SIGNATURES, signatures_stage, n), stage(layout.BUCKETS, buckets_stage, n),
-                   stage(layout.CLUSTERS, clusters_stage, 1), stage(layout.DEDUP, dedup_filter_stage, n)]
-    stages += [stage(layout.TOKENIZER, tokenizer_stage, 1), stage(layout.TOKENIZE, tokenize_stage, n),
-               stage(layout.SUMMARY, summary_stage, 1)]
+        stages += [stage(layout.SIGNATURES, signatures_stage), stage(layout.BUCKETS, buckets_stage),
+                   stage(layout.CLUSTERS, clusters_stage), stage(layout.DEDUP, dedup_filter_stage)]
+    stages += [stage(layout.TOKENIZER, tokenizer_stage), stage(layout.TOKENIZE, tokenize_stage),
+               stage(layout.SUMMARY, summary_stage)]
     return stages

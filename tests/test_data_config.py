@@ -40,6 +40,10 @@ def test_without_dedup_the_chain_skips_the_minhash_stages():
     (lambda c: setattr(c.dedup, "threshold", 1.5), "dedup.threshold must be in (0, 1]"),
     (lambda c: (setattr(c.dedup, "bands", 20), setattr(c.dedup, "rows", 10)), "exceeds num_perm"),
     (lambda c: setattr(c.tokenizer, "path", "/nonexistent/tokenizer.json"), "tokenizer.path"),
+    (lambda c: setattr(c.stages.minhash_clusters, "tasks", 4), "stages.minhash_clusters.tasks must be 1"),
+    (lambda c: setattr(c.stages.minhash_buckets, "cpus", -1), "stages.minhash_buckets.cpus must be >= 0"),
+    (lambda c: setattr(c.stages.read_filter, "mem", "lots"), "stages.read_filter.mem 'lots' is not a size"),
+    (lambda c: c.dedup.index.append("/nonexistent/run"), "dedup.index[0] '/nonexistent/run' holds no params.json"),
 ])
 def test_bad_config_fails_naming_the_key(change, message):
     assert issubclass(ConfigError, PuyuError) and issubclass(ConfigError, ValueError)
@@ -47,3 +51,32 @@ def test_bad_config_fails_naming_the_key(change, message):
     change(cfg)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         job.build_data_stages(cfg)
+
+
+def test_per_stage_resources_reach_the_submitit_executor(tmp_path):
+    from puyu.launcher.config import ClusterConfig, ClusterKind
+    from puyu.launcher.executor import make_executor, sbatch_script, stage_cluster
+
+    cfg = OmegaConf.merge(OmegaConf.structured(C.DataJobConfig), OmegaConf.create({
+        "inputs": [{"kind": "wiki_summaries"}], "shards": 3,
+        "stages": {"minhash_buckets": {"tasks": 28, "cpus": 4, "mem": "16G", "time": 30},
+                   "minhash_clusters": {"mem": "64G", "time": 240}}}))
+    stages = {s.name: s for s in job.build_data_stages(cfg)}
+    assert {n: s.shards for n, s in stages.items()} == {
+        layout.READ_FILTER: 3, layout.SIGNATURES: 3, layout.BUCKETS: 28, layout.CLUSTERS: 1, layout.DEDUP: 3,
+        layout.TOKENIZER: 1, layout.TOKENIZE: 3, layout.SUMMARY: 1}
+    cluster = ClusterConfig(kind=ClusterKind.slurm, cpus_per_task=1, mem="2G", time_min=60)
+    buckets = stage_cluster(cluster, stages[layout.BUCKETS].cluster, layout.BUCKETS)
+    params = make_executor(buckets, tmp_path, layout.BUCKETS).parameters
+    assert (params["cpus_per_task"], params["mem"], params["time"]) == (4, "16G", 30)
+    script = sbatch_script(stage_cluster(cluster, stages[layout.CLUSTERS].cluster, layout.CLUSTERS), tmp_path,
+                           layout.CLUSTERS, 1)
+    assert "--mem=64G" in script and "--time=240" in script and "--cpus-per-task=1" in script
+    untouched = stage_cluster(cluster, stages[layout.SIGNATURES].cluster, layout.SIGNATURES)
+    assert (untouched.cpus_per_task, untouched.mem, untouched.time_min) == (1, "2G", 60)
+
+
+def test_a_misspelt_stage_key_fails():
+    with pytest.raises(Exception, match="tasks_count"):
+        OmegaConf.merge(OmegaConf.structured(C.DataJobConfig),
+                        OmegaConf.create({"stages": {"minhash_buckets": {"tasks_count": 4}}}))

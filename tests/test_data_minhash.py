@@ -13,7 +13,7 @@ from scipy import sparse
 
 from jobs_for_tests import run_inline
 from puyu.data_pipeline import config as C
-from puyu.data_pipeline import corpora, dedup, job, layout, minhash
+from puyu.data_pipeline import corpora, job, layout, lsh, minhash
 from puyu.data_pipeline.writers import read_docs
 
 
@@ -56,11 +56,13 @@ def test_bands_rows_equal_datasketch(threshold, num_perm):
     assert minhash.optimal_bands(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
-def test_union_find_root_is_smallest_key():
-    uf = dedup.UnionFind()
-    for a, b in [(9, 5), (7, 9), (3, 8), (8, 7)]:
-        uf.union(a, b)
-    assert {uf.find(k) for k in (3, 5, 7, 8, 9)} == {3}
+def test_union_find_root_is_smallest_key_or_an_index_document():
+    a, b = np.array([9, 7, 3, 8, 20, 21], np.uint64), np.array([5, 9, 8, 7, 22, 22], np.uint64)
+    keys, left, right = lsh.dense_ids(a, b)
+    assert keys[lsh.union_roots(len(keys), left, right)].tolist() == [3, 3, 3, 3, 3, 20, 20, 20]
+    indexed = int(lsh.INDEX_BIT) | 40  # an earlier corpus's document wins over any key of this one
+    keys, left, right = lsh.dense_ids(np.array([3, indexed], np.uint64), np.array([5, 5], np.uint64))
+    assert set(keys[lsh.union_roots(len(keys), left, right)].tolist()) == {indexed}
 
 
 def test_near_dedup_quality_on_debian_copyright(tmp_path):
@@ -89,14 +91,13 @@ def test_near_dedup_quality_on_debian_copyright(tmp_path):
     truth = {(a, b) for a, b, v in zip(shared.row, shared.col, shared.data)
              if a < b and v / (sizes[a] + sizes[b] - v) >= cfg.dedup.threshold}
 
-    uf = dedup.UnionFind()
-    for _, path in layout.numbered_files(tmp_path / layout.BUCKETS / "pairs", ".npy"):
-        for a, b, _exact in np.load(path).tolist():
-            uf.union(a, b)
+    pairs = np.concatenate([np.load(p) for _, p in layout.numbered_files(tmp_path / layout.BUCKETS / "pairs", ".npy")])
+    keys, left, right = lsh.dense_ids(pairs["a"], pairs["b"])
+    root_of = dict(zip(keys.tolist(), keys[lsh.union_roots(len(keys), left, right)].tolist()))
     position = {key: j for j, (key, _) in enumerate(docs)}
     clusters = collections.defaultdict(list)
     for key, _ in docs:
-        clusters[uf.find(key)].append(position[key])
+        clusters[root_of.get(key, key)].append(position[key])
     predicted = {pair for members in clusters.values() for pair in itertools.combinations(sorted(members), 2)}
     hits = len(predicted & truth)
     precision, recall = hits / max(len(predicted), 1), hits / max(len(truth), 1)
