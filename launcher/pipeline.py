@@ -162,7 +162,11 @@ class Pipeline:
         c = self._stage_cluster(stage)
         ex = make_executor(c, self.run_dir / stage.name / "logs", stage.name, dependency)
         task = StageTask(stage.name, stage.fn, str(self.run_dir), stage.shards)
-        jobs = ex.map_array(task, ranks) if len(ranks) > 1 else [ex.submit(task, ranks[0])]
+        if len(ranks) == 1:
+            jobs = [ex.submit(task, ranks[0])]
+        else:  # Slurm refuses an array of more than MaxArraySize tasks: submit it as several arrays
+            size = slurm.max_array_size() if c.kind is ClusterKind.slurm else len(ranks)
+            jobs = [job for start in range(0, len(ranks), size) for job in ex.map_array(task, ranks[start:start + size])]
         sub = Submitted(stage, c, ranks, jobs)
         self.submitted.append(sub)
         _record(self.run_dir, sub)

@@ -1,6 +1,8 @@
 """Small read-only questions to the Slurm controller and accounting (sinfo, sacct) and scancel."""
 from __future__ import annotations
 
+import functools
+import re
 import shutil
 import subprocess
 
@@ -32,6 +34,13 @@ def check_partition(partition: str | None, key: str = "cluster.partition") -> No
     known = partitions()
     if partition not in known:
         raise PuyuError(f"{key}={partition!r} is not a partition of this cluster (available: {', '.join(known)})")
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """The most tasks one array job may have: Slurm's MaxArraySize (array indices run below it; default 1001)."""
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", _run(["scontrol", "show", "config"]), re.MULTILINE)
+    return int(match.group(1)) if match else 1001
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
