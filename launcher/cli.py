@@ -22,7 +22,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.config import ClusterKind, register_configs
 from puyu.launcher.errors import PuyuError, StageFailed
 from puyu.launcher.jobs import JOB_KINDS
@@ -132,10 +131,8 @@ def run_job(cfg: DictConfig) -> int:
     # A builder's checks of the job's config and inputs raise PuyuError (ConfigError, ServingError,
     # EvalError, ...), printed as one line by _hydra_entry; anything else is a bug and keeps its traceback.
     stages = spec.load("stages")(job_cfg)
-    if not cfg.launcher.dry_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-    pipeline = Pipeline(stages, run_dir, OmegaConf.to_object(cfg.cluster), OmegaConf.to_object(cfg.launcher))
+    pipeline = Pipeline(stages, run_dir, OmegaConf.to_object(cfg.cluster), OmegaConf.to_object(cfg.launcher),
+                        config_yaml=OmegaConf.to_yaml(cfg))
     results = pipeline.run()
     if results is not None:
         report = spec.load("report")(job_cfg, run_dir, results) if spec.report else None

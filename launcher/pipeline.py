@@ -76,13 +76,15 @@ def _check_done(sub: Submitted) -> None:
 
 
 class Pipeline:
-    def __init__(self, stages: list[Stage], run_dir: Path, cluster: ClusterConfig, launcher: LauncherConfig):
+    def __init__(self, stages: list[Stage], run_dir: Path, cluster: ClusterConfig, launcher: LauncherConfig,
+                 config_yaml: Optional[str] = None):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise PuyuError(f"stage names must be unique, got {names}")
         self.stages, self.run_dir, self.cluster, self.launcher = stages, Path(run_dir), cluster, launcher
         self.submitted: list[Submitted] = []
         self.lock = RunLock(self.run_dir)
+        self.config_yaml = config_yaml  # written to <run>/config.yaml once the rerun checks pass
 
     # ------------------------------------------------------------------ entry
     def run(self) -> Optional[dict[str, list[Any]]]:
@@ -95,6 +97,8 @@ class Pipeline:
         queued = False  # submitted and not waited for: the lock stays, holding the job ids
         try:
             check_fingerprints(self.stages, self.run_dir, self.launcher.overwrite)
+            if self.config_yaml is not None:  # a refused rerun leaves the earlier run's config as it was
+                atomic_write_text(self.run_dir / "config.yaml", self.config_yaml)
             if self.cluster.kind is ClusterKind.inline:
                 self._run_inline()
             elif self.cluster.kind is ClusterKind.local:

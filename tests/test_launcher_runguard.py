@@ -18,8 +18,9 @@ from puyu.launcher.pipeline import Pipeline
 from puyu.launcher.stage import Stage
 
 
-def run(stages, run_dir, **launcher):
-    return Pipeline(stages, run_dir, ClusterConfig(kind=ClusterKind.inline), LauncherConfig(**launcher)).run()
+def run(stages, run_dir, config_yaml=None, **launcher):
+    return Pipeline(stages, run_dir, ClusterConfig(kind=ClusterKind.inline), LauncherConfig(**launcher),
+                    config_yaml=config_yaml).run()
 
 
 def two_stages(a=1, shards=2):
@@ -38,6 +39,15 @@ def test_changed_settings_are_refused_in_one_line_naming_the_key(tmp_path):
     with pytest.raises(PuyuError, match="stage 'second'.*stage before: 'first' -> 'other'"):
         run([Stage("other", J.Timed(0.0)), Stage("second", J.Timed(0.0))], tmp_path)
     assert not (tmp_path / runguard.LOCK).exists(), "a refused launch left its lock behind"
+
+
+def test_a_refused_rerun_keeps_the_run_config(tmp_path):
+    run(two_stages(), tmp_path, config_yaml="a: 1\n")
+    with pytest.raises(PuyuError):
+        run(two_stages(a=2), tmp_path, config_yaml="a: 2\n")
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n"
+    run(two_stages(a=2), tmp_path, config_yaml="a: 2\n", overwrite=True)
+    assert (tmp_path / "config.yaml").read_text() == "a: 2\n"
 
 
 def test_overwrite_clears_the_changed_stage_and_later_ones(tmp_path):
