@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,6 +20,10 @@ from puyu.launcher.atomic import atomic_write_text
 from puyu.launcher.errors import ConfigError
 
 COMPLETIONS = "completions"
+PROGRESS = "progress"
+PROGRESS_EVERY_S = 10.0  # a log line and a progress file at most this often per task
+
+log = logging.getLogger("puyu.progress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,56 @@ class TaskContext:
 
     def done_result(self) -> Any:
         return json.loads(self.marker().read_text())["result"]
+
+    def progress(self, unit: str, total: Optional[int] = None, done: int = 0) -> "Progress":
+        """A counter for this task's long loop (``done``: items finished before a resume): log lines and
+        ``job=status`` show how far it is."""
+        return Progress(self, unit, total, done)
+
+
+def _si(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+class Progress:
+    """How far a task's loop is, told the way batch users read it: a log line (``tqdm``'s fields, one
+    line each, no carriage returns in a Slurm log) and ``<stage>/progress/<rank>.json`` for
+    ``puyu job=status``. Both at most every :data:`PROGRESS_EVERY_S` seconds, so ``update`` is cheap
+    to call per item; ``close`` writes the final count."""
+
+    def __init__(self, ctx: TaskContext, unit: str, total: Optional[int], done: int = 0) -> None:
+        self.ctx, self.unit, self.total = ctx, unit, total
+        self.n = self.resumed = done
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self._report()
+
+    def close(self) -> None:
+        self._report()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = (self.n - self.resumed) / elapsed if elapsed > 0.1 else 0.0  # this run's, not the resumed part
+        head = f"{self.ctx.stage_dir.name} shard {self.ctx.rank}/{self.ctx.world_size}: "
+        head += f"{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%)" if self.total else \
+            f"{self.n} {self.unit}"
+        tail = f", {_si(rate)} {self.unit}/s" if rate else ""
+        if rate and self.total and self.n < self.total:
+            tail += f", eta {(self.total - self.n) / rate:.0f} s"
+        return f"{head} [{elapsed:.0f} s{tail}]"
+
+    def _report(self) -> None:
+        self.last = time.monotonic()
+        text = self.line()
+        log.info(text)
+        record = {"n": self.n, "total": self.total, "unit": self.unit, "line": text, "time": time.time()}
+        atomic_write_text(self.ctx.stage_dir / PROGRESS / f"{self.ctx.rank:05d}.json", json.dumps(record) + "\n")
 
 
 @dataclasses.dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from submitit.core.utils import JobPaths
 from puyu.launcher import slurm
 from puyu.launcher.errors import PuyuError
 from puyu.launcher.pipeline import MANIFEST
-from puyu.launcher.stage import COMPLETIONS
+from puyu.launcher.stage import COMPLETIONS, PROGRESS
 
 FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
@@ -40,8 +41,23 @@ def stage_status(run_dir: Path) -> list[dict]:
         failed = [str(JobPaths(Path(sub["log_dir"]) / "%j", job_id=j, task_id=0).stderr)
                   for j, st in job_states.items() if st in FAILED_STATES]
         summary = ", ".join(f"{n} {st}" for st, n in sorted(Counter(job_states.values()).items()))
-        rows.append({"stage": name, "done": done, "shards": sub["shards"], "states": summary, "failed_logs": failed})
+        rows.append({"stage": name, "done": done, "shards": sub["shards"], "states": summary, "failed_logs": failed,
+                     "progress": _shard_progress(run_dir / name)})
     return rows
+
+
+def _shard_progress(stage_dir: Path) -> list[str]:
+    """The last progress line of each shard still running (no completion marker), oldest report first."""
+    lines = []
+    for path in sorted((stage_dir / PROGRESS).glob("[0-9]*.json")):
+        if (stage_dir / COMPLETIONS / path.stem).exists():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # a progress file is advisory; the markers are the truth
+        lines.append(f"{record['line']} (reported {time.strftime('%H:%M:%S', time.localtime(record['time']))})")
+    return lines
 
 
 def print_status(cfg: DictConfig) -> int:
@@ -50,6 +66,8 @@ def print_status(cfg: DictConfig) -> int:
     for r in rows:
         state = "complete" if r["done"] == r["shards"] else "incomplete"
         print(f"  {r['stage']:<16} {r['done']}/{r['shards']} shards done ({state}); jobs: {r['states']}")
+        for line in r["progress"]:
+            print(f"      {line}")
         for path in r["failed_logs"]:
             print(f"      failed task log: {path}")
     return 0 if all(r["done"] == r["shards"] for r in rows) else 1

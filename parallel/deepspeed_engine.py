@@ -150,7 +150,8 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
         start_step, consumed = record["step"], record["consumed_samples"]
         log.info("resumed from %s (step %d)", latest, start_step)
     batches = SFTBatches(data, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed, cfg.data.seed)
-    metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
+    metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
+               if env.rank == 0 else None)
     flops = flops_per_token(args, cfg.data.seq_len, 6.0 if trainable == total else 4.0)
     last_loss = float("nan")
     for step in range(start_step, t.steps):

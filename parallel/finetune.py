@@ -360,7 +360,8 @@ class FinetuneTask(PretrainTask):
             start_step, consumed = record["step"], record["consumed_samples"]
         batches = SFTBatches(data, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed,
                              cfg.data.seed)
-        metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
+        metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
+                   if env.rank == 0 else None)
         # forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains) + attention
         flops = flops_per_token(args, cfg.data.seq_len, 6.0 if trainable == total else 4.0)
         last_loss = float("nan")

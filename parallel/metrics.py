@@ -12,6 +12,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from puyu.launcher.stage import Progress
+
 log = logging.getLogger("puyu.train")
 
 
@@ -30,7 +32,9 @@ def flops_per_token(args, seq_len: int, weight_flops_per_param: float = 6.0) -> 
 class MetricsLog:
     """Written by global rank 0 only. On resume, records past the resumed step are dropped first."""
 
-    def __init__(self, folder: Path, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, folder: Path, resume_step: int = 0, tensorboard: bool = True,
+                 progress: Optional[Progress] = None):
+        self.progress = progress  # the task's step counter, for ``puyu job=status``
         self.path = Path(folder) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # keep what led up to the checkpoint we resume from
@@ -53,9 +57,13 @@ class MetricsLog:
         mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
         log.info("step %d loss %.4f grad_norm %.3f lr %.2e tokens/s %.0f%s", record["step"], record["loss"],
                  record["grad_norm"], record["lr"], record["tokens_per_s"], mfu)
+        if self.progress is not None:
+            self.progress.update(record["step"] - self.progress.n)
 
     def close(self) -> None:
         self._fh.close()
+        if self.progress is not None:
+            self.progress.close()
         if self._tb is not None:
             self._tb.close()
 

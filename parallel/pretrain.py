@@ -150,7 +150,8 @@ class PretrainTask:
         dataset = build_dataset(cfg.data, t.steps * t.global_batch, args.vocab_size)
         batches = StepBatches(dataset, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed)
         schedule = self._schedule(stages, dims, mesh, device, batches.grad_accum) if dims.pp > 1 else None
-        metrics = MetricsLog(ctx.stage_dir, start_step) if env.rank == 0 else None
+        metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
+                   if env.rank == 0 else None)
         flops = flops_per_token(args, cfg.data.seq_len)
         last_loss = float("nan")
         for step in range(start_step, t.steps):

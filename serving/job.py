@@ -100,7 +100,7 @@ class InferTask:
         print(f"infer task {ctx.rank}/{ctx.world_size}: lines {mine.start}-{mine.stop - 1}, {len(prompts)} requests, "
               f"{len(mine) - len(prompts)} invalid; generating", flush=True)
         t0 = time.perf_counter()
-        outs = llm.generate(prompts, params) if prompts else []
+        outs = llm.generate(prompts, params, ctx.progress("requests", len(prompts))) if prompts else []
         seconds = time.perf_counter() - t0
         for i, req_id, out in zip(where, ids, outs):
             if out.error:

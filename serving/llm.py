@@ -18,6 +18,7 @@ import torch
 from puyu.model import Transformer
 from puyu.model.state_dict import puyu_state_dict
 from puyu.launcher.distributed import resolve_device
+from puyu.launcher.stage import Progress
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.decode_run import DecodeRun, plain_decode
 from puyu.serving.detokenize import IncrementalText, stop_cut
@@ -275,8 +276,10 @@ class LLM:
         return list(sampling)
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def generate(self, prompts: Seq[Prompt], sampling: Union[SamplingParams, list[SamplingParams], None] = None
-                 ) -> list[RequestOutput]:
+    def generate(self, prompts: Seq[Prompt], sampling: Union[SamplingParams, list[SamplingParams], None] = None,
+                 progress: Optional[Progress] = None) -> list[RequestOutput]:
+        """Every prompt to completion, continuously batched; ``progress`` (a task's counter) counts
+        finished requests."""
         params = self._params(sampling, len(prompts))
         outputs: list[Optional[RequestOutput]] = [None] * len(prompts)
         sched = self.scheduler
@@ -290,7 +293,7 @@ class LLM:
                         sched.add(self._sequence(i, prompt, p))
                     except ServingError as exc:
                         outputs[i] = RequestOutput(i, error=str(exc))
-                steps, computed, out_tokens = self._steps(sched, outputs)
+                steps, computed, out_tokens = self._steps(sched, outputs, progress)
             except BaseException:
                 sched.abort_all()
                 raise
@@ -304,15 +307,25 @@ class LLM:
                       "kv_peak_bytes": sched.allocator.peak_used * self.block_bytes}
         return outputs  # type: ignore[return-value]
 
-    def _steps(self, sched: Scheduler, outputs: list[Optional[RequestOutput]]) -> tuple[int, int, int]:
+    def _steps(self, sched: Scheduler, outputs: list[Optional[RequestOutput]],
+               progress: Optional[Progress] = None) -> tuple[int, int, int]:
         """Steps until every request is done; returns (steps, tokens computed, tokens generated).
 
         Steady-state decoding goes through ``DecodeRun`` (array-only steps); every other step is scheduled,
         laid out and sampled sequence by sequence (``step``)."""
         steps = computed = out_tokens = 0
+        finished = sum(o is not None for o in outputs)  # refused at admission: done too
+        if progress is not None:
+            progress.update(finished)
         while sched.has_work():
             s, c, o = self.step(outputs, decode_run=True)
             steps, computed, out_tokens = steps + s, computed + c, out_tokens + o
+            if progress is not None:
+                now = sum(o is not None for o in outputs)
+                progress.update(now - finished)
+                finished = now
+        if progress is not None:
+            progress.close()
         return steps, computed, out_tokens
 
     def _logits_rows(self, chunks: list[Chunk]) -> list[list[int]]:

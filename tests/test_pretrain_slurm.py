@@ -62,3 +62,7 @@ def test_requeued_pretraining_resumes_with_the_same_losses(slurm_corpus, tmp_pat
         assert abs(resumed[step] - reference[step]) <= 1e-5 * abs(reference[step]), step
     log_text = "".join(p.read_text() for p in (requeued / "pretrain" / "logs").rglob("*_log.err"))
     assert "resumed from" in log_text, "the job finished without being restarted from a checkpoint"
+    # the resumed run's progress counts from its checkpoint: job=status and the log see the whole count
+    progress = json.loads((requeued / "pretrain" / "progress" / "00000.json").read_text())
+    assert progress["n"] == progress["total"] == STEPS, progress
+    assert f"pretrain shard 0/1: {STEPS}/{STEPS} steps (100%)" in log_text

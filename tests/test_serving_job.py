@@ -75,6 +75,8 @@ def test_outputs_in_input_order_with_error_records(engine, input_file, clean_run
     for rank in range(4):
         result = json.loads((clean_run / "infer" / "completions" / f"{rank:05d}").read_text())["result"]
         assert result["requests"] == 10 and result["tokens_per_s"] > 0
+        progress = json.loads((clean_run / "infer" / "progress" / f"{rank:05d}.json").read_text())
+        assert progress["n"] == progress["total"] >= result["requests"] - result["errors"], progress
 
 
 def test_killed_task_rerun_gives_identical_outputs(engine, input_file, clean_run, tmp_path):
