@@ -6,7 +6,7 @@ first-fit packing; HF gets per-conversation ``position_ids`` and no attention ma
 transformers builds its packed-sequence mask), same LoRA rank/alpha on the same projections (puyu's
 fused ``wqkv`` is one adapter, HF's ``q/k/v_proj`` three), same AdamW over the adapters, same loss
 (mean cross-entropy over the labelled tokens), same torch thread count, one process, timed in alternating rounds. puyu runs its
-finetuning stage module (``SFTStage``: fused RMSNorm/RoPE/SwiGLU, chunked linear+cross-entropy that
+finetuning stage module (``StageModule``: fused RMSNorm/RoPE/SwiGLU, chunked linear+cross-entropy that
 skips the frozen head's weight gradient); HF its eager model with SDPA attention. Before timing, the
 two models' logits on the first packed batch are compared (they must agree: same weights, same masks).
 
@@ -79,7 +79,8 @@ def main() -> None:
 
     from puyu.model import Transformer, export_llama, get_flavor, ops
     from puyu.model.model import positions_from_document_ids
-    from puyu.parallel.finetune import SFTStage, add_lora
+    from puyu.parallel.finetune import add_lora
+    from puyu.parallel.parallelize import StageModule
     from puyu.parallel.ft_config import LoraConfig as PuyuLora
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_finetune_"))
@@ -90,7 +91,7 @@ def main() -> None:
     export_llama(base, workdir / "hf")
 
     model = add_lora(base, PuyuLora(rank=a.rank, alpha=2.0 * a.rank), seed=0)
-    stage = SFTStage(model, list(range(args.n_layers)), first=True, last=True)
+    stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
     opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-4)
 
     def puyu_loss_sum(h, labels):

@@ -63,6 +63,30 @@ def positions_from_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     return idx - last_start
 
 
+def block_inputs(
+    args: ModelArgs,
+    batch: int,
+    length: int,
+    device: torch.device,
+    positions: torch.Tensor | None = None,  # [B, T] int64
+    document_ids: torch.Tensor | None = None,  # [B, T] int, packed sequences
+) -> tuple[torch.Tensor, torch.Tensor, DocumentAttention | None]:
+    """What every block of a [B, T] row needs: RoPE tables [B, T, d/2] and the attention mask (None:
+    plain causal; per-document causal when ``document_ids`` is given, positions restarting per document).
+
+    The one place the training forwards (whole model, pipeline stage, finetuning stage) set up attention,
+    so they cannot drift apart."""
+    mask = None
+    if document_ids is not None:
+        mask = DocumentAttention(document_ids)
+        if positions is None:
+            positions = positions_from_document_ids(document_ids)
+    if positions is None:
+        positions = torch.arange(length, device=device).expand(batch, length)
+    cos, sin = rope_cos_sin(args, positions)
+    return cos, sin, mask
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, fused: bool):
         super().__init__()
@@ -179,23 +203,19 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Final-norm hidden states [B, T, D] (the input of the output projection)."""
         B, T = tokens.shape
-        mask = None
-        if document_ids is not None:
-            if cache is not None:
+        if cache is None:
+            cos, sin, mask = block_inputs(self.args, B, T, tokens.device, positions, document_ids)
+        else:
+            if document_ids is not None:
                 raise ValueError("packed sequences (document_ids) and a KV cache cannot be combined")
-            mask = DocumentAttention(document_ids)
-            if positions is None:
-                positions = positions_from_document_ids(document_ids)
-        if cache is not None:
             if positions is None:
                 positions = torch.arange(cache.length, cache.length + T, device=tokens.device).expand(B, T)
+            mask = None
             if T > 1:  # a query at cache slot length+i sees slots 0..length+i
                 key_slot = torch.arange(cache.length + T, device=tokens.device)
                 query_slot = torch.arange(cache.length, cache.length + T, device=tokens.device)
                 mask = (key_slot[None, :] <= query_slot[:, None])[None, None]  # [1, 1, T, S]
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.args, positions)  # [B, T, d/2]
+            cos, sin = rope_cos_sin(self.args, positions)  # [B, T, d/2]
         h = self.tok_embeddings(tokens)  # [B, T, D]
         for layer in self.layers:
             h = layer(h, cos, sin, mask, cache)

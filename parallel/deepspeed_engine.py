@@ -4,7 +4,7 @@ XTuner trains under DeepSpeed and names its setups ``deepspeed_zero{1,2,3}[_offl
 live in ``conf/job/deepspeed/`` and fill :class:`~puyu.parallel.ft_config.DeepSpeedConfig`, which
 :func:`ds_config` turns into DeepSpeed's JSON in the shape of XTuner's files. Everything that decides the
 numbers is the FSDP path's, so the engines train the same curve: the same model (the base with peft
-adapters, an :class:`~puyu.parallel.finetune.SFTStage`), the same seeded adapter values, the same data
+adapters, an :class:`~puyu.parallel.parallelize.StageModule`), the same seeded adapter values, the same data
 slicing, the same AdamW (passed to DeepSpeed, which shards its state), the same warmup + cosine learning
 rate, the same global-norm clipping (DeepSpeed's ``gradient_clipping``, computed the same way) and the same
 loss scaling: each micro-batch's summed cross-entropy times ``dp / labelled tokens of the global batch``,
@@ -39,12 +39,12 @@ from puyu.model import ModelArgs
 from puyu.parallel import checkpoint
 from puyu.parallel.device import backend, compute_dtype
 from puyu.parallel.dims import ParallelDims
-from puyu.parallel.finetune import (IGNORE, SFTBatches, SFTStage, base_values, load_sft_rows, meta_finetune_model,
+from puyu.parallel.finetune import (IGNORE, SFTBatches, base_values, load_sft_rows, meta_finetune_model,
                                     read_base, run_mode, trainable_params)
 from puyu.parallel.ft_config import FinetuneJobConfig
 from puyu.parallel.meta_init import materialize, single_device_name
 from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
-from puyu.parallel.parallelize import apply_ac
+from puyu.parallel.parallelize import StageModule, apply_ac
 from puyu.parallel.pretrain import _all_reduce
 
 log = logging.getLogger("puyu.finetune")
@@ -132,7 +132,7 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
     data = load_sft_rows(ctx, cfg)
     model = meta_finetune_model(args, cfg.lora)
     trainable, total = trainable_params(model)
-    stage = SFTStage(model, list(range(args.n_layers)), first=True, last=True)
+    stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
     apply_ac(stage, cfg.parallel.activation_checkpointing)
     stage.autocast_dtype = compute_dtype(cfg.precision, device)
     materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))

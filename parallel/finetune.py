@@ -6,7 +6,7 @@ Wikipedia package), renders and masks them with the InternLM2 template and packs
 (+ ``heldout.npz``). ``finetune`` (1..N processes) is pretraining's task with another data source,
 model and loss: it builds the base model on the meta device, adds LoRA adapters with ``peft``
 (``inject_adapter_in_model`` on the blocks' ``nn.Linear``s, base frozen) or trains every weight,
-wraps it as a :class:`SFTStage` (pretraining's stage module that also takes ``document_ids``, so packed
+wraps it as pretraining's :class:`~puyu.parallel.parallelize.StageModule` (given ``document_ids``, so packed
 conversations attend only within themselves and positions restart), shards it with pretraining's
 FSDP2 (+ activation checkpointing / compile), then materialises each rank's shards from the base
 weights in ``checkpoint`` read tensor by tensor (:func:`read_base`; adapters seeded per name, see
@@ -46,9 +46,6 @@ from puyu.launcher.errors import PuyuError
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.model import ModelArgs, Transformer, ops, save_model
 from puyu.model.checkpoint import INDEX_FILE, SINGLE_FILE
-from puyu.model.document_attention import DocumentAttention
-from puyu.model.model import positions_from_document_ids
-from puyu.model.rope import rope_cos_sin
 from puyu.model.hf import copy_tokenizer_files, export_hf, is_hf_model_dir, open_model_dir, read_hf_config
 from puyu.model.state_dict import StateDictError
 from puyu.parallel import checkpoint
@@ -64,35 +61,6 @@ from puyu.parallel.pretrain import PretrainTask, _all_reduce
 log = logging.getLogger("puyu.finetune")
 IGNORE = -100
 SFT_DATA = "sft_data"  # the data stage's folder in the run
-
-
-# --------------------------------------------------------------------------- model
-class SFTStage(StageModule):
-    """The whole model as pretraining's stage module, taking packed rows: ``forward(tokens, document_ids)``."""
-
-    def forward(self, tokens: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if document_ids is None:
-            return super().forward(tokens)
-        with self.autocast(tokens):
-            h = self.tok_embeddings(tokens)  # [B, T, D]
-            mask = DocumentAttention(document_ids)  # per-document causal attention, no [B, 1, T, T] mask
-            cos, sin = rope_cos_sin(self.args, positions_from_document_ids(document_ids))
-            for layer in self.layers.values():
-                h = layer(h, cos, sin, mask, None)
-            return self.norm(h)
-
-    def loss_sum(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over the labelled positions (fused with the output projection).
-
-        Only labelled positions reach the head (in SFT the prompts, template tokens and padding, often
-        most of a row, need no logits); a frozen head (LoRA) gets no weight gradient computed.
-        """
-        labels = labels.flatten()
-        keep = (labels != IGNORE).nonzero().squeeze(1)
-        hidden, target = h.flatten(0, 1).index_select(0, keep), labels.index_select(0, keep)
-        with self.autocast(h):
-            return ops.linear_cross_entropy(hidden, self.output.weight, target, ignore_index=IGNORE,
-                                            reduction="sum", fused=self.args.fused_ops)
 
 
 def check_checkpoint(path: str) -> Path:
@@ -342,7 +310,7 @@ class FinetuneTask(PretrainTask):
         # built on meta and sharded there, then each rank reads its own shards of the base
         model = meta_finetune_model(args, cfg.lora)
         trainable, total = trainable_params(model)
-        stage = SFTStage(model, list(range(args.n_layers)), first=True, last=True)
+        stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
         apply_ac(stage, cfg.parallel.activation_checkpointing)
         if cfg.parallel.compile:
             apply_compile(stage)

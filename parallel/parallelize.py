@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from puyu.launcher.errors import PuyuError
 from puyu.model import ModelArgs, Transformer
 from puyu.model import ops
-from puyu.model.rope import rope_cos_sin
+from puyu.model.model import block_inputs
 from puyu.parallel.config import ParallelConfig
 from puyu.parallel.dims import ParallelDims
 
@@ -90,10 +90,14 @@ def ac_every(mode: str) -> int:
 class StageModule(nn.Module):
     """A contiguous slice of the Transformer: embeddings if first, some blocks, final norm + head if last.
 
-    ``forward(x)``: token ids [B, T] (first stage) or hidden states [B, T, D] -> hidden states [B, T, D]
-    (normed on the last stage). Attention is causal over the packed row, positions 0..T-1 (Megatron's
-    default for pretraining on EOD-separated documents). :meth:`loss` turns the last stage's output
-    into the mean cross-entropy, fused with the output projection.
+    The training forward of every layout — a pipeline stage, or the whole model in pretraining and
+    finetuning — the layers kept in a ``ModuleDict`` under their global ids (torchtitan's pruned model),
+    so checkpoints name them as the full model does. ``forward(x, document_ids=None)``: token ids [B, T]
+    (first stage) or hidden states [B, T, D] -> hidden states [B, T, D] (normed on the last stage).
+    Without ``document_ids`` attention is causal over the packed row, positions 0..T-1 (Megatron's default
+    for pretraining on EOD-separated documents); with them (finetuning's packed samples) it is causal
+    within each document. :meth:`loss` and :meth:`loss_sum` turn the last stage's output into the
+    cross-entropy, fused with the output projection.
     """
 
     def __init__(self, model: Transformer, layer_ids: list[int], first: bool, last: bool):
@@ -113,22 +117,36 @@ class StageModule(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(x.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         with self.autocast(x):
             h = self.tok_embeddings(x) if self.tok_embeddings is not None else x  # [B, T / seq_shards, D]
-            B, T = h.shape[0], h.shape[1] * self.seq_shards
-            cos, sin = rope_cos_sin(self.args, torch.arange(T, device=h.device).expand(B, T))  # attention sees all T
+            B, T = h.shape[0], h.shape[1] * self.seq_shards  # attention sees all T
+            cos, sin, mask = block_inputs(self.args, B, T, h.device, document_ids=document_ids)
             for layer in self.layers.values():
-                h = layer(h, cos, sin, None, None)
+                h = layer(h, cos, sin, mask, None)
             return self.norm(h) if self.norm is not None else h
 
     def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over every position of the last stage's output."""
         with self.autocast(h):
             if self.vocab_parallel:  # run under loss_context(), backward included
                 logits = self.output(h)  # DTensor [B, T, V] sharded on V
                 return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).to_local()
             return ops.linear_cross_entropy(h.flatten(0, 1), self.output.weight, labels.flatten(),
                                             fused=self.args.fused_ops)
+
+    def loss_sum(self, h: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Summed cross-entropy over the labelled positions (fused with the output projection).
+
+        Only labelled positions reach the head (in SFT the prompts, template tokens and padding, often
+        most of a row, need no logits); a frozen head (LoRA) gets no weight gradient computed.
+        """
+        labels = labels.flatten()
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        hidden, target = h.flatten(0, 1).index_select(0, keep), labels.index_select(0, keep)
+        with self.autocast(h):
+            return ops.linear_cross_entropy(hidden, self.output.weight, target, ignore_index=ignore_index,
+                                            reduction="sum", fused=self.args.fused_ops)
 
     def loss_context(self):
         """What forward, loss and backward of a vocab-parallel head run under (DTensor's ``loss_parallel``:

@@ -223,13 +223,30 @@ def test_lora_starts_as_the_base_model_and_merges_into_the_same_outputs(base):
         torch.testing.assert_close(merged(tokens), want, rtol=1e-4, atol=1e-5)
 
 
+def test_one_training_forward_for_whole_model_pipeline_stages_and_packed_rows():
+    """StageModule is the training forward of every layout: the whole model (pretraining, finetuning with
+    packed documents) and pipeline stages chained, each equal to the reference model's own forward."""
+    from puyu.parallel.parallelize import StageModule
+
+    torch.manual_seed(0)
+    model = Transformer(get_flavor("tiny", vocab_size=VOCAB, n_layers=4))
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    doc = torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 5 + [2] * 14])
+    whole = StageModule(model, [0, 1, 2, 3], True, True)
+    torch.testing.assert_close(whole(tokens), model.hidden_states(tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(whole(tokens, doc), model.hidden_states(tokens, document_ids=doc), rtol=1e-5, atol=1e-5)
+    first, second = StageModule(model, [0, 1], True, False), StageModule(model, [2, 3], False, True)
+    assert list(second.layers) == ["2", "3"] and second.tok_embeddings is None and first.output is None
+    torch.testing.assert_close(second(first(tokens)), model.hidden_states(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_the_sft_loss_equals_the_plain_cross_entropy_with_and_without_a_frozen_head():
     """loss_sum sends only labelled positions to the head and skips a frozen head's weight gradient."""
     from puyu.model import ops
-    from puyu.parallel.finetune import SFTStage
+    from puyu.parallel.parallelize import StageModule
 
     torch.manual_seed(0)
-    stage = SFTStage(Transformer(get_flavor("tiny", vocab_size=VOCAB)), [0, 1], True, True)
+    stage = StageModule(Transformer(get_flavor("tiny", vocab_size=VOCAB)), [0, 1], True, True)
     h = torch.randn(2, 40, 256, requires_grad=True)
     labels = torch.randint(0, VOCAB, (2, 40))
     labels[:, ::3] = sft.IGNORE
