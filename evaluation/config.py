@@ -21,6 +21,10 @@ class InferenceConfig:
     num_fewshot: int = -1  # -1: each dataset's default
     max_tokens: int = 256  # generation datasets
     code_timeout_s: float = 10.0  # HumanEval: per program, in the sandbox
+    num_samples: int = 1  # HumanEval: completions per problem (n of pass@k; k = 1, 10, 100 up to n)
+    temperature: float = 0.0  # HumanEval sampling (0: greedy; must be > 0 when num_samples > 1)
+    top_p: float = 0.95  # HumanEval sampling, as the Codex paper
+    sample_seed: int = 0  # sample s of every problem is drawn with seed sample_seed + s
 
 
 @dataclasses.dataclass

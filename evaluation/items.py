@@ -23,7 +23,7 @@ class Item:
     id: str  # "<dataset>/<index in the shipped file>"
     question: str  # mc/gen: the question text; code: the function prompt; bpb: the document
     choices: list[str] = dataclasses.field(default_factory=list)  # mc only
-    answer: Any = None  # mc: index into choices; gen: the reference answer string; code/bpb: None
+    answer: Any = None  # mc: index into choices; gen: the reference answer, or a list of accepted ones; code/bpb: None
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)  # subject, task_id, tests, ...
 
 
@@ -33,3 +33,4 @@ class Dataset:
     kind: str  # one of KINDS
     items: list[Item]
     fewshot: list[Item] = dataclasses.field(default_factory=list)  # examples for the prompt, never scored
+    style: str = ""  # the prompt format (templates.STYLES); "" is the kind's own (MMLU letters, GSM8K chain)

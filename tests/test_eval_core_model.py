@@ -145,9 +145,17 @@ class AlwaysA:
     def loglikelihood_rolling(self, texts):
         return [Rolling(-float(len(t)), len(t)) for t in texts]
 
-    def generate(self, contexts, stop, max_tokens):
+    def generate(self, contexts, stop, max_tokens, temperature=0.0, top_p=1.0, seeds=None):
         self.contexts += contexts
         return [Generation(self.text) for _ in contexts]
+
+
+class PassesOnSeedsOf3(AlwaysA):
+    """A sampler whose completion passes exactly when its seed is a multiple of 3."""
+
+    def generate(self, contexts, stop, max_tokens, temperature=0.0, top_p=1.0, seeds=None):
+        assert temperature == 0.8 and len(seeds) == len(contexts)
+        return [Generation("    return 1\n" if seed % 3 == 0 else "    return 2\n") for seed in seeds]
 
 
 def test_a_letter_biased_model_under_circular_eval():
@@ -156,6 +164,21 @@ def test_a_letter_biased_model_under_circular_eval():
     circ = score("mc", predict(ds, items, AlwaysA(), InferenceConfig()))
     assert circ["acc"] == 25.0 and circ["acc_circular"] == 25.0 and circ["perf_circular"] == 0.0
     assert len(predict(ds, items, AlwaysA(), InferenceConfig(circular="all_possible"))) == 8 * 24
+
+
+def test_cloze_choices_are_scored_by_their_text_without_circular_eval():
+    class LongestWins(AlwaysA):
+        def loglikelihood(self, pairs, greedy=False):  # -1 per continuation character: the shortest has the max
+            return [LogLikelihood(-2.0 * len(cont) if "long" in cont else -1.0 * len(cont), None, 1) for _, cont in pairs]
+
+    items = [Item("c/0", "Pick one", ["tiny", "a long option"], 1), Item("c/1", "Again", ["a long option", "x"], 1)]
+    ds = Dataset("c", "mc", items, style="arc")
+    records = predict(ds, items, LongestWins(), InferenceConfig(circular="circular"))
+    assert [r["id"] for r in records] == ["c/0@0", "c/1@0"]  # one variant each: order does not matter in cloze
+    assert [r["pred"] for r in records] == [0, 1] and [r["pred_norm"] for r in records] == [0, 1]
+    assert records[0]["logprobs"] == [-5.0, -28.0]  # " tiny", " a long option"
+    with pytest.raises(EvalError, match="dataset 'c': unknown mc style 'nope'"):
+        predict(Dataset("c", "mc", items, style="nope"), items, LongestWins(), InferenceConfig())
 
 
 def test_generation_records_and_answer_extraction(llm):
@@ -178,11 +201,30 @@ def test_code_records_come_from_the_sandbox_check():
     ds = Dataset("humaneval", "code", [Item("humaneval/0", problem["prompt"], meta={"problem": problem})])
     records = predict(ds, ds.items, AlwaysA("    return 1\n"), InferenceConfig(code_timeout_s=5.0))
     assert records == [{"id": "humaneval/0", "task_id": "T/0", "completion": "    return 1\n", "passed": True,
-                        "status": "passed", "detail": ""}]
+                        "status": "passed", "detail": "", "n": 1, "c": 1}]
     assert score("code", records) == {"pass@1": 100.0}
     wrong = predict(ds, ds.items, AlwaysA("    return 2\n"), InferenceConfig(code_timeout_s=5.0))
     assert wrong[0]["passed"] is False and wrong[0]["status"] == "failed"
     assert score("code", wrong) == {"pass@1": 0.0}
+
+
+def test_pass_at_k_from_n_sampled_completions(llm):
+    problem = {"task_id": "T/0", "prompt": "def f():\n", "test": "def check(candidate):\n    assert candidate() == 1\n",
+               "entry_point": "f", "canonical_solution": "    return 1\n"}
+    ds = Dataset("humaneval", "code", [Item("humaneval/0", problem["prompt"], meta={"problem": problem})])
+    cfg = InferenceConfig(code_timeout_s=5.0, num_samples=10, temperature=0.8)
+    records = predict(ds, ds.items, PassesOnSeedsOf3(), cfg)  # seeds 0..9: 0, 3, 6 and 9 pass
+    assert (records[0]["n"], records[0]["c"], len(records[0]["samples"])) == (10, 4, 9)
+    assert [s["passed"] for s in records[0]["samples"]] == [s % 3 == 0 for s in range(1, 10)]
+    assert score("code", records) == pytest.approx({"pass@1": 40.0, "pass@10": 100.0})
+    assert estimate_cost(ds, ds.items[0], cfg) > 9 * estimate_cost(ds, ds.items[0], InferenceConfig())
+    with pytest.raises(EvalError, match="job.infer.temperature must be >= 0, and > 0 when num_samples > 1"):
+        predict(ds, ds.items, PassesOnSeedsOf3(), InferenceConfig(num_samples=2))
+    # the runtime: a seed fixes a sample, other seeds give other samples
+    from puyu.evaluation.inferencers import RuntimeScorer
+
+    outs = RuntimeScorer(llm).generate(["The river"] * 6, [], 12, temperature=1.0, top_p=1.0, seeds=[7, 7, 1, 2, 3, 4])
+    assert outs[0].text == outs[1].text and len({o.text for o in outs}) > 2
 
 
 def test_bpb_records_and_config_errors():
