@@ -5,7 +5,9 @@ minhash_buckets (N) -> minhash_clusters (1) -> minhash_filter (N) -> tokenizer (
 -> summary (1), N being ``shards`` unless ``stages.<name>.tasks`` gives the stage its own (with its own
 ``cpus``, ``mem`` and ``time``). Each function takes a :class:`TaskContext`, reads the previous stage's folder under
 ``ctx.run_dir`` and returns JSON-friendly stats, which the launcher keeps in the completion marker;
-the summary stage merges the token shards into ``summary/corpus.{bin,idx}`` and reports.
+the summary stage merges the token shards into ``summary/corpus.{bin,idx}`` and reports. A stage
+function imports the readers, filters, writers and tokenizers it uses itself: a task unpickles this
+module to start, and a dedup task need not load fsspec, lingua or tokenizers to do so.
 """
 from __future__ import annotations
 
@@ -17,13 +19,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from puyu.data_pipeline import dedup, layout, tokenize
+from puyu.data_pipeline import dedup, layout
 from puyu.data_pipeline.config import DataJobConfig, StageResources
 from puyu.data_pipeline.document import Document, Step, run_steps
-from puyu.data_pipeline.readers import InputReader
-from puyu.data_pipeline.steps import build_chain, validate_chain
-from puyu.data_pipeline.summary import dropped_tokens, write_summary
-from puyu.data_pipeline.writers import DocWriter, ExclusionFile, read_docs
 from puyu.launcher.atomic import atomic_write_bytes
 from puyu.launcher.errors import ConfigError
 from puyu.launcher.stage import Stage, TaskContext
@@ -56,6 +54,10 @@ def corpus_files(cfg: DataJobConfig, run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def read_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    from puyu.data_pipeline.readers import InputReader
+    from puyu.data_pipeline.steps import build_chain
+    from puyu.data_pipeline.writers import DocWriter, ExclusionFile
+
     start = _announce(layout.READ_FILTER, ctx)
     out = ctx.stage_dir / "out" / f"{ctx.rank:05d}{INTERMEDIATE}"
     sink = ExclusionFile(ctx.stage_dir / "excluded" / f"{ctx.rank:05d}{INTERMEDIATE}",
@@ -74,6 +76,8 @@ def read_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
 
 
 def signatures_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    from puyu.data_pipeline.writers import read_docs
+
     _announce(layout.SIGNATURES, ctx)
     files = layout.numbered_files(ctx.run_dir / layout.READ_FILTER / "out", INTERMEDIATE)
     return {f"{n:05d}": dedup.write_signatures(read_docs(path), ctx.stage_dir, n, cfg.dedup)
@@ -125,6 +129,8 @@ class DropListed(Step):
 
 
 def dedup_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    from puyu.data_pipeline.writers import DocWriter, read_docs
+
     _announce(layout.DEDUP, ctx)
     files = layout.numbered_files(ctx.run_dir / layout.READ_FILTER / "out", INTERMEDIATE)
     results = {}
@@ -139,6 +145,8 @@ def dedup_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
 
 def _sample_texts(files: list[Path], budget: int) -> Iterator[str]:
     """The first ``budget / len(files)`` bytes of documents of every file: a deterministic even sample."""
+    from puyu.data_pipeline.writers import read_docs
+
     share = budget // max(len(files), 1)
     for path in files:
         taken = 0
@@ -150,6 +158,8 @@ def _sample_texts(files: list[Path], budget: int) -> Iterator[str]:
 
 
 def tokenizer_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
+    from puyu.data_pipeline import tokenize
+
     start = _announce(layout.TOKENIZER, ctx)
     target = ctx.stage_dir / "tokenizer.json"
     if cfg.tokenizer.path:
@@ -170,6 +180,10 @@ def tokenizer_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
 
 def tokenize_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     """Token shards of this rank's corpus files, and (for the summary) tokens of what was dropped."""
+    from puyu.data_pipeline import tokenize
+    from puyu.data_pipeline.summary import dropped_tokens
+    from puyu.data_pipeline.writers import read_docs
+
     _announce(layout.TOKENIZE, ctx)
     tok = tokenize.Tokenizer.from_file(str(ctx.run_dir / layout.TOKENIZER / "tokenizer.json"))
     dtype = tokenize.token_dtype(tok.get_vocab_size())
@@ -186,6 +200,9 @@ def tokenize_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
 
 def summary_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     """Merge the token shards into ``summary/corpus.{bin,idx}`` and write summary.json/.md."""
+    from puyu.data_pipeline import tokenize
+    from puyu.data_pipeline.summary import write_summary
+
     _announce(layout.SUMMARY, ctx)
     shards = [p.with_suffix("") for _, p in layout.numbered_files(ctx.run_dir / layout.TOKENIZE / "shards", ".idx")]
     packed = tokenize.merge_indexed_datasets(shards, ctx.stage_dir / "corpus")
@@ -207,6 +224,8 @@ def _as_dataclass(cfg: Any) -> DataJobConfig:
 
 def validate(cfg: DataJobConfig) -> None:
     """Reject a config that cannot run, with one line naming the key, before anything is submitted."""
+    from puyu.data_pipeline.steps import validate_chain
+
     if not cfg.inputs:
         raise ConfigError("data job: inputs is empty; give at least one input (kind + path or package)")
     for i, spec in enumerate(cfg.inputs):

@@ -15,8 +15,6 @@ import string
 
 import numba
 import numpy as np
-from scipy.integrate import quad
-
 from puyu.data_pipeline.language import UNSPACED
 
 FNV_OFFSET = 0xCBF29CE484222325
@@ -290,10 +288,14 @@ def band_hashes(sigs, bands, rows):
 
 
 def _false_positive(threshold: float, b: int, r: int) -> float:
+    from scipy.integrate import quad  # here: scipy.integrate is most of a dedup task's start-up time
+
     return quad(lambda s: 1 - (1 - s ** float(r)) ** float(b), 0.0, threshold)[0]
 
 
 def _false_negative(threshold: float, b: int, r: int) -> float:
+    from scipy.integrate import quad
+
     return quad(lambda s: 1 - (1 - (1 - s ** float(r)) ** float(b)), threshold, 1.0)[0]
 
 
