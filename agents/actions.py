@@ -7,13 +7,15 @@ anything the model wrote: each failure becomes an ``ActionResult(status="error")
 one line the model sees as the observation, and can act on in its next turn.
 
 Tools:
-- ``python`` (``PythonInterpreter``, InternLM2's "IPythonInterpreter"): runs code in puyu's evaluation
-  sandbox (``puyu.evaluation.sandbox.run_python``: own process group, rlimits, no network, temporary
-  directory, wall-clock timeout). Like a notebook cell, the value of a final bare expression is shown,
-  and, within one episode, variables of earlier successful cells are visible (their code is replayed
-  with its output discarded, since each call is a fresh sandbox process).
+- ``python`` (``PythonInterpreter``, InternLM2's "IPythonInterpreter"): runs code in a live interpreter of
+  puyu's evaluation sandbox, one per episode (``puyu.evaluation.sandbox.PythonSession``: own process
+  group, rlimits, no network, temporary directory, a timeout per cell). Like a notebook cell, the value of
+  a final bare expression is shown, and later calls of the episode see its variables -- nothing is rerun.
+  The executor's ``release(state)`` ends the interpreter when the episode ends.
 - ``calculator`` (``Calculator``): arithmetic over an ``ast`` whitelist -- no ``eval``, so
   ``__import__('os')`` and attribute access are rejected before anything runs; huge powers are refused.
+- ``search`` (:mod:`puyu.agents.search`): BM25 search over a corpus the data stage wrote (the run's own).
+- ``convert`` (:mod:`puyu.agents.units`): unit conversion (length, mass, time, volume, speed, temperature).
 """
 from __future__ import annotations
 
@@ -93,6 +95,9 @@ class Action:
     def run(self, **kwargs) -> str:
         raise NotImplementedError
 
+    def close_state(self, state: dict) -> None:
+        """Free what ``run`` kept in an episode's ``state`` (stateful actions; the episode is over)."""
+
     def __call__(self, state: dict | None = None, **kwargs) -> ActionResult:
         t0 = time.perf_counter()
         problem = check_arguments(self.parameters, kwargs)
@@ -134,16 +139,6 @@ def notebook_cell(code: str) -> str:
             "if __puyu_value is not None:\n    print(repr(__puyu_value))\n")
 
 
-def replay_program(previous: list[str], code: str) -> str:
-    """A program that reruns the episode's earlier successful cells silently, then ``code`` as a cell."""
-    parts = ["import contextlib as __puyu_c, io as __puyu_io"]
-    for i, cell in enumerate(previous):
-        parts.append(f"with __puyu_c.redirect_stdout(__puyu_io.StringIO()):\n"
-                     f"    exec(compile({cell!r}, '<cell {i + 1}>', 'exec'), globals())")
-    parts.append(notebook_cell(code))
-    return "\n".join(parts) + "\n"
-
-
 def error_line(stderr: str) -> str:
     """The last non-empty line of a traceback: ``ZeroDivisionError: division by zero``."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
@@ -164,24 +159,27 @@ class PythonInterpreter(Action):
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
 
     def run(self, code: str, state: dict) -> str:
-        from puyu.evaluation.sandbox import run_python
+        from puyu.evaluation.sandbox import PythonSession
 
-        cells = state.setdefault("cells", [])
-        # the replayed cells run again: the budget adds what they took when they ran (plus slack)
-        replay_s = state.get("cell_seconds", 0.0) * 1.5 + (0.5 if cells else 0.0)
-        result = run_python(replay_program(cells, code), self.timeout_s + replay_s, self.memory_mb)
+        session = state.get(self.name)
+        if session is None:
+            session = state[self.name] = PythonSession(self.timeout_s, self.memory_mb)
+        result = session.run(notebook_cell(code))
         if result.status == "passed":
-            cells.append(code)
-            state["cell_seconds"] = result.seconds  # the whole program: every cell so far
             return result.stdout.rstrip("\n") or "(no output)"
-        if result.status == "timeout":
-            raise ActionError(f"TimeoutError: the code ran longer than {self.timeout_s:g} s")
         if result.status == "memory":
             raise ActionError(f"MemoryError: the code used more than {self.memory_mb} MB")
+        gone = "" if session.alive else "; the interpreter was stopped (the next call starts without earlier variables)"
+        if result.status == "timeout":
+            raise ActionError(f"TimeoutError: the code ran longer than {self.timeout_s:g} s{gone}")
         if result.status == "network":
-            raise ActionError("PermissionError: no network access in the interpreter")
-        detail = error_line(result.stderr) or f"exit code {result.returncode}"
-        raise ActionError(detail)
+            raise ActionError(f"PermissionError: no network access in the interpreter{gone}")
+        raise ActionError((error_line(result.stderr) or f"exit code {result.returncode}") + gone)
+
+    def close_state(self, state: dict) -> None:
+        session = state.pop(self.name, None)
+        if session is not None:
+            session.close()
 
 
 # --------------------------------------------------------------------------- calculator
@@ -252,15 +250,32 @@ class Calculator(Action):
 
 
 # --------------------------------------------------------------------------- executor
-TOOLS: dict[str, type] = {"python": PythonInterpreter, "calculator": Calculator}
+TOOLS = ("python", "calculator", "search", "convert")
 
 
-def make_actions(names: list[str], timeout_s: float = 10.0, memory_mb: int = 512) -> list[Action]:
-    """The built-in tools by name (``python`` gets the sandbox limits); an unknown name raises ValueError."""
+def make_actions(names: list[str], timeout_s: float = 10.0, memory_mb: int = 512, corpus: str = "") -> list[Action]:
+    """The built-in tools by name (``python`` gets the sandbox limits, ``search`` the corpus: a folder of the
+    data stage's document files); an unknown name, or ``search`` without a corpus, raises ValueError."""
     unknown = [n for n in names if n not in TOOLS]
     if unknown:
         raise ValueError(f"unknown tool(s) {unknown}; known: {sorted(TOOLS)}")
-    return [PythonInterpreter(timeout_s, memory_mb) if n == "python" else TOOLS[n]() for n in names]
+    actions: list[Action] = []
+    for name in names:
+        if name == "python":
+            actions.append(PythonInterpreter(timeout_s, memory_mb))
+        elif name == "calculator":
+            actions.append(Calculator())
+        elif name == "search":
+            from puyu.agents.search import CorpusSearch
+
+            if not corpus:
+                raise ValueError("the search tool needs a corpus (job.corpus=<folder of the data stage's documents>)")
+            actions.append(CorpusSearch(corpus))
+        else:
+            from puyu.agents.units import UnitConverter
+
+            actions.append(UnitConverter())
+    return actions
 
 
 @dataclasses.dataclass
@@ -325,6 +340,12 @@ class ActionExecutor:
             return [self.execute(c, s) for c, s in calls]
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
             return list(pool.map(lambda cs: self.execute(*cs), calls))
+
+    def release(self, state: dict) -> None:
+        """An episode ended: its tools free what they kept for it (the python tool ends its interpreter)."""
+        for action in self.actions.values():
+            if action.stateful:
+                action.close_state(state)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

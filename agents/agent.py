@@ -155,6 +155,9 @@ class Agent:
             for (ep, text, step), result in zip(pending, results):
                 ep.turns[-1].observation = result.to_record()
                 self._observe(ep, text, step, result)
+        for ep in active:
+            if ep.done:  # its python interpreter (and any other per-episode tool state) goes
+                self.executor.release(ep.state)
 
     def _observe(self, ep: Episode, text: str, step, result: ActionResult | None) -> None:
         ep.history.append((self.protocol.reply(text, step), self.protocol.observation(step, result)))

@@ -21,14 +21,16 @@ class AgentJobConfig(JobConfig):
     Each input line is ``{"task": str}`` or ``{"question": str, "answer": str}`` (GSM8K-style; the answer
     is the gold the summary grades against, a ``#### n`` solution works too), optionally with ``"id"``.
     Output: ``<run>/agent/trajectories.jsonl`` (one record per input line, in order) and
-    ``<run>/agent/report.md``. ``tools`` from ``python``, ``calculator``; ``protocol`` ``internlm2`` (the
-    special-token agent format) or ``react`` (plain text).
+    ``<run>/agent/report.md``. ``tools`` from ``python``, ``calculator``, ``search`` (over ``corpus``, a folder
+    of the data stage's document files, e.g. ``<run>/minhash_filter/out``) and ``convert`` (units);
+    ``protocol`` ``internlm2`` (the special-token agent format) or ``react`` (plain text).
     """
 
     engine: str = ""
     input: str = ""
     shards: int = 4
     tools: list[str] = dataclasses.field(default_factory=lambda: ["python", "calculator"])
+    corpus: str = ""  # the search tool's documents (the pipeline sets its own corpus)
     protocol: str = "internlm2"
     system: str = ""  # "" = the protocol's default instructions
     max_turns: int = 4  # model turns per episode (the last one must answer)
@@ -47,6 +49,9 @@ class AgentJobConfig(JobConfig):
         unknown = [t for t in self.tools if t not in TOOLS]
         if unknown:
             raise ServingError(f"job.tools: unknown tool(s) {unknown}; known: {sorted(TOOLS)}")
+        if "search" in self.tools and not self.corpus:
+            raise ServingError("job.tools has search but job.corpus is empty: set job.corpus=<folder of the data "
+                               "stage's documents, e.g. <run>/minhash_filter/out>")
         for name in ("shards", "max_turns", "tool_workers"):
             if getattr(self, name) < 1:
                 raise ServingError(f"job.{name} must be >= 1, got {getattr(self, name)}")

@@ -71,10 +71,10 @@ def make_agent(cfg: AgentJobConfig, model):
     from puyu.agents.agent import Agent
     from puyu.agents.protocol import make_protocol
 
-    actions = make_actions(list(cfg.tools), cfg.tool_timeout_s, cfg.tool_memory_mb)
-    # the executor's own bound is only a backstop: the sandbox kills code at its timeout (times replayed cells)
-    executor = ActionExecutor(actions, timeout_s=cfg.tool_timeout_s * (cfg.max_turns + 1) + 30,
-                              workers=cfg.tool_workers)
+    actions = make_actions(list(cfg.tools), cfg.tool_timeout_s, cfg.tool_memory_mb, cfg.corpus)
+    # the executor's own bound is only a backstop: the sandbox kills code at its timeout (the slack covers
+    # starting an interpreter and the search tool indexing its corpus on its first call)
+    executor = ActionExecutor(actions, timeout_s=cfg.tool_timeout_s + 60, workers=cfg.tool_workers)
     protocol = make_protocol(cfg.protocol, cfg.system, executor.specs())
     return Agent(model, protocol, executor, cfg.sampling, cfg.max_turns, cfg.runtime.seed)
 
@@ -158,6 +158,10 @@ def summarize(records: list[dict]) -> dict:
            "turns_per_episode": sum(r["num_turns"] for r in eps) / len(eps) if eps else 0.0,
            "tool_calls": calls, "tool_calls_per_episode": calls / len(eps) if eps else 0.0,
            "tool_error_rate": 100.0 * sum(r["tool_errors"] for r in eps) / calls if calls else 0.0,
+           # the two rates agent-trace SFT is judged by: episodes whose model wrote a tool call the protocol
+           # parsed, and calls whose tool then ran without an error
+           "tool_call_rate": 100.0 * sum(1 for r in eps if r["tool_calls"]) / len(eps) if eps else 0.0,
+           "tool_success_rate": 100.0 * (1 - sum(r["tool_errors"] for r in eps) / calls) if calls else 0.0,
            "parse_errors": sum(r["parse_errors"] for r in eps),
            "episodes_using_tools": sum(1 for r in eps if r["tool_calls"]),
            "per_tool": {k: {"calls": v[0], "errors": v[1]} for k, v in sorted(per_tool.items())},
@@ -184,6 +188,8 @@ def report_markdown(cfg: AgentJobConfig, summary: dict, records: list[dict], tas
     lines += [f"| turns per episode | {summary['turns_per_episode']:.2f} |",
               f"| tool calls per episode | {summary['tool_calls_per_episode']:.2f} |",
               f"| episodes using tools | {summary['episodes_using_tools']} |",
+              f"| tool call rate (episodes with a parseable tool call) | {summary['tool_call_rate']:.1f}% |",
+              f"| tool success rate (calls that ran without error) | {summary['tool_success_rate']:.1f}% |",
               f"| tool error rate | {summary['tool_error_rate']:.1f}% |",
               f"| unparseable tool calls | {summary['parse_errors']} |",
               f"| output tokens | {summary['output_tokens']} |"]

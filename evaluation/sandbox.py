@@ -31,6 +31,13 @@ Layers, outermost first; each stops what the ones inside it miss:
 
 "passed" means the program ran to its end: a ``sys.exit()`` before that counts as a failure, so a
 completion cannot skip the tests by exiting with 0.
+
+``PythonSession`` is the same child kept alive as a notebook kernel: cells come in over a pipe and run
+one after another in one namespace, so an agent's later calls see the variables of earlier ones without
+rerunning them (what a replay of earlier cells would cost grows with every call, and it repeats their
+side effects). Each cell gets the timeout again (RLIMIT_CPU is raised to the CPU time used so far plus
+the timeout before it runs); a cell that times out or touches the network ends the session, and the
+next cell starts a fresh one.
 """
 from __future__ import annotations
 
@@ -52,13 +59,16 @@ TAIL_BYTES = 8192  # how much of stdout/stderr a result keeps (the end: tracebac
 MIN_MEMORY_MB = 64  # the interpreter itself needs ~15 MB of address space; below this nothing runs
 EXIT_MEMORY, EXIT_NETWORK, EXIT_SETUP = 86, 87, 88  # exit codes only the bootstrap uses
 
-# Runs in the child as `python -I -S -B -c _BOOTSTRAP program.py memory_mb cpu_s fsize report_fd`.
+SESSION_CPU_CELLS = 100  # a session's hard CPU limit: this many cells at the full timeout each
+
+# Runs in the child as `python -I -S -B -c _BOOTSTRAP program.py memory_mb cpu_s fsize report_fd`, or for a
+# session with program "-" and three more arguments: cells_fd replies_fd session_cpu_s.
 _BOOTSTRAP = f"EXIT_MEMORY, EXIT_NETWORK, EXIT_SETUP = {EXIT_MEMORY}, {EXIT_NETWORK}, {EXIT_SETUP}\n" + r'''
 import os, sys
 
-def _main(program, memory_mb, cpu_s, fsize, report_fd):
-    import builtins, ctypes, resource, shutil, socket, _socket, subprocess, traceback
-    _exit, _write, stdout, stderr = os._exit, os.write, sys.stdout, sys.stderr
+def _main(program, memory_mb, cpu_s, fsize, report_fd, cells_fd=-1, replies_fd=-1, session_cpu_s=0):
+    import builtins, ctypes, math, resource, shutil, socket, _socket, subprocess, traceback
+    _exit, _write, _read, stdout, stderr = os._exit, os.write, os.read, sys.stdout, sys.stderr
 
     def finish(code, message=b""):
         try:
@@ -79,16 +89,19 @@ def _main(program, memory_mb, cpu_s, fsize, report_fd):
             pass
         os.write(report_fd, network.encode())
         os.close(report_fd)
+        cpu_hard = session_cpu_s if cells_fd >= 0 else cpu_s + 1
         for which, soft, hard in ((resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20),
-                                  (resource.RLIMIT_CPU, cpu_s, cpu_s + 1),
+                                  (resource.RLIMIT_CPU, cpu_s, cpu_hard),
                                   (resource.RLIMIT_FSIZE, fsize, fsize),
                                   (resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NPROC, 0, 0)):
             old_hard = resource.getrlimit(which)[1]
             if old_hard != resource.RLIM_INFINITY:
                 soft, hard = min(soft, old_hard), min(hard, old_hard)
             resource.setrlimit(which, (soft, hard))
-        with open(program, encoding="utf-8") as f:
-            source = f.read()
+        source = ""
+        if cells_fd < 0:
+            with open(program, encoding="utf-8") as f:
+                source = f.read()
 
         def no_network(*args, **kwargs):
             finish(EXIT_NETWORK, b"puyu-sandbox: network access stopped (sockets and name lookups are disabled)\n")
@@ -121,6 +134,9 @@ def _main(program, memory_mb, cpu_s, fsize, report_fd):
         traceback.print_exc()
         finish(EXIT_SETUP, b"puyu-sandbox: setting up the sandbox failed\n")
 
+    if cells_fd >= 0:
+        _session(cells_fd, replies_fd, cpu_s, cpu_hard, finish, _read, _write, stdout, stderr, math, resource,
+                 traceback, builtins)
     try:
         exec(compile(source, program, "exec"), {"__name__": "__main__", "__builtins__": builtins})
     except MemoryError:
@@ -132,7 +148,37 @@ def _main(program, memory_mb, cpu_s, fsize, report_fd):
         finish(1)
     finish(0)
 
-_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+def _session(cells_fd, replies_fd, cpu_s, cpu_hard, finish, _read, _write, stdout, stderr, math, resource,
+             traceback, builtins):
+    """Cells (an 8-digit length, then UTF-8 code) run in one namespace; each answers one status line."""
+    def read_exact(n):
+        data = b""
+        while len(data) < n:
+            chunk = _read(cells_fd, n - len(data))
+            if not chunk:
+                finish(0)  # the parent closed the session (or is gone)
+            data += chunk
+        return data
+
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    while True:
+        source = read_exact(int(read_exact(8))).decode("utf-8")
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        used = math.ceil(usage.ru_utime + usage.ru_stime)
+        resource.setrlimit(resource.RLIMIT_CPU, (min(used + cpu_s, cpu_hard), cpu_hard))
+        status = b"passed"
+        try:
+            exec(compile(source, "<cell>", "exec"), namespace)
+        except MemoryError:
+            status = b"memory"
+        except BaseException as error:
+            traceback.print_exception(type(error), error, error.__traceback__.tb_next)
+            status = b"failed"
+        stdout.flush()
+        stderr.flush()
+        _write(replies_fd, status + b"\n")
+
+_main(sys.argv[1], *map(int, sys.argv[2:]))
 '''
 
 
@@ -146,6 +192,29 @@ class SandboxResult:
     network: str  # the isolation that was active: "namespace" or "guard" ("" if the child never said)
 
 
+def _check_limits(timeout_s: float, memory_mb: int) -> None:
+    if not timeout_s > 0:
+        raise EvalError(f"sandbox: timeout_s must be > 0, got {timeout_s!r}")
+    if not isinstance(memory_mb, int) or memory_mb < MIN_MEMORY_MB:
+        raise EvalError(f"sandbox: memory_mb must be an int >= {MIN_MEMORY_MB}, got {memory_mb!r}")
+
+
+def _command(tmp: str, program: str, memory_mb: int, timeout_s: float) -> tuple[list[str], dict]:
+    """The child's argv (without the fd arguments) and its whole environment."""
+    argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, program, str(memory_mb),
+            str(math.ceil(timeout_s)), str(OUTPUT_LIMIT_MB << 20)]
+    return argv, {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group, then reap the child (the group id stays ours until then)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
 def run_python(code: str, timeout_s: float, memory_mb: int) -> SandboxResult:
     """Run ``code`` as a program in the sandbox described above and say how it ended.
 
@@ -153,17 +222,12 @@ def run_python(code: str, timeout_s: float, memory_mb: int) -> SandboxResult:
     """
     if not isinstance(code, str):
         raise EvalError(f"sandbox: code must be a str, got {type(code).__name__}")
-    if not timeout_s > 0:
-        raise EvalError(f"sandbox: timeout_s must be > 0, got {timeout_s!r}")
-    if not isinstance(memory_mb, int) or memory_mb < MIN_MEMORY_MB:
-        raise EvalError(f"sandbox: memory_mb must be an int >= {MIN_MEMORY_MB}, got {memory_mb!r}")
+    _check_limits(timeout_s, memory_mb)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="puyu-sandbox-", ignore_cleanup_errors=True) as tmp:
         with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
             f.write(code)
-        argv = [sys.executable, "-I", "-S", "-B", "-c", _BOOTSTRAP, "program.py", str(memory_mb),
-                str(math.ceil(timeout_s)), str(OUTPUT_LIMIT_MB << 20)]
-        env = {"PATH": os.defpath, "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+        argv, env = _command(tmp, "program.py", memory_mb, timeout_s)
         report_r, report_w = os.pipe()
         with tempfile.TemporaryFile(dir=tmp) as out, tempfile.TemporaryFile(dir=tmp) as err:
             try:
@@ -176,16 +240,108 @@ def run_python(code: str, timeout_s: float, memory_mb: int) -> SandboxResult:
             finally:
                 os.close(report_w)
             exited = _wait_unreaped(proc, timeout_s)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            _kill_group(proc)
             seconds = time.monotonic() - start
             with os.fdopen(report_r, "rb") as report:
                 network = report.read().decode()  # all writers are gone: the read cannot block
             stdout, stderr = _tail(out), _tail(err)
     return SandboxResult(_classify(proc.returncode, exited), proc.returncode, stdout, stderr, seconds, network)
+
+
+class PythonSession:
+    """A live interpreter in the sandbox (module doc): ``run(code)`` is one cell, ``close()`` ends it.
+
+    The child starts with the first cell and after one that ended the session. Not thread-safe: one
+    caller at a time (an agent episode makes one tool call at a time).
+    """
+
+    def __init__(self, timeout_s: float, memory_mb: int):
+        _check_limits(timeout_s, memory_mb)
+        self.timeout_s, self.memory_mb = timeout_s, memory_mb
+        self._proc: subprocess.Popen | None = None
+        self.network = ""  # the isolation of the current child, once it said
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None
+
+    def _start(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="puyu-session-", ignore_cleanup_errors=True)
+        argv, env = _command(self._tmp.name, "-", self.memory_mb, self.timeout_s)
+        self._out, self._err = tempfile.TemporaryFile(dir=self._tmp.name), tempfile.TemporaryFile(dir=self._tmp.name)
+        (report_r, report_w), (cells_r, self._cells), (self._replies, replies_w) = os.pipe(), os.pipe(), os.pipe()
+        self._report = report_r
+        session_cpu = math.ceil(self.timeout_s) * SESSION_CPU_CELLS
+        child_fds = (report_w, cells_r, replies_w)
+        try:
+            self._proc = subprocess.Popen(argv + [str(fd) for fd in child_fds] + [str(session_cpu)], cwd=self._tmp.name,
+                                          env=env, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err,
+                                          pass_fds=child_fds, start_new_session=True)
+        except OSError:
+            self._release()
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+
+    def run(self, code: str) -> SandboxResult:
+        """Run one cell; never raises for anything the code does (only a child that cannot start raises)."""
+        if not isinstance(code, str):
+            raise EvalError(f"sandbox: code must be a str, got {type(code).__name__}")
+        start = time.monotonic()
+        if self._proc is None:
+            try:
+                self._start()
+            except OSError as exc:
+                return SandboxResult("error", None, "", f"could not start the sandbox: {exc}", 0.0, "")
+        out0, err0 = self._out.seek(0, os.SEEK_END), self._err.seek(0, os.SEEK_END)
+        data = code.encode("utf-8")
+        reply = b""
+        try:
+            _write_all(self._cells, b"%08d" % len(data) + data)
+            poller = select.poll()
+            poller.register(self._replies, select.POLLIN)
+            if poller.poll(self.timeout_s * 1000):
+                reply = os.read(self._replies, 64)  # b"" when the child died
+        except BrokenPipeError:
+            pass
+        if not self.network:
+            self.network = _read_report(self._report)
+        stdout, stderr, network = _tail(self._out, out0), _tail(self._err, err0), self.network
+        if reply:
+            return SandboxResult(reply.decode().strip(), 0, stdout, stderr, time.monotonic() - start, network)
+        exited = _wait_unreaped(self._proc, 0.1)  # no reply: it died, or the cell is still running
+        _kill_group(self._proc)
+        returncode = self._proc.returncode
+        self._release()
+        return SandboxResult(_classify(returncode, exited), returncode, stdout, stderr, time.monotonic() - start,
+                             network)
+
+    def _release(self) -> None:
+        for fd in (self._report, self._cells, self._replies):
+            os.close(fd)
+        self._out.close()
+        self._err.close()
+        self._tmp.cleanup()
+        self._proc, self.network = None, ""
+
+    def close(self) -> None:
+        if self._proc is not None:
+            _kill_group(self._proc)
+            self._release()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_report(fd: int) -> str:
+    """What the child wrote to the report pipe; b"" until it wrote and closed it (never blocks: polled)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return os.read(fd, 64).decode() if poller.poll(0) else ""
 
 
 def _wait_unreaped(proc: subprocess.Popen, timeout_s: float) -> bool:
@@ -206,9 +362,10 @@ def _wait_unreaped(proc: subprocess.Popen, timeout_s: float) -> bool:
         os.close(pidfd)
 
 
-def _tail(f) -> str:
+def _tail(f, start: int = 0) -> str:
+    """The last TAIL_BYTES of what was written to ``f`` from offset ``start`` on."""
     size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - TAIL_BYTES))
+    f.seek(max(start, size - TAIL_BYTES))
     return f.read().decode("utf-8", errors="replace")
 
 

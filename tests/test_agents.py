@@ -67,7 +67,7 @@ def test_calculator_computes_and_rejects_code():
 
 
 def test_executor_turns_bad_calls_into_error_observations(executor):
-    cases = [(ToolCall("search", {"q": "x"}), "unknown tool 'search'; available: python, calculator"),
+    cases = [(ToolCall("browser", {"q": "x"}), "unknown tool 'browser'; available: python, calculator"),
              (ToolCall("calculator", {"expr": "1"}), "missing required parameter(s) ['expression']"),
              (ToolCall("calculator", {"expression": "1", "extra": 2}), "unknown parameter(s) ['extra']"),
              (ToolCall("calculator", ["1 + 1"]), "parameters must be a JSON object"),
@@ -113,22 +113,33 @@ def test_executor_survives_tool_exceptions_and_hangs():
 
 def test_python_tool_in_the_sandbox(executor):
     state: dict = {}
-    r = executor.execute(ToolCall("python", {"code": "x = 6 * 7\nx"}), state)
+    r = executor.execute(ToolCall("python", {"code": "import os\nx = 6 * 7\nx"}), state)
     assert r.to_record()["status"] == "ok" and r.output == "42"
-    # notebook-like: later calls of the same episode see earlier variables; print output is the observation
-    r = executor.execute(ToolCall("python", {"code": "print(x + 1)\nprint('done')"}), state)
-    assert r.output == "43\ndone" and len(state["cells"]) == 2
-    assert executor.execute(ToolCall("python", {"code": "x"}), {}).output == "NameError: name 'x' is not defined"
+    pid = executor.execute(ToolCall("python", {"code": "os.getpid()"}), state).output
+    # a live interpreter: later calls of the episode see earlier variables in the same process (no replay)
+    r = executor.execute(ToolCall("python", {"code": "print(x + 1, os.getpid())\nprint('done')"}), state)
+    assert r.output == f"43 {pid}\ndone"
+    r = executor.execute(ToolCall("python", {"code": "import time\ntime.sleep(1.5)"}), state)
+    r = executor.execute(ToolCall("python", {"code": "x"}), state)
+    assert r.output == "42" and r.seconds < 1.0  # the slow cell did not run again
+    other: dict = {}
+    assert executor.execute(ToolCall("python", {"code": "x"}), other).output == "NameError: name 'x' is not defined"
     r = executor.execute(ToolCall("python", {"code": "def f(:\n  pass"}), state)
     assert r.status == "error" and r.output.startswith("SyntaxError")
-    assert executor.execute(ToolCall("python", {"code": "y = 1"}), {}).output == "(no output)"
-    r = executor.execute(ToolCall("python", {"code": "import socket\nsocket.create_connection(('1.1.1.1', 80))"}), {})
-    assert r.status == "error" and "network" in r.output
-    r = executor.execute(ToolCall("python", {"code": "while True:\n    pass"}), state)
-    assert r.status == "error" and r.output == "TimeoutError: the code ran longer than 2 s" and r.seconds < 6
-    assert len(state["cells"]) == 2  # failed cells are not replayed
-    r = executor.execute(ToolCall("python", {"code": "b = bytearray(400 * 2**20)"}), {})
+    r = executor.execute(ToolCall("python", {"code": "b = bytearray(400 * 2**20)"}), state)
     assert r.status == "error" and "MemoryError" in r.output
+    assert executor.execute(ToolCall("python", {"code": "y = x"}), state).output == "(no output)"  # still alive
+    r = executor.execute(ToolCall("python", {"code": "while True:\n    pass"}), state)
+    assert r.status == "error" and r.seconds < 6
+    assert r.output.startswith("TimeoutError: the code ran longer than 2 s; the interpreter was stopped")
+    r = executor.execute(ToolCall("python", {"code": "x"}), state)  # a fresh interpreter
+    assert r.output == "NameError: name 'x' is not defined"
+    r = executor.execute(ToolCall("python", {"code": "import socket\nsocket.create_connection(('1.1.1.1', 80))"}), other)
+    assert r.status == "error" and "network" in r.output
+    session = state["python"]
+    executor.release(state)  # the episode is over: its interpreter goes
+    assert "python" not in state and not session.alive
+    executor.release(other)
 
 
 def test_notebook_cell_shows_the_last_expression():
@@ -235,6 +246,7 @@ def test_episodes_advance_together_with_tools_and_max_turns(executor):
     assert by["calc"].final == "The answer is 84." and by["calc"].finish_reason == ANSWER
     assert [t.observation["output"] for t in by["code"].turns[:2]] == ["45", "90"]  # state kept across calls
     assert by["code"].final == "The answer is 90."
+    assert all("python" not in e.state for e in eps)  # every episode's interpreter ended with it
     assert by["direct"].finish_reason == ANSWER and len(by["direct"].turns) == 1
     assert by["loop"].finish_reason == MAX_TURNS and by["loop"].final is None and len(by["loop"].turns) == 3
     bad = by["bad"].to_record()
@@ -414,7 +426,7 @@ def test_bad_job_config_is_one_clear_line(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"task": "x"}\n')
     base = {"kind": "agent", "engine": "e", "input": str(tmp_path / "t.jsonl")}
     with pytest.raises(ServingError, match="unknown tool"):
-        build_agent_stages(AgentJobConfig(**base, tools=["search"]))
+        build_agent_stages(AgentJobConfig(**base, tools=["browser"]))
     with pytest.raises(ServingError, match="protocol must be one of"):
         build_agent_stages(AgentJobConfig(**base, protocol="xml"))
     with pytest.raises(ServingError, match="not found"):
