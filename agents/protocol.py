@@ -28,6 +28,10 @@ system prompt, shared by every episode of a job) already computed; only the new 
 
 Parsing never raises: a reply the protocol cannot read (broken JSON, an unknown action marker) becomes a
 ``Step`` with ``error`` set, which the agent returns to the model as an error observation.
+
+``call_text``/``final_text`` are ``parse``'s inverse: the reply a model should write for a tool call or an
+answer (as the runtime returns it, the stop string cut). Agent-trace SFT data (:mod:`puyu.agents.traces`)
+is written with them, so a model finetuned on it writes what ``parse`` reads.
 """
 from __future__ import annotations
 
@@ -130,6 +134,14 @@ class InternLM2Protocol:
         params = obj.get("parameters", obj.get("arguments", {}))
         return Step(thought, call=ToolCall(obj["name"], params))
 
+    def call_text(self, call: ToolCall, thought: str = "") -> str:
+        if call.name == PYTHON_TOOL and any(t["name"] == PYTHON_TOOL for t in self.tools):
+            return f"{thought}{ACTION_START}{INTERPRETER}\n```python\n{call.parameters['code']}\n```"
+        return f"{thought}{ACTION_START}{PLUGIN}\n{json.dumps(call.to_record(), ensure_ascii=False)}"
+
+    def final_text(self, answer: str) -> str:
+        return answer
+
     def reply(self, text: str, step: Step) -> str:
         """The assistant turn as it stays in the conversation (the stop string the runtime cut is put back)."""
         text = text.split(ACTION_END)[0]
@@ -206,6 +218,13 @@ class ReActProtocol:
             if t["name"] == name and len(req) == 1 and raw:
                 return {req[0]: raw}
         return None
+
+    def call_text(self, call: ToolCall, thought: str = "") -> str:
+        return (f"Thought: {thought or 'I need a tool.'}\nAction: {call.name}\n"
+                f"Action Input: {json.dumps(call.parameters, ensure_ascii=False)}\n")
+
+    def final_text(self, answer: str) -> str:
+        return f"Final Answer: {answer}"
 
     def reply(self, text: str, step: Step) -> str:
         text = text.split("Observation:")[0].split(IM_END)[0]

@@ -2,7 +2,10 @@
 
 Rows are conversations, one JSON object a line, in OpenAI ``messages`` form
 (``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``) or Alpaca form
-(``{"instruction", "input"?, "output", "system"?}``, which becomes system? → user → assistant).
+(``{"instruction", "input"?, "output", "system"?}``, which becomes system? → user → assistant), or
+OpenAI function-call form (a row with ``tools``: assistant turns with ``tool_calls``, ``tool`` results;
+agent traces, :mod:`puyu.agents.traces`), which is rendered as the agents' protocol renders an episode
+(the prompt the finetuned model will be served) instead of with the chat template.
 
 Rendering is the tokenizer's chat template (:mod:`puyu.model.chat_template`; InternLM2's for puyu's own
 tokenizer), the one ``puyu.serving.tokenizer.chat_prompt`` serves with. The whole conversation is
@@ -48,6 +51,10 @@ def parse_row(row, where: str) -> list[dict]:
     """One jsonl row -> messages; a malformed row raises a one-line PuyuError naming ``where`` (file:line)."""
     if not isinstance(row, dict):
         raise PuyuError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "tools" in row:
+        from puyu.agents.traces import parse_tool_row
+
+        return parse_tool_row(row, where)
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
@@ -132,7 +139,12 @@ def wiki_chat_jsonl(out_dir: str | Path, limit: int = 0, heldout: int = 32, lang
 # --------------------------------------------------------------------------- rendering + masking
 def render(messages: list[dict], tokenizer: Optional[Tokenizer] = None) -> tuple[str, list[tuple[int, int]]]:
     """The template text of a conversation and the character spans that are trained on (each assistant
-    turn with its end-of-turn token; module doc). Without a tokenizer: InternLM2's template, no BOS."""
+    turn with its end-of-turn token; module doc). Without a tokenizer: InternLM2's template, no BOS.
+    A function-call conversation (``parse_row`` put its tools on the system turn) renders as an agent episode."""
+    if messages[0].get("tools") is not None:
+        from puyu.agents.traces import training_text
+
+        return training_text(messages)
     def chat(msgs: list[dict], prompt: bool) -> str:
         if tokenizer is None:
             return render_chat(INTERNLM2_CHAT_TEMPLATE, msgs, add_generation_prompt=prompt)
