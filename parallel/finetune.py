@@ -246,7 +246,8 @@ def load_sft_rows(ctx: TaskContext, cfg: FinetuneJobConfig):
 def run_mode(cfg: FinetuneJobConfig) -> str:
     """What trains, for the result and the report."""
     if cfg.lora.rank:
-        return f"LoRA r={cfg.lora.rank} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
+        kind = "QLoRA (NF4 base)" if cfg.lora.quant == "nf4" else "LoRA"
+        return f"{kind} r={cfg.lora.rank} alpha={cfg.lora.alpha} on {','.join(cfg.lora.targets)}"
     return "full finetuning"
 
 
@@ -316,6 +317,14 @@ class FinetuneTask(PretrainTask):
             apply_compile(stage)
         apply_precision(stage, dims, mesh, compute_dtype(cfg.precision, device), False)
         materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))
+        quantized = {}
+        if cfg.lora.quant == "nf4":
+            if dims.world_size > 1:  # FSDP would shard the packed 4-bit weights it cannot gather
+                raise PuyuError(f"lora.quant=nf4 (QLoRA) runs in one process; this job has {dims.world_size} "
+                                "(set cluster.nodes=1 cluster.tasks_per_node=1, or lora.quant=none)")
+            from puyu.parallel.qlora import quantize_frozen_base
+
+            quantized = quantize_frozen_base(stage, compute_dtype(cfg.precision, device))
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
         optimizers = [self._optimizer(stage)]
@@ -368,7 +377,7 @@ class FinetuneTask(PretrainTask):
         if metrics:
             metrics.close()
         return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(),
-                "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg)}
+                "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg), **quantized}
 
     def __call__(self, ctx: TaskContext) -> dict[str, Any]:
         result = super().__call__(ctx)
@@ -389,6 +398,10 @@ class FinetuneTask(PretrainTask):
         cfg = self.cfg
         final = checkpoint.latest_complete(ctx.stage_dir / "checkpoints")
         model = load_base(cfg.checkpoint, args, cfg.lora)
+        if cfg.lora.quant == "nf4":  # merge into the base the adapters were trained on
+            from puyu.parallel.qlora import round_trip_nf4
+
+            round_trip_nf4(model)
         if cfg.engine == "deepspeed":
             from puyu.parallel.deepspeed_engine import load_final
 

@@ -14,6 +14,7 @@ from puyu.launcher.errors import PuyuError
 from puyu.parallel.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 
 LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")
+LORA_QUANTS = ("none", "nf4")
 
 
 @dataclasses.dataclass
@@ -22,10 +23,16 @@ class LoraConfig:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0
     targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    # none | nf4: QLoRA, the frozen base linears held in 4-bit NormalFloat (bitsandbytes), adapters in full
+    quant: str = "none"
 
     def validate(self) -> None:
         if self.rank < 0:
             raise PuyuError(f"lora.rank={self.rank} must be >= 0 (0: full finetuning)")
+        if self.quant not in LORA_QUANTS:
+            raise PuyuError(f"lora.quant={self.quant!r}; choose {' or '.join(LORA_QUANTS)}")
+        if self.quant != "none" and not self.rank:
+            raise PuyuError(f"lora.quant={self.quant} quantizes the frozen base under LoRA adapters: set lora.rank > 0")
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown:
             raise PuyuError(f"lora.targets: unknown {unknown}; choose among {', '.join(LORA_TARGETS)}")
@@ -114,6 +121,9 @@ class FinetuneJobConfig(JobConfig):
                             "parallel only (FSDP or DeepSpeed ZeRO over all ranks): set parallel.tp=1")
         if self.engine not in ENGINES:
             raise PuyuError(f"finetune: engine={self.engine!r}; choose {' or '.join(ENGINES)}")
+        if self.engine == "deepspeed" and self.lora.quant != "none":
+            raise PuyuError(f"finetune: lora.quant={self.lora.quant} (QLoRA) runs on engine=fsdp in one process; "
+                            "set engine=fsdp")
         if self.engine == "deepspeed":
             self.deepspeed.validate()
             if importlib.util.find_spec("deepspeed") is None:
