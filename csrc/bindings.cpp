@@ -177,6 +177,45 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                });
 }
 
+// Shapes, dtypes and devices of the quantized linears (the kernels trust them; a wrong stride would read
+// past a buffer). `kind` names the op in messages.
+void check_quant_linear(const char* kind, const at::Tensor& x, const at::Tensor& qweight, at::ScalarType code_type,
+                        const std::vector<const at::Tensor*>& fp32_parts) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), kind,
+              ": x must be contiguous fp32 [M, K] on the CPU, got ", x.scalar_type(), " ", x.sizes(), " on ",
+              x.device());
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == code_type && qweight.dim() == 2 &&
+                  qweight.is_contiguous() && qweight.size(0) > 0 && qweight.size(1) > 0,
+              kind, ": qweight must be contiguous ", code_type, " [N, *] on the CPU, got ", qweight.scalar_type(), " ",
+              qweight.sizes());
+  for (const at::Tensor* t : fp32_parts)
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->size(0) == qweight.size(0),
+                kind, ": scales/offsets must be contiguous fp32 with N = ", qweight.size(0), " rows, got ",
+                t->scalar_type(), " ", t->sizes());
+}
+
+at::Tensor w8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, bool quantize_x) {
+  const char* kind = quantize_x ? "w8a8_linear" : "w8_linear";
+  check_quant_linear(kind, x, qweight, at::kChar, {&scales});
+  TORCH_CHECK(x.size(1) == qweight.size(1) && scales.dim() == 1, kind, ": x [M, K], qweight [N, K] and scales [N], got ",
+              x.sizes(), ", ", qweight.sizes(), ", ", scales.sizes());
+  return quantize_x ? w8a8_linear_cpu(x, qweight, scales) : w8_linear_cpu(x, qweight, scales);
+}
+
+at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const at::Tensor& offsets) {
+  check_quant_linear("w4_linear", x, qweight, at::kByte, {&scales, &offsets});
+  const int64_t Kp = qweight.size(1) * 2, G = scales.size(1);
+  TORCH_CHECK(scales.dim() == 2 && offsets.sizes() == scales.sizes() && G > 0 && Kp % G == 0 && (Kp / G) % 16 == 0,
+              "w4_linear: scales and offsets must be [N, G] with a group size 2 * qweight.size(1) / G that is a "
+              "multiple of 16, got qweight ", qweight.sizes(), ", scales ", scales.sizes(), ", offsets ",
+              offsets.sizes());
+  TORCH_CHECK(x.size(1) <= Kp && x.size(1) > Kp - Kp / G, "w4_linear: x has ", x.size(1),
+              " features; qweight's ", Kp, " (padded to groups of ", Kp / G, ") do not fit them");
+  return w4_linear_cpu(x, qweight, scales, offsets);
+}
+
 bool has_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -198,7 +237,7 @@ std::string cpu_isa() {
 }  // namespace puyu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "puyu fused ops: RMSNorm, RoPE (q and k; into a paged cache), SwiGLU, chunked cross-entropy, paged decode attention";
+  m.doc() = "puyu fused ops: RMSNorm, RoPE (q and k; into a paged cache), SwiGLU, chunked cross-entropy, paged decode attention, quantized linears";
   m.def("rms_norm_fwd", &puyu::rms_norm_fwd, "RMSNorm forward -> (y, rstd)");
   m.def("rms_norm_bwd", &puyu::rms_norm_bwd, "RMSNorm backward -> (dx, dweight)");
   m.def("rope_fwd", &puyu::rope_fwd, "RoPE on q and k (inverse=True rotates back, i.e. the backward)");
@@ -217,6 +256,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "install the caching CPU allocator (counted); False if another allocator outranks it", py::arg("limit_bytes"));
   m.def("caching_allocator_disable", &puyu::caching_allocator_disable,
         "drop one user of the caching CPU allocator; the last restores the previous one -> (hits, misses)");
+  m.def("w8_linear", &puyu::w8_linear,
+        "x [M, K] fp32 times int8 weights [N, K] with per-row scales [N] (quantize_x: x per-row int8 too)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("quantize_x") = false);
+  m.def("w4_linear", &puyu::w4_linear,
+        "x [M, K] fp32 times group-wise int4 weights (packed [N, Kp/2], scales/offsets [N, G])", py::arg("x"),
+        py::arg("qweight"), py::arg("scales"), py::arg("offsets"));
   m.def("has_cuda", &puyu::has_cuda, "whether CUDA kernels are compiled in");
   m.def("cpu_isa", &puyu::cpu_isa, "vector ISA of the CPU kernels: avx2 or baseline");
 }

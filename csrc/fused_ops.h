@@ -44,6 +44,14 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_c
                                       const std::optional<at::Tensor>& k_scale,
                                       const std::optional<at::Tensor>& v_scale);
 
+// Quantized linears (csrc/cpu/quant_linear.cpp; AVX2 builds only), x [M, K] fp32 -> y [M, N] fp32:
+// w8: qweight int8 [N, K], scales fp32 [N]; w4: qweight uint8 [N, Kp/2] (low nibble = even k), scales and
+// offsets fp32 [N, G] with Kp = G * g, g % 16 == 0 (w = q * scale + offset); w8a8: as w8, x quantized per row
+at::Tensor w8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+at::Tensor w4_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& offsets);
+at::Tensor w8a8_linear_cpu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales);
+
 // Caching CPU allocator for the serving step loop (csrc/cpu/caching_allocator.cpp): enable installs it as
 // torch's CPU allocator (false if another allocator with a higher priority is installed), caching at most
 // limit_bytes of freed blocks; disable restores the previous allocator once the last user is gone, frees

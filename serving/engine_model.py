@@ -27,26 +27,10 @@ import torch.nn.functional as F
 from puyu.model import ops
 from puyu.model.config import ModelArgs
 from puyu.serving.kv_cache import PagedKVCache
+from puyu.serving.qlinear import QuantLinear
 
 Tensors = dict[str, torch.Tensor]
 LINEARS = ("wqkv", "wo", "w13", "w2")
-QUANT_PARTS = ("qweight", "scales", "zeros", "in_features", "act_scale")
-
-
-class Scratch:
-    """One reusable buffer for dequantized weights: a quantized linear expands its weight into it on each
-    call, so the float weight never stays resident and no fresh (page-faulting) allocation is made per
-    call. Shared by the linears of one ``EngineModel``, which is therefore not reentrant (nor is its
-    KV cache)."""
-
-    def __init__(self):
-        self.buf: Optional[torch.Tensor] = None
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        n = math.prod(shape)
-        if self.buf is None or self.buf.numel() < n or self.buf.dtype != dtype or self.buf.device != device:
-            self.buf = torch.empty(n, dtype=dtype, device=device)
-        return self.buf[:n].view(shape)
 
 
 def onednn_packed(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -77,56 +61,29 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, residual: Optional[torc
 
 
 class EngineLinear:
-    """``y = x W^T`` from a dense weight (through ``onednn_packed`` on CPU), or from a weight-only
-    quantized one expanded on use (inputs divided by the AWQ ``act_scale`` first).
+    """``y = x W^T`` from a dense weight (through ``onednn_packed`` on CPU), or from a quantized one through
+    :class:`puyu.serving.qlinear.QuantLinear` (int8/int4 kernels that read each code once per call)."""
 
-    w8: ``(x q^T) * scales`` — the per-output-channel scale is applied to the [N, O] output instead of the
-    [O, I] weight, so a call costs one int8 -> float copy of the weight into the scratch buffer plus the
-    matmul (equal to ``x (q * scales)^T`` in exact arithmetic; within float rounding here).
-    w4: the codes unpacked into the scratch buffer and dequantized there in place (the same operations
-    as ``quant.dequantize_w4``, so the same weight bit for bit).
-    """
-
-    def __init__(self, tensors: Tensors, dtype: torch.dtype, scratch: Optional[Scratch] = None):
+    def __init__(self, tensors: Tensors, dtype: torch.dtype):
         self.weight = tensors.get("weight")
         self.bias = tensors.get("bias")  # [O] or None (Qwen2's q/k/v)
         self.packed = onednn_packed(self.weight) if self.weight is not None else None
-        self.quant = {k: v for k, v in tensors.items() if k in QUANT_PARTS}
-        self.act_scale = self.quant.pop("act_scale", None)
+        self.quant = QuantLinear(tensors, dtype) if self.weight is None else None
         self.dtype = dtype
-        self.scratch = scratch or Scratch()
         if self.packed is not None:
             self.weight = None  # the packed copy serves every call; not holding both halves the weights' memory
-        elif self.weight is None:
-            self.scales = self.quant["scales"].to(dtype)  # [O] (w8) or [O, G] (w4)
-            if "zeros" in self.quant:
-                self.zeros = self.quant["zeros"].to(dtype)
-                self.in_features = int(self.quant["in_features"])
 
     def __call__(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [..., I] -> ``x W^T`` (+ bias) [..., O], plus ``residual`` [..., O] if given."""
         if self.packed is not None and self.bias is None:
             return packed_linear(x.to(self.dtype), self.packed, residual)
-        y = packed_linear(x.to(self.dtype), self.packed) if self.packed is not None else self._project(x)
+        if self.packed is not None:
+            y = packed_linear(x.to(self.dtype), self.packed)
+        else:
+            y = F.linear(x, self.weight) if self.quant is None else self.quant(x)
         if self.bias is not None:
             y = y + self.bias
         return y if residual is None else residual + y
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None:
-            return F.linear(x, self.weight)
-        if self.act_scale is not None:
-            x = x / self.act_scale.to(x.dtype)
-        packed = self.quant["qweight"]
-        if "zeros" not in self.quant:  # w8
-            w = self.scratch.take(tuple(packed.shape), self.dtype, packed.device).copy_(packed)
-            return F.linear(x, w).mul_(self.scales)
-        O, G = self.scales.shape
-        w = self.scratch.take((O, packed.shape[1], 2), self.dtype, packed.device)
-        w[..., 0].copy_(packed & 0xF)
-        w[..., 1].copy_(packed >> 4)
-        w = w.view(O, G, -1).sub_(self.zeros[..., None]).mul_(self.scales[..., None]).view(O, -1)
-        return F.linear(x, w[:, :self.in_features])
 
 
 def split_rows(parts: Tensors) -> tuple[Tensors, Tensors]:
@@ -224,16 +181,15 @@ class EngineModel:
                                    self.dtype)  # [V, D]
         self.rope_cos, self.rope_sin = tensors["rope.cos"], tensors["rope.sin"]  # [max_seq_len, d/2] fp32
         self.layers = []
-        scratch = Scratch()  # for quantized linears
         for i in range(args.n_layers):
             p = f"layers.{i}."
             layer = {"attention_norm": tensors[p + "attention_norm.weight"], "ffn_norm": tensors[p + "ffn_norm.weight"]}
             for name in LINEARS:
                 parts = {k[len(p + name) + 1:]: v for k, v in tensors.items() if k.startswith(p + name + ".")}
                 if name == "w13":  # as w1 and w3: each output is contiguous for SwiGLU (no copies of gate and up)
-                    layer["w1"], layer["w3"] = (EngineLinear(half, self.dtype, scratch) for half in split_rows(parts))
+                    layer["w1"], layer["w3"] = (EngineLinear(half, self.dtype) for half in split_rows(parts))
                 else:
-                    layer[name] = EngineLinear(parts, self.dtype, scratch)
+                    layer[name] = EngineLinear(parts, self.dtype)
             self.layers.append(layer)
         self.capture: Optional[dict[str, list[torch.Tensor]]] = None  # AWQ calibration: linear inputs
 

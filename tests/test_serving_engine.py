@@ -162,25 +162,18 @@ def test_build_kv_int8_is_the_runtime_default(model, checkpoints, tmp_path):
 
 @pytest.mark.parametrize("mode", ["w8", "w4"])
 def test_quantized_linear_matches_its_dequantized_weight(mode):
-    """The runtime's quantized linear (w8: scales on the output; w4: unpacked in a reused buffer) gives
-    what the dequantized weight gives, for decode- and prefill-sized inputs, with and without AWQ."""
-    from puyu.serving.engine_model import EngineLinear, Scratch
+    """The runtime's quantized linear (int8/int4 kernels, scales applied inside) gives what the dequantized
+    weight gives, for decode- and prefill-sized inputs, with and without AWQ."""
+    from puyu.serving.engine_model import EngineLinear
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 200, generator=g)  # 200 inputs: w4 pads to two groups of 128
     act = torch.rand(200, generator=g) + 0.5
-    scratch = Scratch()
     for parts in (quantize(w, mode, 128), {**quantize(w * act, mode, 128), "act_scale": act}):
-        lin = EngineLinear(dict(parts), torch.float32, scratch)
+        lin = EngineLinear(dict(parts), torch.float32)
         ref_w = dequantize({k: v for k, v in parts.items() if k != "act_scale"})
         a = parts.get("act_scale", torch.ones(200))
         for n in (1, 7, 300):
             x = torch.randn(n, 200, generator=g)
             want = torch.nn.functional.linear(x / a, ref_w)
-            got = lin(x)
-            if mode == "w4":
-                assert torch.equal(got, want)
-            else:
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()))
-    # one buffer of the largest expansion (w4: its padded groups), reused by every call
-    assert scratch.buf.numel() == 300 * (256 if mode == "w4" else 200)
+            torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
