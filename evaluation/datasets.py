@@ -63,10 +63,7 @@ def _fail(path: Path, line: int, what: str):
 
 
 def _text(path: Path, line: int, row: dict, key: str) -> str:
-    value = row.get(key)
-    if not isinstance(value, str) or not value.strip():
-        _fail(path, line, f'"{key}" must be a non-empty string, got {value!r}')
-    return value
+    return packaged.text_field(f"{path}:{line + 1}", row, key)
 
 
 # ---- built-in benchmarks --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from puyu.evaluation.items import Dataset, EvalError, Item
 from puyu.evaluation.metrics import answer_matches, extract_answer, qa_matches
 from puyu.evaluation.templates import render
 
+GROUP_KEYS = ("category", "subject")
 CHARS_PER_TOKEN = 4.0  # rough, for cost estimates only
 SANDBOX_COST = 500.0  # a program run in the sandbox, in token-equivalents
 
@@ -228,6 +229,11 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first of equal maxima
 
 
+def groups_of(item: Item) -> dict:
+    """The item's subject and category, which the report breaks scores down by."""
+    return {key: item.meta[key] for key in GROUP_KEYS if item.meta.get(key)}
+
+
 def circular_mode(dataset: Dataset, cfg: InferenceConfig) -> str:
     """CircularEval only where options are shown with letters: a cloze option is scored by its own text,
     so reordering the options changes nothing."""
@@ -249,6 +255,7 @@ def predict_mc(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Inferen
             "pred_norm": _argmax([lp / len(c) for lp, c in zip(logprobs, p.choices)]),
             "pred_nll": _argmax([ll.logprob / ll.n_tokens for ll in mine]),
             "correct": pred == v.item.answer, "logprobs": logprobs, "tokens": [ll.n_tokens for ll in mine],
+            **groups_of(v.item),
         })
     return records
 
@@ -264,7 +271,7 @@ def predict_gen(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Infere
             extracted = extract_answer(out.text, item.answer)
             correct = answer_matches(extracted, item.answer)
         record = {"id": item.id, "prediction": out.text, "extracted": extracted, "gold": item.answer,
-                  "correct": correct}
+                  "correct": correct, **groups_of(item)}
         records.append({**record, "error": out.error} if out.error else record)
     return records
 
@@ -311,8 +318,9 @@ def predict(dataset: Dataset, items: list[Item], llm, cfg: InferenceConfig) -> l
     """Records for ``items`` (a slice of ``dataset.items``) from ``llm`` (an ``LLM`` or any ``Scorer``).
 
     mc, one per variant: id ("<item id>@<variant>"), origin_id, variant, gold, pred, pred_norm, pred_nll,
-    correct, logprobs (per option), tokens (per option); gen: id, prediction, extracted, gold, correct
-    [, error]; code: id, task_id, completion, passed, status, detail, n, c[, samples]; bpb: id, nll (nats), tokens, bytes.
+    correct, logprobs (per option), tokens (per option)[, category, subject]; gen: id, prediction, extracted,
+    gold, correct[, category, subject][, error]; code: id, task_id, completion, passed, status, detail, n,
+    c[, samples]; bpb: id, nll (nats), tokens, bytes.
     """
     validate(cfg)
     if not items:

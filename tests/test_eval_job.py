@@ -17,6 +17,7 @@ import torch
 from jobs_for_tests import wait_for
 from puyu.evaluation.config import EvalJobConfig, InferenceConfig
 from puyu.evaluation.job import eval_stages
+from puyu.evaluation.metrics import score
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.pipeline import Pipeline
 from puyu.model import Transformer, get_flavor, save_model
@@ -92,6 +93,18 @@ def test_two_models_three_datasets_give_one_report(engines, clean_run):
             assert len(details) >= LIMITS[ds]
     # the mmlu details hold one record per circular variant: 4 rotations of each 4-option question
     assert len((summary / "details" / "alpha" / "mmlu.jsonl").read_text().splitlines()) == 4 * LIMITS["mmlu"]
+    # per category and subject: each group scored over its own items (a category is the micro average)
+    groups = list(csv.reader((summary / "report_groups.csv").open()))
+    assert groups[0] == ["dataset", "by", "group", "items", "metric", "alpha", "beta"]
+    subjects = [g for g in groups[1:] if g[:2] == ["mmlu", "subject"]]
+    assert len(subjects) == LIMITS["mmlu"] and {g[4] for g in subjects} == {"acc_circular"}
+    records = [json.loads(ln) for ln in (summary / "details" / "alpha" / "mmlu.jsonl").read_text().splitlines()]
+    categories = [g for g in groups[1:] if g[:2] == ["mmlu", "category"]]
+    assert categories and sum(int(g[3]) for g in categories) == LIMITS["mmlu"]
+    for g in categories:
+        mine = [r for r in records if r["category"] == g[2]]
+        assert float(g[5]) == pytest.approx(score("mc", mine)["acc_circular"], abs=0.005)
+    assert "## Per category and subject" in md and "Per category and subject" in page
 
 
 def test_rerun_of_the_same_run_submits_nothing(engines, clean_run):
