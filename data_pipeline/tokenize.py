@@ -18,7 +18,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 
 EOD = "<|endoftext|>"
-SPECIAL_TOKENS = [EOD, "<|pad|>"]
+# InternLM2's chat and agent markers, one token each as in its tokenizer: a reply that calls a tool then
+# opens with one token instead of nine byte pieces (``<|action_start|>`` split as ``<``, ``|``, ``act``...),
+# which is what lets a small finetuned model learn the agents' call format from a few hundred traces
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|action_start|>", "<|action_end|>", "<|interpreter|>", "<|plugin|>"]
+SPECIAL_TOKENS = [EOD, "<|pad|>", *CHAT_TOKENS]
 _HEADER = b"MMIDIDX\x00\x00"
 _DTYPE_CODES = {np.dtype(np.uint16): 8, np.dtype(np.int32): 4}
 

@@ -13,7 +13,7 @@ generation prompt, as transformers'
 template (puyu's own) and no tokenizer at all render InternLM2's, which wraps each turn as
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` after the BOS token (none in puyu's tokenizer) and leaves
 ``<|im_start|>assistant\\n`` open. With InternLM2's template ``<|im_end|>`` is also a stop string
-(:func:`uses_internlm2`), since puyu's tokenizer has no such token to stop at.
+(:func:`uses_internlm2`), since puyu's tokenizer has it as a token but not as its EOS.
 """
 from __future__ import annotations
 

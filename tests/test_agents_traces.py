@@ -128,3 +128,16 @@ def test_bad_tool_rows_name_the_line_and_message(traces):
         with pytest.raises(PuyuError, match="^t.jsonl:7: ") as info:
             parse_tool_row(bad, "t.jsonl:7")
         assert message in str(info.value), (message, info.value)
+
+
+def test_data_stage_tokenizer_has_the_agent_markers_as_single_tokens(tmp_path):
+    from puyu.data_pipeline.tokenize import CHAT_TOKENS, train_tokenizer
+    from puyu.model.tokenizer import Tokenizer
+
+    train_tokenizer(["the cat sat on the mat; print(1 + 2)"] * 20, 300, 2, tmp_path / "tokenizer.json")
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    call = InternLM2Protocol(tools=[t.spec() for t in make_actions(["python"])]).call_text(ToolCall("python", {"code": "1"}))
+    ids = tok.encode(call + ACTION_END)
+    assert [tok.decode([i]) for i in ids[:2]] == ["<|action_start|>", "<|interpreter|>"]
+    assert tok.decode(ids) == call + ACTION_END  # the runtime's text, stop strings included, reads back whole
+    assert all(len(tok.encode(t)) == 1 for t in CHAT_TOKENS) and tok.eos_ids == [tok.token_to_id("<|endoftext|>")]
