@@ -11,7 +11,9 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional
+
+from puyu.launcher.stage import Progress
 
 log = logging.getLogger("puyu.data_pipeline")
 
@@ -111,16 +113,20 @@ class Step:
                 yield out
 
 
-def run_steps(steps: list[Step], rank: int = 0, world_size: int = 1, log_every: int = 10_000) -> list[StepStats]:
-    """Chain the steps (the first is a source and gets no input), drain the stream, return stats."""
+def run_steps(steps: list[Step], rank: int = 0, world_size: int = 1, progress: Optional[Progress] = None
+              ) -> list[StepStats]:
+    """Chain the steps (the first is a source and gets no input), drain the stream, return stats.
+
+    ``progress`` (the task's counter) counts the documents that come out of the last step."""
     stream: Iterable[Document] = iter(())
     for step in steps:
         stream = step.run(stream, rank, world_size)
     count = 0
     start = time.perf_counter()
     for count, _ in enumerate(stream, 1):
-        if count % log_every == 0:
-            log.info("rank %d: %d documents through %d steps (%.1fs)", rank, count, len(steps),
-                     time.perf_counter() - start)
+        if progress is not None:
+            progress.update()
+    if progress is not None:
+        progress.close()
     log.info("rank %d: done, %d documents out (%.1fs)", rank, count, time.perf_counter() - start)
     return [step.stats for step in steps]

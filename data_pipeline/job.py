@@ -65,7 +65,7 @@ def read_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     try:
         steps = [InputReader(cfg.inputs, cfg.data_dir), *build_chain(cfg.filters, sink),
                  DocWriter(out, cfg.output.zstd_level)]
-        stats = run_steps(steps, ctx.rank, ctx.world_size)
+        stats = run_steps(steps, ctx.rank, ctx.world_size, ctx.progress("documents"))
     except BaseException:
         if sink is not None:
             sink.close(failed=True)
@@ -134,12 +134,13 @@ def dedup_filter_stage(ctx: TaskContext, cfg: DataJobConfig) -> dict[str, Any]:
     _announce(layout.DEDUP, ctx)
     files = layout.numbered_files(ctx.run_dir / layout.READ_FILTER / "out", INTERMEDIATE)
     results = {}
+    progress = ctx.progress("documents")  # kept, summed over this task's files
     for n, path in layout.owned(files, ctx.rank, ctx.world_size):
         removals = dedup.load_removals(ctx.run_dir / layout.CLUSTERS / "remove" / f"{n:05d}.npy")
         out = ctx.stage_dir / "out" / f"{n:05d}.{cfg.output.format}"
         steps = [DropListed(read_docs(path), removals),
                  DocWriter(out, cfg.output.zstd_level, cfg.output.parquet_row_group)]
-        results[f"{n:05d}"] = [s.to_dict() for s in run_steps(steps, ctx.rank, ctx.world_size)]
+        results[f"{n:05d}"] = [s.to_dict() for s in run_steps(steps, ctx.rank, ctx.world_size, progress)]
     return results
 
 

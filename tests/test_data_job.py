@@ -43,9 +43,9 @@ def real_config() -> C.DataJobConfig:
 
 
 def data_files(run_dir: Path) -> dict[str, bytes]:
-    """Every output except completion markers and the summary (both hold timings)."""
+    """Every output except completion markers, progress files and the summary (they hold timings)."""
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and "completions" not in p.parts and p.parent.name != layout.SUMMARY
+            if p.is_file() and not {"completions", "progress"} & set(p.parts) and p.parent.name != layout.SUMMARY
             and not p.name.startswith(".")} | {
         name: (run_dir / layout.SUMMARY / name).read_bytes() for name in ("corpus.bin", "corpus.idx")}
 
@@ -65,6 +65,10 @@ def test_data_job_end_to_end_then_kill_and_rerun(tmp_path):
     assert len(dataset) == summary["docs_out"] == summary["tokens"]["documents"] > 1000
     assert int(dataset.sequence_lengths.sum()) == summary["tokens"]["tokens"] == summary["corpus"]["tokens"]
     assert summary["dedup_clusters"]["removed_exact"] > 10
+    for rank in range(4):  # each task's progress counter saw every document its writer wrote
+        written = json.loads((clean / layout.READ_FILTER / "completions" / f"{rank:05d}").read_text())
+        progress = json.loads((clean / layout.READ_FILTER / "progress" / f"{rank:05d}.json").read_text())
+        assert progress["n"] == written["result"]["steps"][-1]["docs_out"] > 0, (rank, progress)
     assert summary["top_drop_reasons"] and "Top drop reasons" in (clean / layout.SUMMARY / "summary.md").read_text()
     print("\n" + (clean / layout.SUMMARY / "summary.md").read_text())
     excluded = collections.Counter(
