@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,11 +25,11 @@ from puyu.launcher.distributed import resolve_device
 from puyu.serving.config import BuildConfig, BuildEngineJobConfig, ServingError
 from puyu.model.hf import has_tokenizer
 from puyu.serving.engine import engine_tensors, place_tensors, read_checkpoint, save_engine
-from puyu.serving.engine_model import LINEARS, EngineModel
-from puyu.serving.quant import quantize_linear
+from puyu.serving.engine_model import EngineModel
+from puyu.serving.quant import quantize, quantize_calibrated
 from puyu.serving.tokenizer import TextTokenizer
 
-CALIB_ROWS = 2048  # calibration input rows per linear kept for the AWQ search
+CALIB_ROWS = 2048  # calibration input rows per linear kept for the scale and clip searches (about)
 
 
 def load_texts(calib_file: str) -> list[str]:
@@ -68,33 +69,86 @@ def perplexity(model: EngineModel, docs: list[list[int]]) -> float:
     return math.exp(nll / count)
 
 
-@torch.no_grad()
-def calibration_inputs(model: EngineModel, docs: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Inputs [rows, in_features] of every linear on the calibration documents (evenly subsampled)."""
+def layer_captures(model: EngineModel, hidden: list, i: int) -> tuple[list, dict[str, torch.Tensor]]:
+    """Layer i (unquantized) over every calibration document's hidden states; returns the next layer's
+    hidden states and the inputs of layer i's linears [rows, I] (about ``CALIB_ROWS`` evenly spaced rows)."""
+    model.capture_stride = max(1, sum(h.shape[1] for h, _, _ in hidden) // CALIB_ROWS)
     model.capture = {}
     try:
-        for doc in docs:
-            model.forward_dense(torch.tensor(doc, device=model.device)[None])
-        captured = {k: torch.cat(v) for k, v in model.capture.items()}
+        hidden = [(model.layer_dense(i, h, cos, sin), cos, sin) for h, cos, sin in hidden]
+        captured = {k.rsplit(".", 1)[-1]: torch.cat(v) for k, v in model.capture.items()}
     finally:
         model.capture = None
-    out = {}
-    for name, x in captured.items():
-        idx = torch.linspace(0, x.shape[0] - 1, min(CALIB_ROWS, x.shape[0]), device=x.device).long()
-        out[name] = x[idx].float()
+    return hidden, captured
+
+
+def fold_target(args, name: str) -> tuple[str, slice] | None:
+    """Where ``1/s`` of a linear's input scale can be folded: (tensor suffix, rows of it), or None.
+
+    wqkv and w13 read an RMSNorm's output (its weight, all rows); w2 reads ``silu(gate) * up`` (w13's up
+    rows); wo reads attention's output, which is v's rows only when every query head has its own kv head.
+    """
+    if name == "wqkv":
+        return "attention_norm.weight", slice(None)
+    if name == "w13":
+        return "ffn_norm.weight", slice(None)
+    if name == "w2":
+        return "w13", slice(args.ffn_hidden_dim, None)
+    if name == "wo" and args.n_heads == args.n_kv_heads:
+        return "wqkv", slice(2 * args.n_heads * args.head_dim, None)
+    return None
+
+
+def divide_rows(t: torch.Tensor, rows: slice, s: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` (a norm weight [D], a linear's weight [O, I] or bias [O]) with ``rows`` divided by
+    ``s`` (one per row); a copy, because the unquantized model still reads the original."""
+    out = t.clone()
+    out[rows] = out[rows] / s.view(-1, *([1] * (t.dim() - 1))).to(t.dtype)
     return out
 
 
-def quantize_tensors(model: EngineModel, tensors: dict, cfg: BuildConfig, calib: Optional[dict]) -> dict[str, float]:
-    """Replace every linear's ``.weight`` in ``tensors`` (CPU) by its quantized parts (CPU); returns AWQ
-    alphas. The AWQ search runs where the calibration inputs are."""
+@torch.no_grad()
+def quantize_layer(args, tensors: dict, i: int, cfg: BuildConfig, captured: Optional[dict]) -> dict[str, float]:
+    """Quantize layer i's linears in ``tensors`` (CPU) in place; returns their alphas.
+
+    With calibration inputs: wo and w2 first, since their scales fold into wqkv's v rows and w13's up
+    rows, which must happen before those two are quantized; then wqkv and w13, whose scales fold into
+    the norms. A scale with nowhere to fold stays as the linear's ``act_scale``."""
+    alphas = {}
+    for name in ("wo", "w2", "wqkv", "w13"):
+        key = f"layers.{i}.{name}"
+        w = tensors.pop(key + ".weight")
+        if captured is None:
+            parts, alphas[key] = quantize(w.float(), cfg.quant, cfg.group_size), 0.0
+        else:
+            x = captured[name]
+            parts, s, alphas[key] = quantize_calibrated(w.to(x.device), x, cfg.quant, cfg.group_size)
+            s, target = s.cpu(), fold_target(args, name)
+            if target is None:
+                parts["act_scale"] = s
+            else:
+                suffix, rows = target
+                names = ([f"layers.{i}.{suffix}"] if suffix.endswith("weight")
+                         else [f"layers.{i}.{suffix}.weight", f"layers.{i}.{suffix}.bias"])
+                for t in (t for t in names if t in tensors):
+                    tensors[t] = divide_rows(tensors[t], rows, s)
+        tensors.update({f"{key}.{k}": v.cpu() for k, v in parts.items()})
+    return alphas
+
+
+def quantize_tensors(model: EngineModel, tensors: dict, cfg: BuildConfig, calib_docs: Optional[list]) -> dict[str, float]:
+    """Replace every linear's ``.weight`` in ``tensors`` (CPU) by its quantized parts; returns the alphas.
+
+    Calibration streams layer by layer: the documents' hidden states enter layer i of the unquantized
+    model, which yields layer i's linear inputs (subsampled) and the hidden states for layer i + 1; only
+    one layer's inputs are held at a time. The searches run where the model is."""
+    hidden = [model.embed_dense(torch.tensor(d, device=model.device)[None]) for d in calib_docs] if calib_docs else None
     alphas = {}
     for i in range(model.args.n_layers):
-        for name in LINEARS:
-            key = f"layers.{i}.{name}"
-            w, x = tensors.pop(key + ".weight"), calib[key] if calib else None
-            parts, alphas[key] = quantize_linear(w if x is None else w.to(x.device), cfg.quant, cfg.group_size, x)
-            tensors.update({f"{key}.{k}": v.cpu() for k, v in parts.items()})
+        captured = None
+        if hidden is not None:
+            hidden, captured = layer_captures(model, hidden, i)
+        alphas.update(quantize_layer(model.args, tensors, i, cfg, captured))
     return alphas
 
 
@@ -131,17 +185,18 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
         report["ppl_unquantized"] = perplexity(fp_model, held_out)
         report["eval_tokens"] = sum(len(d) - 1 for d in held_out)
     if b.quant != "none":
-        calib = calibration_inputs(fp_model, calib_docs) if b.awq else None
-        report["awq_alpha"] = quantize_tensors(fp_model, tensors, b, calib)
+        report["awq_alpha"] = quantize_tensors(fp_model, tensors, b, calib_docs if b.awq else None)
     if tokenizer is not None:
         report["ppl_engine"] = (perplexity(EngineModel(args, place_tensors(tensors, device)), held_out)
                                 if b.quant != "none" else report["ppl_unquantized"])
         report["ppl_change"] = report["ppl_engine"] / report["ppl_unquantized"] - 1
     source = {"checkpoint": str(cfg.checkpoint), "layout": cfg.layout}
     settings = {k: v for k, v in dataclasses.asdict(b).items() if k != "device"}  # the engine is device-independent
-    save_engine(out_dir, args, tensors, settings, source, tokenizer_src or None)
+    quality = {k: report[k] for k in ("ppl_unquantized", "ppl_engine", "ppl_change", "eval_tokens") if k in report}
+    save_engine(out_dir, args, tensors, settings, source, tokenizer_src or None, quality)
     report["size_bytes"] = dir_bytes(out_dir)
     report["build_seconds"] = time.perf_counter() - t0
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     report["engine"] = str(out_dir)
     atomic_write_text(out_dir / "build_report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     atomic_write_text(out_dir / "build_report.md", report_markdown(report))
@@ -150,11 +205,12 @@ def build_engine(cfg: BuildEngineJobConfig, out_dir: Path) -> dict:
 
 def report_markdown(r: dict) -> str:
     lines = ["# Engine build", "", f"Checkpoint `{r['checkpoint']}` -> `{r['engine']}`", "",
-             "| quant | kv | size on disk | build time | params | held-out ppl before | after | change |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| quant | kv | size on disk | build time | peak RSS | params | held-out ppl before | after | change |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ppl = (f"{r['ppl_unquantized']:.3f} | {r['ppl_engine']:.3f} | {100 * r['ppl_change']:+.2f}%"
            if "ppl_unquantized" in r else "n/a (no tokenizer) | | ")
     lines.append(f"| {r['quant']} | {r['kv']} | {r['size_bytes'] / 2**20:.2f} MiB | {r['build_seconds']:.1f} s | "
+                 f"{r['peak_rss_mb']:.0f} MiB | "
                  f"{r['params']:,} | {ppl} |")
     if "eval_tokens" in r:
         lines += ["", f"Perplexity over {r['eval_tokens']} held-out tokens (documents disjoint from calibration)."]

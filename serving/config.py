@@ -136,14 +136,15 @@ class RuntimeConfig:
 
 @dataclasses.dataclass
 class BuildConfig:
-    """How an engine is built: ``quant`` none|w8|w4 (weight-only), ``kv`` fp|int8 (the runtime default).
+    """How an engine is built: ``quant`` none|w8|w4 (weight-only) or w8a8 (SmoothQuant: int8 weights and
+    per-token int8 activations), ``kv`` fp|int8 (the runtime default).
 
     ``device`` only says where the build computes; the engine it writes holds CPU tensors either way."""
 
     quant: str = "none"
     kv: str = "fp"
     group_size: int = 128  # w4 groups along the input dimension
-    awq: bool = True  # activation-aware per-input-channel scales for w4/w8
+    awq: bool = True  # calibrated input-channel scales (AWQ for w8/w4, SmoothQuant for w8a8) and clip search
     calib_file: str = ""  # real text, one document per line or a wiki-summaries JSON; "" = the wiki summaries
     calib_docs: int = 64
     eval_docs: int = 64  # held-out documents (disjoint from calibration) for the perplexity report
@@ -153,8 +154,8 @@ class BuildConfig:
 
     def validate(self) -> None:
         check_device("build.device", self.device)
-        if self.quant not in ("none", "w8", "w4"):
-            raise ServingError(f"build.quant must be none, w8 or w4, got {self.quant!r}")
+        if self.quant not in ("none", "w8", "w4", "w8a8"):
+            raise ServingError(f"build.quant must be none, w8, w4 or w8a8, got {self.quant!r}")
         if self.kv not in ("fp", "int8"):
             raise ServingError(f"build.kv must be fp or int8, got {self.kv!r}")
         if self.group_size < 1:

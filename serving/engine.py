@@ -1,7 +1,8 @@
 """Engine directories: checkpoint -> inference layout, and the manifest that guards loading.
 
 An engine directory holds:
-- ``engine.json``: format version, the ``ModelArgs``, the build settings and where the weights came from;
+- ``engine.json``: format version, the ``ModelArgs``, the build settings, where the weights came from and
+  (built with a tokenizer) the held-out perplexity before and after quantization;
 - ``weights.safetensors``: per layer ``wqkv`` (query heads, then keys, then values: one matmul and a
   split, instead of InternLM2's per-group interleave; ``wqkv.bias`` in the same order for Qwen2), ``w13`` (gate and up stacked: one tensor, so one
   AWQ scale and one quantization pass cover both; the runtime splits it back into two linears whose
@@ -118,8 +119,10 @@ def args_from_dict(d: dict) -> ModelArgs:
 
 
 def save_engine(out_dir: str | Path, args: ModelArgs, tensors: Tensors, build: dict, source: dict,
-                tokenizer: Optional[str | Path] = None) -> Path:
-    """Write an engine directory; the manifest is written last, so its presence means the engine is whole."""
+                tokenizer: Optional[str | Path] = None, quality: Optional[dict] = None) -> Path:
+    """Write an engine directory; the manifest is written last, so its presence means the engine is whole.
+    ``quality`` (held-out perplexity before and after quantization) goes into ``engine.json`` beside the
+    build settings, so the checksummed engine itself says what quantization cost."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
@@ -128,6 +131,8 @@ def save_engine(out_dir: str | Path, args: ModelArgs, tensors: Tensors, build: d
     save_file(tensors, tmp, metadata={"format": FORMAT})
     tmp.replace(out / WEIGHTS_FILE)
     config = {"format": FORMAT, "version": VERSION, "model_args": args_to_dict(args), "build": build, "source": source}
+    if quality:
+        config["quality"] = quality
     atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     files = [CONFIG_FILE]
     if tokenizer:

@@ -9,7 +9,8 @@
   tokens gather their blocks into a padded [b, S] view (buckets of similar context length). Prompt
   chunks that start at position 0 otherwise attend only to their own keys (causal SDPA, nothing read
   from the cache); other chunks gather what the cache holds before them.
-- ``forward_dense``: plain causal [B, T] (no cache) for perplexity and AWQ calibration.
+- ``forward_dense``: plain causal [B, T] (no cache) for perplexity; ``layer_dense`` one layer of it, for
+  calibration that streams through the layers.
 
 Both use the same fused ops as ``puyu.model`` (``ModelArgs.fused_ops``), so greedy decoding matches the
 training-side model's reference generation token for token. The tensors may live on any device: off the
@@ -91,7 +92,7 @@ def split_rows(parts: Tensors) -> tuple[Tensors, Tensors]:
     its first and second half of output rows; input-side parts (``act_scale``, ``in_features``) shared."""
     halves: tuple[Tensors, Tensors] = ({}, {})
     for k, v in parts.items():
-        if k in ("act_scale", "in_features"):
+        if k in ("act_scale", "in_features", "act_bits"):
             halves[0][k] = halves[1][k] = v
         else:
             top, bottom = v.chunk(2, dim=0)
@@ -191,7 +192,8 @@ class EngineModel:
                 else:
                     layer[name] = EngineLinear(parts, self.dtype)
             self.layers.append(layer)
-        self.capture: Optional[dict[str, list[torch.Tensor]]] = None  # AWQ calibration: linear inputs
+        self.capture: Optional[dict[str, list[torch.Tensor]]] = None  # calibration: linear inputs [rows, I]
+        self.capture_stride = 1
 
     @property
     def paged_kernel(self) -> bool:
@@ -207,8 +209,9 @@ class EngineModel:
         return self.rope_cos.shape[0]
 
     def _capture(self, i: int, name: str, x: torch.Tensor) -> None:
-        if self.capture is not None:
-            self.capture.setdefault(f"layers.{i}.{name}", []).append(x.reshape(-1, x.shape[-1]).detach())
+        if self.capture is not None:  # every capture_stride-th row, so a layer's captures stay bounded
+            rows = x.reshape(-1, x.shape[-1])[:: self.capture_stride]
+            self.capture.setdefault(f"layers.{i}.{name}", []).append(rows.float())
 
     def _linear(self, i: int, name: str, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._capture(i, name, x)
@@ -239,17 +242,27 @@ class EngineModel:
     @torch.no_grad()
     def forward_dense(self, tokens: torch.Tensor) -> torch.Tensor:
         """Causal logits [B, T, V] for tokens [B, T] (T <= max_seq_len)."""
+        h, cos, sin = self.embed_dense(tokens)
+        for i in range(self.args.n_layers):
+            h = self.layer_dense(i, h, cos, sin)
+        return self._head(h)
+
+    def embed_dense(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [B, T] -> hidden states [B, T, D] and the RoPE tables at positions 0..T-1 [B, T, d/2]."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(B, T)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        h = self.tok_embeddings[tokens]  # [B, T, D]
-        for i in range(self.args.n_layers):
-            q, k, v = self._qkv(i, h, cos, sin)
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True, enable_gqa=self.args.n_groups > 1)
-            h = self._linear(i, "wo", out.transpose(1, 2).reshape(B, T, -1), residual=h)
-            h = self._ffn(i, h)
-        return self._head(h)
+        return self.tok_embeddings[tokens], self.rope_cos[positions], self.rope_sin[positions]
+
+    @torch.no_grad()
+    def layer_dense(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Layer i on hidden states h [B, T, D] (causal, no cache); the engine build streams calibration
+        through the layers one at a time with it."""
+        B, T, _ = h.shape
+        q, k, v = self._qkv(i, h, cos, sin)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=self.args.n_groups > 1)
+        h = self._linear(i, "wo", out.transpose(1, 2).reshape(B, T, -1), residual=h)
+        return self._ffn(i, h)
 
     @torch.no_grad()
     def forward_paged(self, batch: PagedBatch, cache: PagedKVCache) -> torch.Tensor:

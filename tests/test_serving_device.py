@@ -20,7 +20,7 @@ from puyu.model import Transformer, generate, get_flavor
 from puyu.model.state_dict import puyu_state_dict
 from puyu.serving import llm as llm_module
 from puyu.serving import server
-from puyu.serving.build import build_engine_stages, calibration_inputs, perplexity, quantize_tensors
+from puyu.serving.build import build_engine_stages, layer_captures, perplexity, quantize_tensors
 from puyu.serving.config import (BuildConfig, BuildEngineJobConfig, InferJobConfig, RuntimeConfig, SamplingParams,
                                  ServingError)
 from puyu.serving.engine import Engine, engine_tensors, place_tensors
@@ -227,10 +227,11 @@ def test_cuda_build_forwards_and_awq_search_leave_cpu_tensors(model, prompts):
     fp = fp_tensors(model)
     on_cpu, on_gpu = EngineModel(model.args, fp), EngineModel(model.args, place_tensors(fp, "cuda"))
     assert perplexity(on_gpu, prompts) == pytest.approx(perplexity(on_cpu, prompts), rel=1e-4)
-    calib = calibration_inputs(on_gpu, prompts)
-    assert all(x.device.type == "cuda" for x in calib.values())
+    hidden = [on_gpu.embed_dense(torch.tensor(p, device="cuda")[None]) for p in prompts]
+    _, captured = layer_captures(on_gpu, hidden, 0)
+    assert set(captured) == set(LINEARS) and all(x.device.type == "cuda" for x in captured.values())
     tensors = dict(fp)
-    alphas = quantize_tensors(on_gpu, tensors, BuildConfig(quant="w4", device="cuda"), calib)
+    alphas = quantize_tensors(on_gpu, tensors, BuildConfig(quant="w4", device="cuda"), prompts)
     assert all(t.device.type == "cpu" for t in tensors.values()) and len(alphas) == model.args.n_layers * len(LINEARS)
     assert json.dumps(alphas)  # plain floats, as the build report stores them
     served = LLM(EngineModel(model.args, tensors), runtime=RuntimeConfig(device="cpu", **RUNTIME))
