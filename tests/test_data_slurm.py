@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from puyu.data_pipeline.writers import read_docs
+
 
 def test_data_job_runs_as_arrays_on_slurm_and_megatron_reads_the_corpus(slurm_corpus):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -17,3 +19,9 @@ def test_data_job_runs_as_arrays_on_slurm_and_megatron_reads_the_corpus(slurm_co
     assert len(dataset) == summary["docs_out"] > 500
     assert int(dataset.sequence_lengths.sum()) == summary["tokens"]["tokens"]
     assert f"report: {run_dir / 'summary' / 'summary.md'}" in out.stdout
+    # the copyright files' real duplicates were found across the 4-way arrays and removed
+    clusters = summary["dedup_clusters"]
+    assert clusters["removed_exact"] > 10 and clusters["removed_exact"] + clusters["removed_near"] < 600, clusters
+    kept = [d.text for f in sorted((run_dir / "minhash_filter" / "out").glob("[0-9]*")) for d in read_docs(f)
+            if "copyright" in d.id]
+    assert len(kept) == len(set(kept)) > 10, "an exact copy of a licence text survived, or too few were kept"
