@@ -24,14 +24,20 @@ a 12-layer, 768-wide Llama with a 32000-token vocabulary (~110M parameters, rand
 ``generate`` with the same weights in bf16), timed to the end of the device's work. The first run of each
 side also pays for CUDA's start-up, so give ``--repeats`` 2 or more.
 
-``--quant``: instead, puyu alone on a wider random model (dim 1024, 4 layers, vocab 4000) with fp32,
-w8 and w4 weights (no AWQ; quantization of a random model says nothing about accuracy, only speed):
-16 prompts x 32 greedy tokens, interleaved repeats, best wall time of each, and whether the quantized
-engines' tokens equal their own reference (the linear over the dequantized weight).
+``--quant``: instead, puyu alone, decode speed of quantized engines against fp32 on a ~125M-parameter
+model: ``--model DIR`` (a transformers-written directory, e.g. from ``--write-model``) or, without it, the
+``small`` flavor (12 layers, dim 768, 12/4 heads, FFN 2048) at vocab 32000 with random weights. Its
+linears are quantized to w8, w4 (groups of 128) and w8a8 without calibration (a random model's accuracy
+says nothing; speed does not depend on the weights' values); embeddings and the output head stay fp32.
+For each engine and batch size (1 and 32 sequences of 16-token prompts): the prompts are prefilled, then
+``--decode-steps`` decode steps are timed (tokens generated per second). Engines and batch sizes
+alternate within each repeat, so load changes hit all of them; reported: the median tokens/s of each
+and the median over repeats of each repeat's quantized/fp32 ratio.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -100,43 +106,68 @@ def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: in
     return time.perf_counter() - t0, time.process_time() - c0, [o.token_ids for o in outs]
 
 
-def bench_quant(repeats: int) -> None:
-    from puyu.model.state_dict import puyu_state_dict
-    from puyu.serving.engine import engine_tensors
-    from puyu.serving.engine_model import LINEARS, EngineModel
-    from puyu.serving.quant import dequantize, quantize_linear
+QUANT_MODES = ("fp32", "w8", "w4", "w8a8")
 
-    torch.manual_seed(0)
-    args = get_flavor("tiny", vocab_size=4000).replace(dim=1024, n_layers=4, n_heads=16, n_kv_heads=4,
-                                                       ffn_hidden_dim=2816)
-    base = engine_tensors(args, {k: v.detach() for k, v in puyu_state_dict(Transformer(args).eval()).items()})
-    prompts = [[(7 * i + j) % 3999 + 1 for j in range(20 + i)] for i in range(16)]
-    sp = SamplingParams(max_tokens=32, ignore_eos=True)
-    engines, refs = {"fp32": base}, {}
-    for mode in ("w8", "w4"):
-        t, ref = dict(base), dict(base)
+
+def quant_engines(model_dir: Path | None) -> tuple:
+    """(ModelArgs, {mode: EngineModel}) for fp32 and each quantized mode, from ``model_dir`` or the random
+    ``small`` flavor at vocab 32000."""
+    from puyu.model.state_dict import puyu_state_dict
+    from puyu.serving.engine import engine_from_model_dir, engine_tensors
+    from puyu.serving.engine_model import LINEARS, EngineModel
+    from puyu.serving.quant import quantize_linear
+
+    if model_dir:
+        engine = engine_from_model_dir(model_dir)
+        args, base = engine.args, engine.tensors
+    else:
+        torch.manual_seed(0)
+        args = get_flavor("small", vocab_size=32000)
+        base = engine_tensors(args, {k: v.detach() for k, v in puyu_state_dict(Transformer(args).eval()).items()})
+    engines = {"fp32": EngineModel(args, base)}
+    for mode in QUANT_MODES[1:]:
+        t = dict(base)
         for i in range(args.n_layers):
             for name in LINEARS:
                 key = f"layers.{i}.{name}"
                 parts, _ = quantize_linear(t.pop(key + ".weight"), mode, 128, None)
                 t.update({f"{key}.{k}": v for k, v in parts.items()})
-                ref[key + ".weight"] = dequantize(parts)
-        engines[mode], refs[mode] = t, ref
-    times: dict[str, list[float]] = {}
-    tokens = {}
-    for _ in range(repeats):
-        for mode, tensors in engines.items():
-            llm = LLM(EngineModel(args, tensors), runtime=RuntimeConfig(num_blocks=256))
-            t0 = time.perf_counter()
-            tokens[mode] = [o.token_ids for o in llm.generate(prompts, sp)]
-            times.setdefault(mode, []).append(time.perf_counter() - t0)
-    n_out = len(prompts) * sp.max_tokens
-    for mode, runs in times.items():
-        same = ""
-        if mode in refs:
-            ref = [o.token_ids for o in LLM(EngineModel(args, refs[mode]), runtime=RuntimeConfig(num_blocks=256)).generate(prompts, sp)]
-            same = f"; tokens equal to the dequantized-weight reference: {sum(a == b for a, b in zip(ref, tokens[mode]))}/{len(prompts)}"
-        print(f"{mode}: wall s {[round(r, 2) for r in runs]}; best {n_out / min(runs):.1f} output tokens/s{same}")
+        engines[mode] = EngineModel(args, t)
+    return args, engines
+
+
+def decode_rate(model, batch: int, steps: int) -> float:
+    """Tokens/s of ``steps`` decode steps of ``batch`` sequences (16-token prompts, prefilled first)."""
+    llm = LLM(model, runtime=RuntimeConfig(num_blocks=batch * 4 + 8))
+    sp = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
+    seqs = [llm.prepare(i, [(7 * i + j) % 1999 + 1 for j in range(16)], sp) for i in range(batch)]
+    for seq in seqs:
+        llm.add(seq)
+    outputs: dict = {}
+    while any(not seq.output for seq in seqs):  # prefill
+        llm.step(outputs)
+    t0, made = time.perf_counter(), 0
+    for _ in range(steps):
+        made += llm.step(outputs)[2]
+    return made / (time.perf_counter() - t0)
+
+
+def bench_quant(model_dir: Path | None, repeats: int, steps: int) -> None:
+    args, engines = quant_engines(model_dir)
+    print(f"model: {model_dir or 'small flavor, random weights'}; {args.num_params() / 1e6:.0f}M parameters")
+    batches = {1: steps, 32: max(2, steps // 2)}
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):  # interleaved: every engine and batch size once per repeat
+        for batch, n in batches.items():
+            for mode, model in engines.items():
+                rates.setdefault((mode, batch), []).append(decode_rate(model, batch, n))
+    for batch in batches:
+        base = rates[("fp32", batch)]
+        for mode in engines:
+            runs = rates[(mode, batch)]
+            ratio = statistics.median(r / b for r, b in zip(runs, base))
+            print(f"batch {batch:2d} {mode:5s}: decode tokens/s {[round(r, 1) for r in runs]}, median "
+                  f"{statistics.median(runs):.1f}; {ratio:.2f}x fp32 (median of per-repeat ratios)")
 
 
 def main() -> None:
@@ -146,19 +177,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix-words", type=int, default=0, help="one passage of this many words before every prompt")
-    ap.add_argument("--quant", action="store_true", help="fp32 vs w8 vs w4 weights on a wider model (puyu only)")
+    ap.add_argument("--quant", action="store_true", help="decode tokens/s of fp32, w8, w4 and w8a8 engines (puyu only)")
+    ap.add_argument("--decode-steps", type=int, default=24, help="--quant: decode steps timed at batch 1 (half at 32)")
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
     ap.add_argument("--write-model", type=Path, help="first write a 125M-parameter Llama there (then used as --model)")
     ap.add_argument("--device", choices=list(DTYPES), default="cpu", help="where both sides run (cuda: in bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quant:
-        print(f"quantized weights: dim 1024 x 4 layers, 16 prompts x 32 new tokens, {args.threads} threads, torch {torch.__version__}")
-        bench_quant(args.repeats)
-        return
     if args.write_model:
         write_model(args.write_model)
         args.model = args.write_model
+    if args.quant:
+        print(f"quantized engines: decode at batch 1 and 32, {args.threads} threads, torch {torch.__version__}")
+        bench_quant(args.model, args.repeats, args.decode_steps)
+        return
     texts = wiki_texts()
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(texts[:3000], Path(tmp) / "tokenizer.json", vocab_size=2000)
