@@ -50,7 +50,8 @@ def program(problem: dict, completion: str) -> str:
 def check_completion(problem: dict, completion: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> dict:
     """Run one completion against its problem's tests in the sandbox.
 
-    Returns {"passed": bool, "status": one of sandbox.STATUSES, "detail": why, in one short line}.
+    Returns {"passed": bool, "status": one of sandbox.STATUSES, "detail": why, in one short line,
+    "sandbox": the protections that were active (``SandboxResult.protections``)}.
     """
     result = run_python(program(problem, completion), timeout_s, memory_mb)
     if result.status == "timeout":
@@ -58,7 +59,8 @@ def check_completion(problem: dict, completion: str, timeout_s: float = 10.0, me
     else:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
         detail = lines[-1] if lines else ("" if result.status == "passed" else f"exit code {result.returncode}")
-    return {"passed": result.status == "passed", "status": result.status, "detail": detail[:DETAIL_CHARS]}
+    return {"passed": result.status == "passed", "status": result.status, "detail": detail[:DETAIL_CHARS],
+            "sandbox": result.protections}
 
 
 def check_many(problems_and_completions: list[tuple[dict, str]], timeout_s: float = 10.0,

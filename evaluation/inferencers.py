@@ -290,14 +290,15 @@ def predict_code(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Infer
     problems = [item.meta["problem"] for item in items for _ in range(n)]
     ran = iter(check_many([(problem, out.text) for problem, out in zip(problems, outs) if not out.error],
                           timeout_s=cfg.code_timeout_s))
-    results = [{"passed": False, "status": "error", "detail": out.error} if out.error else next(ran) for out in outs]
+    results = [{"passed": False, "status": "error", "detail": out.error, "sandbox": ""} if out.error else next(ran)
+               for out in outs]
     records = []
     for i, item in enumerate(items):
         mine = [(out.text, r) for out, r in zip(outs[i * n:(i + 1) * n], results[i * n:(i + 1) * n])]
         (completion, first), rest = mine[0], mine[1:]
         record = {"id": item.id, "task_id": item.meta["problem"].get("task_id"), "completion": completion,
                   "passed": bool(first["passed"]), "status": first["status"], "detail": first.get("detail", ""),
-                  "n": n, "c": sum(bool(r["passed"]) for _, r in mine)}
+                  "n": n, "c": sum(bool(r["passed"]) for _, r in mine), "sandbox": first["sandbox"]}
         if rest:
             record["samples"] = [{"completion": text, "passed": bool(r["passed"]), "status": r["status"]}
                                  for text, r in rest]
@@ -320,7 +321,7 @@ def predict(dataset: Dataset, items: list[Item], llm, cfg: InferenceConfig) -> l
     mc, one per variant: id ("<item id>@<variant>"), origin_id, variant, gold, pred, pred_norm, pred_nll,
     correct, logprobs (per option), tokens (per option)[, category, subject]; gen: id, prediction, extracted,
     gold, correct[, category, subject][, error]; code: id, task_id, completion, passed, status, detail, n,
-    c[, samples]; bpb: id, nll (nats), tokens, bytes.
+    c, sandbox (its active protections)[, samples]; bpb: id, nll (nats), tokens, bytes.
     """
     validate(cfg)
     if not items:

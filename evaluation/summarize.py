@@ -92,6 +92,17 @@ def group_rows(records: dict, kinds: dict[str, str], datasets: list[str], models
     return rows
 
 
+def sandbox_lines(records: dict, kinds: dict[str, str], datasets: list[str]) -> list[str]:
+    """Which sandbox protections the programs of each code dataset ran under (they depend on what the
+    kernel of the task's node allowed, so a score says what its programs could and could not touch)."""
+    lines = []
+    for ds in datasets:
+        if kinds[ds] == "code":
+            seen = sorted({r["sandbox"] for (_, d), recs in records.items() if d == ds for r in recs if r.get("sandbox")})
+            lines.append(f"Sandbox ({ds}): {'; '.join(seen) or 'unknown (no program ran)'}.")
+    return lines
+
+
 def _plot_png(table: dict, kinds: dict[str, str], datasets: list[str], models: list[str]) -> bytes:
     import matplotlib
 
@@ -168,7 +179,7 @@ def write_report(cfg: EvalJobConfig, plan: list[TaskSpec], models: list[ModelSpe
     rows = _rows(table, kinds, datasets, names)
     md = ["# puyu evaluation report", "",
           f"Models: {', '.join(names)}. Datasets: {', '.join(f'{ds} ({len(records[(names[0], ds)])} records)' for ds in datasets)}. "
-          f"CircularEval: {cfg.infer.circular}.", "",
+          f"CircularEval: {cfg.infer.circular}.", *sandbox_lines(records, kinds, datasets), "",
           "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(names)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     groups = (["dataset", "by", "group", "items", "metric"] + names, group_rows(records, kinds, datasets, names))

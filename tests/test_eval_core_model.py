@@ -201,7 +201,8 @@ def test_code_records_come_from_the_sandbox_check():
     ds = Dataset("humaneval", "code", [Item("humaneval/0", problem["prompt"], meta={"problem": problem})])
     records = predict(ds, ds.items, AlwaysA("    return 1\n"), InferenceConfig(code_timeout_s=5.0))
     assert records == [{"id": "humaneval/0", "task_id": "T/0", "completion": "    return 1\n", "passed": True,
-                        "status": "passed", "detail": "", "n": 1, "c": 1}]
+                        "status": "passed", "detail": "", "n": 1, "c": 1, "sandbox": records[0]["sandbox"]}]
+    assert records[0]["sandbox"].startswith("rlimits, ")
     assert score("code", records) == {"pass@1": 100.0}
     wrong = predict(ds, ds.items, AlwaysA("    return 2\n"), InferenceConfig(code_timeout_s=5.0))
     assert wrong[0]["passed"] is False and wrong[0]["status"] == "failed"

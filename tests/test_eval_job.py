@@ -85,6 +85,7 @@ def test_two_models_three_datasets_give_one_report(engines, clean_run):
         assert all(v == "-" or 0.0 <= float(v) <= 100.0 for v in r[3:]), r
     md = (summary / "report.md").read_text()
     assert "| mmlu | acc_circular |" in md
+    assert "Sandbox (humaneval): rlimits, " in md  # which protections the programs ran under
     page = (summary / "report.html").read_text()
     assert "data:image/png;base64," in page and "<details>" in page
     for model in engines:

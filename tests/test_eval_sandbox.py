@@ -48,7 +48,9 @@ def test_all_164_canonical_solutions_pass(problems):
     seconds = time.monotonic() - start
     failed = [(p["task_id"], r) for p, r in zip(problems, results) if not r["passed"]]
     assert failed == []
-    assert all(r == {"passed": True, "status": "passed", "detail": ""} for r in results)
+    assert all(r == {"passed": True, "status": "passed", "detail": "", "sandbox": results[0]["sandbox"]}
+               for r in results)
+    assert results[0]["sandbox"].startswith("rlimits, ")
     assert seconds < 60, f"164 canonical solutions took {seconds:.1f} s"
     print(f"\n164/164 canonical solutions passed in {seconds:.1f} s (2 workers)")
 
@@ -103,7 +105,8 @@ def test_fork_bomb_and_subprocesses_are_refused(code):
                                         "    x = []\n    while True:\n        x.append(' ' * 10**6)\n"])
 def test_memory_hog_is_stopped(problems, completion):
     result = humaneval.check_completion(problems[0], completion, timeout_s=10, memory_mb=256)
-    assert result == {"passed": False, "status": "memory", "detail": "MemoryError"}
+    assert {k: result[k] for k in ("passed", "status", "detail")} == {"passed": False, "status": "memory",
+                                                                      "detail": "MemoryError"}
 
 
 @pytest.fixture
@@ -153,6 +156,52 @@ def test_files_stay_in_a_temporary_directory_that_is_removed():
     assert home == tmp and written == os.path.join(home, "left_behind.txt")
     assert os.path.basename(home).startswith("puyu-sandbox-")
     assert not os.path.exists(home) and not os.path.exists("left_behind.txt")
+
+
+WRITES = """
+import os
+open('inside.txt', 'w').write('kept')
+print('inside', open(os.path.join(os.environ['TMPDIR'], 'inside.txt')).read())
+for target in {targets!r}:
+    try:
+        open(target, 'w').write('x')
+        print('wrote', target)
+    except OSError as error:
+        print('refused', target, error.errno)
+"""
+
+
+def _write_attempts(result) -> dict[str, str]:
+    """target -> "wrote" or "refused <errno>", from the lines WRITES prints (after its "inside kept")."""
+    first, *rest = result.stdout.splitlines()
+    assert first == "inside kept", result.stderr
+    return {words[1]: " ".join(words[:1] + words[2:]) for words in map(str.split, rest)}
+
+
+def test_mount_namespace_leaves_only_the_temporary_directory_writable(tmp_path):
+    """Writes outside the run's temporary directory fail with EROFS (30) where the mount namespace is
+    active, also as root; where the kernel refuses it the result says so, and nothing else changes."""
+    targets = [str(tmp_path / "outside.txt"), f"/usr/local/puyu-sandbox-probe-{os.getpid()}.txt"]
+    session = sandbox.PythonSession(5, 256)
+    try:
+        result = sandbox.run_python(WRITES.format(targets=targets), timeout_s=5, memory_mb=256)
+        cell = session.run(WRITES.format(targets=targets))
+    finally:
+        session.close()
+        written = [t for t in targets if os.path.exists(t)]
+        for target in written:
+            os.remove(target)
+    for run in (result, cell):
+        assert run.status == "passed", run.stderr
+        attempts = _write_attempts(run)
+        if run.mounts != "namespace":
+            assert run.mounts == "none" and "read-only root" not in run.protections
+            pytest.skip(f"the kernel refused the mount namespace here (protections: {run.protections})")
+        assert attempts == {target: "refused 30" for target in targets}
+        assert run.protections == "rlimits, network namespace, read-only root (mount namespace)"
+    assert written == []
+    with open(tmp_path / "parent.txt", "w") as f:  # the copies were made read-only, not the parent's mounts
+        f.write("still writable")
 
 
 def test_file_and_output_floods_are_cut_off():
