@@ -36,7 +36,9 @@ class EvalJobConfig(JobConfig):
     ``models`` empty every entry of ``model_paths`` is evaluated. Datasets are built-in names or keys of
     ``custom_datasets`` (``{path: rows.jsonl, kind: mc|gen}``). ``reuse`` names an earlier eval run: its
     finished tasks with the same key (model checksum, dataset items, inference settings) are copied, not
-    recomputed, so a rerun after a failure only redoes what failed.
+    recomputed, so a rerun after a failure only redoes what failed. ``judges`` maps a generation dataset to
+    an LLM judge of its answers (``{engine: <engine dir> | base_url: <OpenAI-compatible URL>, model, prompt,
+    max_tokens}``, see :mod:`puyu.evaluation.judge`), which adds ``judge_accuracy`` to its scores.
     """
 
     models: list[str] = dataclasses.field(default_factory=list)
@@ -47,5 +49,6 @@ class EvalJobConfig(JobConfig):
     limits: dict[str, int] = dataclasses.field(default_factory=dict)  # per-dataset override of limit
     max_task_cost: float = 400_000.0  # size partitioner: estimated tokens a task may process
     reuse: str = ""  # an earlier eval run directory whose finished tasks are copied
+    judges: dict[str, Any] = dataclasses.field(default_factory=dict)  # gen dataset -> LLM judge (judge.JudgeSpec)
     infer: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=lambda: RuntimeConfig(kv_cache_mb=512))

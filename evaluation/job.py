@@ -1,7 +1,7 @@
 """``job=eval``: the stages the launcher submits.
 
 - ``eval`` (an array, one task per :class:`TaskSpec` of the plan): loads the task's engine and dataset,
-  predicts its item range and writes ``eval/predictions/<model>/<dataset>/<key>.jsonl`` and then
+  predicts its item range (then, for a dataset in ``job.judges``, has the judge grade the answers) and writes ``eval/predictions/<model>/<dataset>/<key>.jsonl`` and then
   ``<key>.meta.json`` (engine checksum, counts, time), both atomically; the launcher's completion marker
   follows. With ``job.reuse=<earlier run>`` a task whose key and engine checksum match a finished task
   there copies that task's files instead of predicting (no engine is loaded).
@@ -86,6 +86,12 @@ class EvalTask:
         t0 = time.perf_counter()
         llm = LLM(engine, runtime=self.cfg.runtime)
         records = predict(dataset, items, llm, self.cfg.infer)
+        if spec.dataset in self.cfg.judges:
+            from puyu.evaluation.judge import judge_records, judge_spec
+
+            del llm  # an engine judge is loaded next: one model in memory at a time
+            records = judge_records(judge_spec(spec.dataset, self.cfg.judges[spec.dataset]), items, records,
+                                    self.cfg.runtime)
         seconds = time.perf_counter() - t0
         with atomic_open(out, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
@@ -128,6 +134,9 @@ def eval_stages(cfg: EvalJobConfig, in_run_models: Optional[dict[str, str]] = No
         raise EvalError(f"job.reuse: {cfg.reuse} is not a directory (name an earlier eval run)")
     models = resolve_models(cfg, in_run_models)
     datasets = load_datasets(cfg)
+    from puyu.evaluation.judge import check_judges
+
+    check_judges(cfg.judges, datasets)
     from puyu.evaluation.inferencers import estimate_cost
 
     plan = plan_tasks(models, datasets, cfg, estimate_cost)

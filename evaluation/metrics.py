@@ -92,7 +92,8 @@ def score(kind: str, records: list[dict]) -> dict[str, float]:
     mc: ``acc`` (lm-eval's: argmax of the summed log-probability of " X"), ``acc_norm`` (the same divided
     by the continuation's length in bytes), ``acc_nll`` (OpenCompass-style: argmin of mean NLL per
     continuation token) — all on the original option order — plus CircularEval's metrics (acc rule);
-    gen: ``accuracy`` (exact match of the extracted answer); code: ``pass@k`` for k in ``PASS_K`` up to the
+    gen: ``accuracy`` (exact match of the extracted answer), and with an LLM judge (``puyu.evaluation.judge``)
+    ``judge_accuracy`` (judged correct, over all items) and ``judge_parsed`` (items with a verdict); code: ``pass@k`` for k in ``PASS_K`` up to the
     samples per problem n, the unbiased estimator of Chen et al. (2021) from n and the passing count c,
     averaged over problems (n = 1 greedy: the share of problems passed); bpb: ``bits_per_byte`` (summed NLL in bits over UTF-8 bytes) and ``ppl`` (token perplexity,
     which depends on the tokenizer, unlike bits per byte).
@@ -108,7 +109,11 @@ def score(kind: str, records: list[dict]) -> dict[str, float]:
                 "acc_nll": _pct([r["pred_nll"] == r["gold"] for r in origin]),
                 **circular_metrics(records)}
     if kind == "gen":
-        return {"accuracy": _pct([r["correct"] for r in records])}
+        scores = {"accuracy": _pct([r["correct"] for r in records])}
+        if "judge_verdict" in records[0]:
+            scores["judge_accuracy"] = _pct([r["judge_verdict"] == "correct" for r in records])
+            scores["judge_parsed"] = _pct([r["judge_verdict"] is not None for r in records])
+        return scores
     if kind == "code":
         n = min(r.get("n", 1) for r in records)
         return {f"pass@{k}": 100.0 * sum(pass_at_k(r.get("n", 1), r.get("c", int(r["passed"])), k) for r in records)

@@ -108,6 +108,8 @@ def settings_hash(model: ModelSpec, dataset: str, item_ids: Sequence[str], cfg: 
     payload = {"model": model.path, "dataset": dataset, "items": list(item_ids),
                "infer": dataclasses.asdict(cfg.infer),
                "custom": cfg.custom_datasets.get(dataset) if dataset in cfg.custom_datasets else None}
+    if dataset in cfg.judges:  # only then, so that runs without judges keep their keys
+        payload["judge"] = dict(cfg.judges[dataset])
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

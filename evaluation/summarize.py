@@ -103,6 +103,14 @@ def sandbox_lines(records: dict, kinds: dict[str, str], datasets: list[str]) -> 
     return lines
 
 
+def judge_lines(cfg: EvalJobConfig, datasets: list[str]) -> list[str]:
+    """Who judged the open answers of each judged dataset (``judge_accuracy``)."""
+    from puyu.evaluation.judge import judge_spec
+
+    return [f"LLM judge ({ds}): {judge_spec(ds, cfg.judges[ds]).describe()}, greedy." for ds in datasets
+            if ds in cfg.judges]
+
+
 def _plot_png(table: dict, kinds: dict[str, str], datasets: list[str], models: list[str]) -> bytes:
     import matplotlib
 
@@ -179,7 +187,8 @@ def write_report(cfg: EvalJobConfig, plan: list[TaskSpec], models: list[ModelSpe
     rows = _rows(table, kinds, datasets, names)
     md = ["# puyu evaluation report", "",
           f"Models: {', '.join(names)}. Datasets: {', '.join(f'{ds} ({len(records[(names[0], ds)])} records)' for ds in datasets)}. "
-          f"CircularEval: {cfg.infer.circular}.", *sandbox_lines(records, kinds, datasets), "",
+          f"CircularEval: {cfg.infer.circular}.", *sandbox_lines(records, kinds, datasets),
+          *judge_lines(cfg, datasets), "",
           "| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * len(names)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     groups = (["dataset", "by", "group", "items", "metric"] + names, group_rows(records, kinds, datasets, names))
