@@ -10,8 +10,10 @@ Written to the ``eval_summary`` stage folder:
   HellaSwag's two sources, custom datasets' subjects), each group scored over its own items, so a category
   is the micro average of its subjects as lm-eval's group scores are;
 - ``details/<model>/<dataset>.jsonl``: every prediction record, in item order.
-The report holds nothing run-specific (no paths, times or task counts), so the same predictions give the
-same bytes: a rerun that reuses finished tasks can be checked against the original.
+``report.md`` also says which sandbox protections each code dataset's programs ran under and which LLM judge
+graded each judged dataset. The report holds nothing run-specific (no run paths, times or task counts; a
+judge is named as configured), so the same predictions give the same bytes: a rerun that reuses finished
+tasks can be checked against the original.
 """
 from __future__ import annotations
 
