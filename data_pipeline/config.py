@@ -234,7 +234,10 @@ class DedupConfig:
     ngram: int = 5  # words per shingle (a CJK or Thai character counts as a word)
     bands: int = 0  # 0: derive bands/rows from threshold and num_perm (datasketch's optimum)
     rows: int = 0
-    verify: bool = True  # keep an LSH candidate pair only if its signature Jaccard estimate >= threshold
+    verify: bool = True  # keep an LSH candidate pair only if its Jaccard (estimate, or exact near the threshold) >= threshold
+    # With verify: a pair whose signature estimate lies within this of the threshold is decided by the exact
+    # Jaccard of the two documents' shingle sets (kept by the signatures stage, 4 bytes per shingle); 0: estimate only.
+    verify_margin: float = 0.1
     # Earlier corpora to dedup against: their runs (or minhash_signatures folders), made with the same
     # num_perm/seed/ngram/bands/rows. A document of this corpus near one of theirs is removed; theirs stay.
     index: list[str] = dataclasses.field(default_factory=list)

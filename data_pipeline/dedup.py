@@ -2,12 +2,12 @@
 
 1. signatures (per corpus file): MinHash rows -> ``sigs/NNNNN.u32``; for every band the band hashes
    sorted, with each one's document index -> row k of ``bands/NNNNN.hash.npy`` / ``.idx.npy``; the last
-   band, ``exact``, holds a content hash.
+   band, ``exact``, holds a content hash. Each document's sorted shingle hashes -> ``shingles/``, for
+   verifying candidates whose signature estimate is too close to the threshold to decide.
 2. buckets: the work is split by band *and* by hash range (``bands x parts`` units, ``parts`` enough
    for every task to get one, as datatrove's ``num_buckets x k``); a unit binary-searches its range in
    every file's sorted row, sorts the slices together with numpy and pairs the members of each bucket
-   whose signatures agree on at least ``threshold`` of their rows (:func:`lsh.bucket_pairs`) ->
-   ``pairs/NNNNN.npy``. A unit holds at most :data:`CHUNK` entries at a time (a bigger one is cut into
+   whose Jaccard reaches ``threshold`` (:func:`lsh.bucket_pairs`, :class:`_Verifier`) -> ``pairs/NNNNN.npy``. A unit holds at most :data:`CHUNK` entries at a time (a bigger one is cut into
    narrower hash ranges), so a task's memory does not grow with the corpus.
 3. clusters (one task): union-find over the pairs as arrays (:mod:`puyu.data_pipeline.lsh`), memory per
    duplicate; each component keeps one document, the others go to ``remove/NNNNN.npy``.
@@ -20,6 +20,7 @@ are kept over any document of this corpus, and are never removed or paired with 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,6 +44,7 @@ EXACT_BAND = "exact"
 BATCH = 2048
 CHUNK = 1 << 21  # band entries a buckets task sorts at once (32 MB of hashes and keys)
 MAX_LEADERS = 64  # per bucket: the most distinct documents a member is verified against
+VERIFY_BATCH = 4096  # candidate pairs whose shingle sets are compared at once
 PARAMS = "params.json"  # the signature settings of a signatures folder (what an index must share)
 INDEX_SHIFT = 49  # an index document's key: INDEX_BIT | index number << 49 | file << 32 | index in file
 MAX_INDEX_FILES = 1 << (INDEX_SHIFT - 32)
@@ -68,6 +70,11 @@ def band_names(cfg: DedupConfig) -> list[str]:
     return names + ([EXACT_BAND] if cfg.exact else [])
 
 
+def keeps_shingles(cfg: DedupConfig) -> bool:
+    """Whether candidates near the threshold are checked on shingle sets, which stage 1 then writes."""
+    return cfg.near and cfg.verify and cfg.verify_margin > 0
+
+
 def signature_params(cfg: DedupConfig) -> dict:
     """What decides a signatures folder's contents: two folders are comparable when these agree."""
     bands, rows = lsh_params(cfg)
@@ -86,13 +93,20 @@ def write_signatures(docs: Iterator[Document], out_dir: Path, number: int, cfg: 
     band_cols: list[np.ndarray] = []
     exact_col: list[np.ndarray] = []
     n_docs = 0
-    with atomic_open(out_dir / "sigs" / f"{number:05d}.u32", "wb") as sig_fh:
+    bounds: list[np.ndarray] = [np.zeros(1, np.int64)]
+    sets = atomic_open(out_dir / "shingles" / f"{number:05d}.u32", "wb") if keeps_shingles(cfg) \
+        else contextlib.nullcontext()
+    with atomic_open(out_dir / "sigs" / f"{number:05d}.u32", "wb") as sig_fh, sets as set_fh:
         batch: list[str] = []
 
         def flush() -> None:
             encoded = minhash.EncodedBatch(batch)
             sigs = encoded.signatures(cfg.num_perm, cfg.seed, cfg.ngram)
             sig_fh.write(sigs.tobytes())
+            if keeps_shingles(cfg):
+                values, ends = encoded.shingle_sets(cfg.ngram)
+                set_fh.write(values.tobytes())
+                bounds.append(ends[1:] + bounds[-1][-1])
             if cfg.near:
                 band_cols.append(minhash.band_hashes(sigs, bands, rows))
             if cfg.exact:
@@ -117,6 +131,8 @@ def write_signatures(docs: Iterator[Document], out_dir: Path, number: int, cfg: 
     for k, column in enumerate(columns):
         order = np.argsort(column, kind="stable")  # stable: equal hashes keep index order
         hashes[k], indices[k] = column[order], order
+    if keeps_shingles(cfg):
+        _save_npy(out_dir / "shingles" / f"{number:05d}.bounds.npy", np.concatenate(bounds))
     _save_npy(out_dir / "bands" / f"{number:05d}.idx.npy", indices)
     _save_npy(out_dir / "bands" / f"{number:05d}.hash.npy", hashes)
     params = json.dumps(signature_params(cfg), sort_keys=True) + "\n"
@@ -188,13 +204,39 @@ class SignatureStore:
             self._maps[high] = np.memmap(self.paths[high], dtype=np.uint32, mode="r").reshape(-1, self.num_perm)
         return self._maps[high]
 
-    def rows(self, keys: np.ndarray) -> np.ndarray:
-        out = np.empty((len(keys), self.num_perm), dtype=np.uint32)
+    def _by_file(self, keys: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(file, positions in ``keys``, indices in that file) for each file the keys fall in."""
         high = keys >> np.uint64(32)
         for h in np.unique(high):
             where = np.flatnonzero(high == h)
-            out[where] = self._map(int(h))[(keys[where] & np.uint64(0xFFFFFFFF)).astype(np.int64)]
+            yield int(h), where, (keys[where] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        out = np.empty((len(keys), self.num_perm), dtype=np.uint32)
+        for high, where, local in self._by_file(keys):
+            out[where] = self._map(high)[local]
         return out
+
+    def shingle_sets(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(values, bounds) of the documents' sorted shingle hashes, in the order of ``keys``."""
+        starts, sizes, parts = np.empty(len(keys), np.int64), np.empty(len(keys), np.int64), {}
+        for high, where, local in self._by_file(keys):
+            path = self.paths[high]
+            bounds = np.load(path.parent.parent / "shingles" / f"{path.stem}.bounds.npy", mmap_mode="r")
+            starts[where], sizes[where] = bounds[local], bounds[local + 1] - bounds[local]
+            parts[high] = (where, np.memmap(path.parent.parent / "shingles" / path.name, dtype=np.uint32, mode="r"))
+        out_bounds = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum(sizes, out=out_bounds[1:])
+        values = np.empty(out_bounds[-1], np.uint32)
+        for where, mapped in parts.values():  # each file's documents gathered in one fancy index
+            values[_ranges(out_bounds[where], sizes[where])] = mapped[_ranges(starts[where], sizes[where])]
+        return values, out_bounds
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``arange(start, start + length)`` for each pair, concatenated, without a Python loop."""
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))
 
 
 def bucket_units(cfg: DedupConfig, world_size: int) -> list[tuple[str, int, int]]:
@@ -224,6 +266,32 @@ def _slices(sources: list[SignatureSource], band: str, lo: int, hi: int) -> list
     return out
 
 
+def _everything(leaders: np.ndarray, members: np.ndarray) -> np.ndarray:
+    return np.ones(len(members), dtype=bool)
+
+
+class _Verifier:
+    """Accepts a (leader, member) pair whose Jaccard reaches the threshold: by the signature estimate when
+    it is clear by more than ``verify_margin`` (about 3 standard errors at 128 rows), else by the exact
+    Jaccard of the two shingle sets, so no pair is kept or lost on the estimate's noise near the threshold."""
+
+    def __init__(self, keys: np.ndarray, store: "SignatureStore", cfg: DedupConfig, stats: dict) -> None:
+        self.keys, self.store, self.cfg, self.stats = keys, store, cfg, stats
+        self.sigs = store.rows(keys)
+
+    def __call__(self, leaders: np.ndarray, members: np.ndarray) -> np.ndarray:
+        estimate = np.count_nonzero(self.sigs[leaders] == self.sigs[members], axis=1) / self.cfg.num_perm
+        accept = estimate >= self.cfg.threshold
+        unsure = np.flatnonzero(np.abs(estimate - self.cfg.threshold) < self.cfg.verify_margin)
+        for start in range(0, len(unsure), VERIFY_BATCH):
+            part = unsure[start:start + VERIFY_BATCH]
+            exact = lsh.set_jaccard(*self.store.shingle_sets(self.keys[leaders[part]]),
+                                    *self.store.shingle_sets(self.keys[members[part]]))
+            accept[part] = exact >= self.cfg.threshold
+        self.stats["exact_checks"] += len(unsure)
+        return accept
+
+
 def unit_pairs(sources: list[SignatureSource], unit: tuple[str, int, int], cfg: DedupConfig,
                store: SignatureStore) -> tuple[np.ndarray, dict]:
     """Stage 2 for one unit (band, hash range): the verified pairs of its buckets."""
@@ -232,7 +300,7 @@ def unit_pairs(sources: list[SignatureSource], unit: tuple[str, int, int], cfg: 
     total = sum(len(h) for h, _, _ in _slices(sources, band, lo, hi))
     pieces = max(1, math.ceil(total / CHUNK))
     exact = band == EXACT_BAND
-    found, stats = [], {"entries": total, "candidates": 0, "rejected": 0}
+    found, stats = [], {"entries": total, "candidates": 0, "rejected": 0, "exact_checks": 0}
     for piece in range(pieces):
         slices = _slices(sources, band, lo + (hi - lo) * piece // pieces, lo + (hi - lo) * (piece + 1) // pieces)
         if not slices:
@@ -247,9 +315,8 @@ def unit_pairs(sources: list[SignatureSource], unit: tuple[str, int, int], cfg: 
         member[:-1] |= repeat
         hashes, keys = hashes[member], keys[member]
         stats["candidates"] += int(np.count_nonzero(repeat))
-        verify = cfg.verify and not exact
-        sigs = store.rows(keys) if verify else np.empty((0, 0), np.uint32)
-        a, b, unmatched = lsh.bucket_pairs(hashes, keys, sigs, cfg.threshold * cfg.num_perm, MAX_LEADERS, verify)
+        accept = _everything if exact or not cfg.verify else _Verifier(keys, store, cfg, stats)
+        a, b, unmatched = lsh.bucket_pairs(hashes, keys, accept, MAX_LEADERS)
         stats["rejected"] += int(unmatched)
         pairs = np.empty(len(a), dtype=PAIR_DTYPE)
         pairs["a"], pairs["b"], pairs["exact"] = a, b, exact

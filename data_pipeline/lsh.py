@@ -6,22 +6,24 @@ candidate or per duplicate, never a Python object per document, and never an arr
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numba
 import numpy as np
 
 INDEX_BIT = np.uint64(1 << 63)
 
 
-def bucket_pairs(hashes: np.ndarray, keys: np.ndarray, sigs: np.ndarray, min_agree: float, max_leaders: int,
-                 verify: bool) -> tuple[np.ndarray, np.ndarray, int]:
+def bucket_pairs(hashes: np.ndarray, keys: np.ndarray, accept: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                 max_leaders: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Pairs ``(leader, member)`` of each run of equal ``hashes`` (sorted), and how many members found no leader.
 
     A run is one LSH bucket. Its first member leads; each later member is compared with the run's leaders
-    in order and paired with the first whose signature agrees in at least ``min_agree`` rows, else it
-    leads too (up to ``max_leaders``, which bounds the work of a huge bucket of unrelated documents).
-    Comparing with every leader, not only the first, keeps a pair of duplicates that landed in a bucket
-    with an unrelated first member. Without ``verify`` (content hashes) every member pairs with the first.
-    Two index documents are never paired: only this corpus's documents can be removed.
+    in order and paired with the first one ``accept`` (positions of leaders, positions of members -> mask)
+    takes, else it leads too (up to ``max_leaders``, which bounds the work of a huge bucket of unrelated
+    documents). Comparing with every leader, not only the first, keeps a pair of duplicates that landed
+    in a bucket with an unrelated first member. Two index documents are never paired: only this
+    corpus's documents can be removed.
 
     In rounds over all buckets at once (round k compares the members left with each bucket's k-th
     leader), so it is a few numpy passes: a buckets task needs no compiled code, and starts faster.
@@ -36,10 +38,7 @@ def bucket_pairs(hashes: np.ndarray, keys: np.ndarray, sigs: np.ndarray, min_agr
         first = np.r_[True, run[idx[1:]] != run[idx[:-1]]]
         leader_of = idx[first][np.cumsum(first) - 1]
         members, their_leader = idx[~first], leader_of[~first]
-        if verify:
-            ok = np.count_nonzero(sigs[members] == sigs[their_leader], axis=1) >= min_agree
-        else:
-            ok = np.ones(len(members), dtype=bool)
+        ok = accept(their_leader, members)
         a, b = keys[their_leader[ok]], keys[members[ok]]
         keep = ((a & INDEX_BIT) == 0) | ((b & INDEX_BIT) == 0)
         found_a.append(a[keep])
@@ -51,6 +50,23 @@ def bucket_pairs(hashes: np.ndarray, keys: np.ndarray, sigs: np.ndarray, min_agr
     unmatched = leaders_total - runs + int(np.count_nonzero(pending))
     empty = np.zeros(0, np.uint64)
     return np.concatenate(found_a or [empty]), np.concatenate(found_b or [empty]), unmatched
+
+
+def set_jaccard(values_a: np.ndarray, bounds_a: np.ndarray, values_b: np.ndarray, bounds_b: np.ndarray) -> np.ndarray:
+    """Exact Jaccard of pairs of sorted distinct sets (pair p: ``values[bounds[p]:bounds[p + 1]]`` of each side).
+
+    Every value is tagged with its pair number and all are sorted together: a value both sides of a pair
+    hold appears twice in a row. One sort for all pairs, no Python loop per pair.
+    """
+    size_a, size_b = np.diff(bounds_a), np.diff(bounds_b)
+    pairs = len(size_a)
+    tagged = np.concatenate([np.repeat(np.arange(pairs, dtype=np.uint64), size_a) << np.uint64(32) | values_a,
+                             np.repeat(np.arange(pairs, dtype=np.uint64), size_b) << np.uint64(32) | values_b])
+    tagged.sort()
+    both = tagged[1:][tagged[1:] == tagged[:-1]] >> np.uint64(32)
+    shared = np.bincount(both.astype(np.int64), minlength=pairs)
+    union = size_a + size_b - shared
+    return np.where(union > 0, shared / np.maximum(union, 1), 1.0)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -187,6 +187,18 @@ def _word_hashes(buf, start, end, out, ascii_sep, wide_sep, lower):
 
 
 @numba.njit(cache=True, nogil=True)
+def _shingle_hash(words, s, width):
+    """The 32-bit hash of the shingle of ``width`` words from ``s`` (what datasketch's permutations see)."""
+    h = np.uint64(FNV_OFFSET)
+    for k in range(width):
+        h = (h ^ words[s + k]) * np.uint64(FNV_PRIME)
+    h ^= h >> np.uint64(33)
+    h = h * np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    return _fmix32(np.uint32((h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)))
+
+
+@numba.njit(cache=True, nogil=True)
 def _signatures(buf, starts, ends, a, b, ngram, out, ascii_sep, wide_sep, lower):
     num_perm = a.shape[0]
     longest = np.max(ends - starts) if starts.shape[0] else 0
@@ -198,18 +210,35 @@ def _signatures(buf, starts, ends, a, b, ngram, out, ascii_sep, wide_sep, lower)
         n_shingles = n - ngram + 1 if n >= ngram else (1 if n > 0 else 0)
         width = ngram if n >= ngram else n
         for s in range(n_shingles):
-            h = np.uint64(FNV_OFFSET)
-            for k in range(width):
-                h = (h ^ words[s + k]) * np.uint64(FNV_PRIME)
-            h ^= h >> np.uint64(33)
-            h = h * np.uint64(0xFF51AFD7ED558CCD)
-            h ^= h >> np.uint64(33)
-            hv = _fmix32(np.uint32((h ^ (h >> np.uint64(32))) & np.uint64(MAX_HASH)))
+            hv = _shingle_hash(words, s, width)
             for p in range(num_perm):
                 v = np.uint32(a[p] * hv + b[p])
                 if v < row[p]:
                     row[p] = v
         out[d, :] = row
+
+
+@numba.njit(cache=True, nogil=True)
+def _shingle_sets(buf, starts, ends, ngram, out, bounds, ascii_sep, wide_sep, lower):
+    """Each document's distinct shingle hashes, sorted, one after another in ``out`` (ends in ``bounds``)."""
+    longest = np.max(ends - starts) if starts.shape[0] else 0
+    words = np.empty(longest // 2 + 1, dtype=np.uint64)
+    pos = 0
+    for d in range(starts.shape[0]):
+        n = _word_hashes(buf, starts[d], ends[d], words, ascii_sep, wide_sep, lower)
+        n_shingles = n - ngram + 1 if n >= ngram else (1 if n > 0 else 0)
+        width = ngram if n >= ngram else n
+        for s in range(n_shingles):
+            out[pos + s] = _shingle_hash(words, s, width)
+        values = np.sort(out[pos:pos + n_shingles])
+        k = pos
+        for i in range(n_shingles):
+            if i == 0 or values[i] != values[i - 1]:
+                out[k] = values[i]
+                k += 1
+        pos = k
+        bounds[d + 1] = pos
+    return pos
 
 
 _P1, _P2, _P3 = np.uint64(0x9E3779B185EBCA87), np.uint64(0xC2B2AE3D27D4EB4F), np.uint64(0x165667B19E3779F9)
@@ -263,6 +292,14 @@ class EncodedBatch:
         _signatures(self.buf, self.starts, self.ends, a, b, ngram, out, _ASCII_SEPARATOR, _WIDE_SEPARATORS,
                     _lowercase()[1])
         return out
+
+    def shingle_sets(self, ngram: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values, bounds): document d's sorted distinct shingle hashes are ``values[bounds[d]:bounds[d + 1]]``."""
+        out = np.empty(int(np.sum((self.ends - self.starts) // 2 + 1)), dtype=np.uint32)
+        bounds = np.zeros(len(self.starts) + 1, dtype=np.int64)
+        used = _shingle_sets(self.buf, self.starts, self.ends, ngram, out, bounds, _ASCII_SEPARATOR,
+                             _WIDE_SEPARATORS, _lowercase()[1])
+        return out[:used], bounds
 
     def content_hashes(self) -> np.ndarray:
         return _content_hashes(self.buf, self.starts, self.ends)

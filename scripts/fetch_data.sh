@@ -35,7 +35,7 @@ for spec in "${PIP_PACKAGES[@]}"; do
 done
 
 # --- Debian text packages, unpacked (not installed) under DATA_DIR/debs/<pkg> ----------------
-DEB_PACKAGES=("python3.11-doc" "fortunes-zh")
+DEB_PACKAGES=("python3.11-doc" "fortunes-zh" "linux-doc-6.1")
 for pkg in "${DEB_PACKAGES[@]}"; do
   dest="$DATA_DIR/debs/$pkg"
   if [[ -f "$dest/.unpacked" ]]; then

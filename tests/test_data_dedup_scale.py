@@ -117,3 +117,20 @@ def test_dedup_against_an_existing_index(tmp_path):
         dedup.check_index(DedupConfig(num_perm=64, index=[str(tmp_path / "old")]))
     with pytest.raises(ConfigError, match=r"dedup.index\[1\] .* holds no params.json"):
         dedup.check_index(DedupConfig(index=[str(tmp_path / "old"), str(tmp_path / "nothing")]))
+
+
+def test_exact_jaccard_of_stored_shingle_sets(tmp_path):
+    from puyu.data_pipeline import lsh, minhash
+
+    cfg = DedupConfig()
+    texts = _corpus(_wiki(40), 3) + ["", "床前明月光，疑是地上霜。举头望明月，低头思故乡。", "床前明月光，疑是地上霜。举头望明月。"]
+    numbers = _sign(tmp_path, texts, 2, cfg)
+    store = dedup.SignatureStore(dedup.signature_sources(tmp_path, cfg), cfg.num_perm)
+    rng = np.random.default_rng(0)
+    pick = rng.integers(0, len(texts), (300, 2))
+    pick[:3] = [[len(texts) - 2, len(texts) - 1], [len(texts) - 3, len(texts) - 3], [0, 0]]
+    keys = [np.array([(i % 2) << 32 | (i // 2) for i in col], np.uint64) for col in pick.T]
+    got = lsh.set_jaccard(*store.shingle_sets(keys[0]), *store.shingle_sets(keys[1]))
+    sets = [{minhash.shingle_hash32(s) for s in minhash.shingles(t, cfg.ngram)} for t in texts]
+    want = [len(sets[a] & sets[b]) / max(len(sets[a] | sets[b]), 1) if sets[a] | sets[b] else 1.0 for a, b in pick]
+    assert numbers == [0, 1] and np.allclose(got, want)
