@@ -24,6 +24,9 @@ a 12-layer, 768-wide Llama with a 32000-token vocabulary (~110M parameters, rand
 ``generate`` with the same weights in bf16), timed to the end of the device's work. The first run of each
 side also pays for CUDA's start-up, so give ``--repeats`` 2 or more.
 
+``--quant-linears``: the quantized linears alone against fp32's oneDNN-packed matmul, per pass over the
+``small`` flavor's 48 linears at 1 and 32 rows (the kernels without the rest of the runtime).
+
 ``--quant``: instead, puyu alone, decode speed of quantized engines against fp32 on a ~125M-parameter
 model: ``--model DIR`` (a transformers-written directory, e.g. from ``--write-model``) or, without it, the
 ``small`` flavor (12 layers, dim 768, 12/4 heads, FFN 2048) at vocab 32000 with random weights. Its
@@ -170,6 +173,37 @@ def bench_quant(model_dir: Path | None, repeats: int, steps: int) -> None:
                   f"{statistics.median(runs):.1f}; {ratio:.2f}x fp32 (median of per-repeat ratios)")
 
 
+def bench_quant_linears(repeats: int) -> None:
+    """The quantized linears alone: one pass over the ``small`` flavor's 12 x 4 linears (distinct weights,
+    so they stream from memory as in decoding) at M = 1 and 32 rows, fp32 (oneDNN-packed) and each mode
+    interleaved; median wall time of ``repeats`` passes and the speed-up over fp32."""
+    from puyu.serving.engine_model import onednn_packed, packed_linear
+    from puyu.serving.qlinear import QuantLinear
+    from puyu.serving.quant import quantize
+
+    a = get_flavor("small")
+    shapes = [((a.n_heads + 2 * a.n_kv_heads) * a.head_dim, a.dim), (a.dim, a.dim), (2 * a.ffn_hidden_dim, a.dim),
+              (a.dim, a.ffn_hidden_dim)] * a.n_layers  # [O, I]: wqkv, wo, w13, w2
+    torch.manual_seed(0)
+    weights = [torch.randn(o, i) / i ** 0.5 for o, i in shapes]
+    linears = {"fp32": [lambda x, p=onednn_packed(w): packed_linear(x, p) for w in weights]}
+    for mode in QUANT_MODES[1:]:
+        linears[mode] = [QuantLinear(quantize(w, "w4" if mode == "w4" else "w8", 128, None) | (
+            {"act_bits": torch.tensor(8)} if mode == "w8a8" else {}), torch.float32) for w in weights]
+    for m in (1, 32):
+        xs = {i: torch.randn(m, i) for i in {i for _, i in shapes}}
+        times: dict[str, list[float]] = {mode: [] for mode in linears}
+        for _ in range(repeats + 1):  # the first pass warms up, not counted
+            for mode, fns in linears.items():
+                t0 = time.perf_counter()
+                for fn, (_, i) in zip(fns, shapes):
+                    fn(xs[i])
+                times[mode].append(time.perf_counter() - t0)
+        base = statistics.median(times["fp32"][1:])
+        print(f"M = {m:2d}: " + ", ".join(f"{mode} {statistics.median(t[1:]) * 1e3:.1f} ms "
+                                          f"({base / statistics.median(t[1:]):.2f}x)" for mode, t in times.items()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
@@ -178,6 +212,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shared-prefix-words", type=int, default=0, help="one passage of this many words before every prompt")
     ap.add_argument("--quant", action="store_true", help="decode tokens/s of fp32, w8, w4 and w8a8 engines (puyu only)")
+    ap.add_argument("--quant-linears", action="store_true", help="the quantized linears alone vs fp32 (M = 1, 32)")
     ap.add_argument("--decode-steps", type=int, default=24, help="--quant: decode steps timed at batch 1 (half at 32)")
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
     ap.add_argument("--write-model", type=Path, help="first write a 125M-parameter Llama there (then used as --model)")
@@ -187,6 +222,10 @@ def main() -> None:
     if args.write_model:
         write_model(args.write_model)
         args.model = args.write_model
+    if args.quant_linears:
+        print(f"quantized linears of the small flavor, {args.threads} threads, torch {torch.__version__}")
+        bench_quant_linears(max(args.repeats, 7))
+        return
     if args.quant:
         print(f"quantized engines: decode at batch 1 and 32, {args.threads} threads, torch {torch.__version__}")
         bench_quant(args.model, args.repeats, args.decode_steps)

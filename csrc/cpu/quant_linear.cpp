@@ -264,10 +264,13 @@ void quant_matmul(const float* x, int64_t M, int64_t K, int64_t N, const Rows& r
       }
       for (int64_t j = 0; j < kBufRows; j += 8)
         for (int64_t k = 0; k < Kr; k += 8) transpose8(rowbuf.data() + j * Kr + k, Kr, pan.data() + k * kBufRows + j, kBufRows);
-      for (int64_t m = 0; m < M; m += 6) {
+      const int64_t tiles = (M + 5) / 6;  // rows of x split evenly: 32 as 4 x 5 + 2 x 6, not 5 x 6 + 2
+      for (int64_t t = 0, m = 0; t < tiles; ++t) {
+        const int64_t rows_here = (M - m) / (tiles - t);
         const float* xm = x + m * K;
         float* ym = y + m * N + n;
-        switch (std::min<int64_t>(6, M - m)) {
+        m += rows_here;
+        switch (rows_here) {
           case 1: panel_tile<1>(xm, K, pan.data(), scale, ym, N, r); break;
           case 2: panel_tile<2>(xm, K, pan.data(), scale, ym, N, r); break;
           case 3: panel_tile<3>(xm, K, pan.data(), scale, ym, N, r); break;
