@@ -31,7 +31,13 @@ Parsing never raises: a reply the protocol cannot read (broken JSON, an unknown 
 
 ``call_text``/``final_text`` are ``parse``'s inverse: the reply a model should write for a tool call or an
 answer (as the runtime returns it, the stop string cut). Agent-trace SFT data (:mod:`puyu.agents.traces`)
-is written with them, so a model finetuned on it writes what ``parse`` reads.
+is written with them, so a model finetuned on it writes what ``parse`` reads. InternLM2's interpreter call
+is written in its shortest form, the code right after ``<|interpreter|>`` (``parse`` reads the fenced
+form too): a small model then learns "after the assistant header comes <|action_start|>, after
+<|interpreter|> comes code" from a few traces. Measured on the pipeline test's tiny model after 60
+finetuning steps on 100 traces: with the fence no episode made a call (it answered with a fence), with the
+newline but no fence every call's code was more markers, in this form every episode called and every
+call ran.
 """
 from __future__ import annotations
 
@@ -136,7 +142,7 @@ class InternLM2Protocol:
 
     def call_text(self, call: ToolCall, thought: str = "") -> str:
         if call.name == PYTHON_TOOL and any(t["name"] == PYTHON_TOOL for t in self.tools):
-            return f"{thought}{ACTION_START}{INTERPRETER}\n```python\n{call.parameters['code']}\n```"
+            return f"{thought}{ACTION_START}{INTERPRETER}{call.parameters['code']}"
         return f"{thought}{ACTION_START}{PLUGIN}\n{json.dumps(call.to_record(), ensure_ascii=False)}"
 
     def final_text(self, answer: str) -> str:

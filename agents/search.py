@@ -83,7 +83,7 @@ class CorpusSearch(Action):
     def __init__(self, corpus: str, k: int = 3):
         self.path, self.k = Path(corpus), k
         if not self.path.exists():
-            raise ValueError(f"search: corpus {corpus} not found")
+            raise ValueError(f"search: corpus {corpus} not found (job.corpus)")
         self._index: BM25Index | None = None
         self._lock = threading.Lock()
 

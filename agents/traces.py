@@ -89,14 +89,14 @@ def _arguments(call: Any, where: str, i: int) -> tuple[str, dict]:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise PuyuError(f"{where}: messages[{i}].tool_calls needs {{type: function, function: {{name, arguments}}}}")
-    args = fn.get("arguments", {})
+    from puyu.serving.job import json_object
+
+    args = fn.get("arguments", {})  # OpenAI writes them as a JSON string; an object is taken as well
+    what = f"{where}: messages[{i}] arguments of {fn['name']}"
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError as exc:
-            raise PuyuError(f"{where}: messages[{i}] arguments of {fn['name']} are not JSON ({exc.msg})") from None
+        args = json_object(args, what, "tool call's arguments")
     if not isinstance(args, dict):
-        raise PuyuError(f"{where}: messages[{i}] arguments of {fn['name']} must be a JSON object")
+        raise PuyuError(f"{what} must be a JSON object")
     return fn["name"], args
 
 

@@ -106,7 +106,7 @@ def test_traces_render_as_the_agents_prompt_them(traces):
     assert text.startswith(first_prompt) and spans[0][0] == len(first_prompt)  # the prompt the agent serves
     trained = [text[a:b] for a, b in spans]
     code = json.loads(row["messages"][2]["tool_calls"][0]["function"]["arguments"])["code"]
-    assert trained[0] == f"<|action_start|><|interpreter|>\n```python\n{code}\n```{ACTION_END}"
+    assert trained[0] == f"<|action_start|><|interpreter|>{code}{ACTION_END}"
     assert trained[-1] == row["messages"][-1]["content"] + IM_END and len(trained) == len(spans)
     assert all(text[b:].startswith(IM_END) for a, b in spans[:-1])  # the environment turn is not trained
 
@@ -120,7 +120,7 @@ def test_bad_tool_rows_name_the_line_and_message(traces):
               ({**row, "messages": [row["messages"][0], *row["messages"][2:]]}, "needs one user turn")]
     bad_args = json.loads(json.dumps(row))
     bad_args["messages"][2]["tool_calls"][0]["function"]["arguments"] = "{code"
-    broken.append((bad_args, "messages[2] arguments of python are not JSON"))
+    broken.append((bad_args, "messages[2] arguments of python: invalid JSON"))
     unknown = json.loads(json.dumps(row))
     unknown["messages"][2]["tool_calls"][0]["function"]["name"] = "shell"
     broken.append((unknown, "messages[2] calls 'shell'"))
