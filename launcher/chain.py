@@ -1,10 +1,11 @@
 """The main job, ``puyu job=pipeline``: every stage of the chain that exists, in one run directory.
 
-data (read → filter → dedup → tokenize) → pretrain (on that corpus) → sft_data → finetune (LoRA on
-chat conversations, merged) → build_engine (from the finetuned model and the data stage's tokenizer) →
+data (read → filter → dedup → tokenize) → pretrain (on that corpus) → agent_traces (GSM8K tool-use
+episodes, the tools run for real; :mod:`puyu.agents.traces`) → sft_data → finetune (on chat
+conversations and those traces) → build_engine (from the finetuned model and the data stage's tokenizer) →
 prompts (opening words of corpus documents) → infer (batch generation, sharded) → eval (benchmarks on
 that engine, an array of tasks) → eval_summary → agent_tasks (GSM8K questions) → agent (tool-using
-episodes on that engine, sharded) → agent_merge. Later stages learn where earlier ones left their outputs
+episodes on that engine, sharded; the finetuned model makes the tool calls) → agent_merge. Later stages learn where earlier ones left their outputs
 only at run time (``<run>/<stage>/...``), so their configs name paths *inside the run* and :class:`InRun` resolves
 them when the task starts.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import re
 from pathlib import Path
@@ -22,6 +24,7 @@ from puyu.data_pipeline.config import DataJobConfig
 from puyu.evaluation.config import EvalJobConfig
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.config import JobConfig
+from puyu.launcher.errors import ConfigError
 from puyu.launcher.report_html import write_report_html
 from puyu.launcher.stage import Stage, TaskContext
 from puyu.parallel.config import PretrainJobConfig
@@ -49,9 +52,14 @@ class PipelineJobConfig(JobConfig):
     infer: InferJobConfig = dataclasses.field(default_factory=lambda: InferJobConfig(kind="infer"))
     # benchmarks on the built engine, named "finetuned" (job.eval.model_paths may add more models)
     eval: EvalJobConfig = dataclasses.field(default_factory=lambda: EvalJobConfig(kind="eval"))
-    # tool-using agent episodes on the built engine over this many GSM8K questions (graded)
+    # tool-using agent episodes on the built engine over this many GSM8K questions (graded); the search
+    # tool, when listed in agent.tools, searches the run's own deduplicated corpus
     agent_tasks: int = 16
     agent: AgentJobConfig = dataclasses.field(default_factory=lambda: AgentJobConfig(kind="agent"))
+    # agent-trace SFT: this many GSM8K episodes (calls to agent_trace_tool, one of agent.tools) join the
+    # finetuning data, made from questions neither the agents nor evaluation score (0: none)
+    agent_traces: int = 400
+    agent_trace_tool: str = "python"
 
 
 PIPELINE_MODEL = "finetuned"  # the eval stage's name for the engine this pipeline builds
@@ -92,6 +100,39 @@ class PromptsFromCorpus:
         return {"prompts": len(docs), "file": str(out)}
 
 
+@dataclasses.dataclass
+class WithTraces:
+    """The ``sft_data`` task with the run's agent traces added to its chat data."""
+
+    task: Any  # puyu.parallel.finetune.SFTDataTask
+
+    def __call__(self, ctx: TaskContext) -> Any:
+        from puyu.agents.traces import TRACES
+
+        task = copy.deepcopy(self.task)
+        task.cfg.data.paths = [*task.cfg.data.paths, str(ctx.run_dir / "agent_traces" / TRACES)]
+        return task(ctx)
+
+
+def trace_stages(cfg: PipelineJobConfig, agent_paths: dict[str, str]) -> list[Stage]:
+    """``agent_traces`` with the agents' own config (protocol, system prompt, tools: the prompt the finetuned
+    model will be served), holding out the GSM8K questions the agent and eval stages score."""
+    from puyu.agents.traces import TRACE_TOOLS, AgentTracesTask
+
+    if not cfg.agent_traces:
+        return []
+    if cfg.agent_trace_tool not in TRACE_TOOLS or cfg.agent_trace_tool not in cfg.agent.tools:
+        raise ConfigError(f"job.agent_trace_tool={cfg.agent_trace_tool!r} must be one of {sorted(TRACE_TOOLS)} and "
+                          f"of job.agent.tools {list(cfg.agent.tools)}")
+    holdout = [cfg.agent_tasks] + ([cfg.eval.limits.get("gsm8k", 0)] if "gsm8k" in cfg.eval.datasets else [])
+    task = functools.partial(AgentTracesTask, limit=cfg.agent_traces, holdout_limits=holdout,
+                             tool=cfg.agent_trace_tool)
+    settings = {"traces": cfg.agent_traces, "holdout_limits": holdout, "tool": cfg.agent_trace_tool,
+                "tools": list(cfg.agent.tools), "protocol": cfg.agent.protocol, "system": cfg.agent.system}
+    paths = {k: v for k, v in agent_paths.items() if k == "corpus"}
+    return [Stage("agent_traces", InRun(task, cfg.agent, paths), config=settings)]
+
+
 def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
     from puyu.agents.job import AgentMergeTask, AgentTask, TasksFromDataset
     from puyu.data_pipeline.job import build_data_stages
@@ -103,12 +144,18 @@ def pipeline_stages(cfg: PipelineJobConfig) -> list[Stage]:
 
     infer_paths = {"engine": "build_engine/engine", "input": "prompts/prompts.jsonl"}
     agent_paths = {"engine": "build_engine/engine", "input": "agent_tasks/tasks.jsonl"}
-    cfg.agent.validate()
+    if not cfg.agent.corpus:  # the search tool's documents: the run's own deduplicated corpus
+        agent_paths["corpus"] = "minhash_filter/out"
+    dataclasses.replace(cfg.agent, corpus=cfg.agent.corpus or agent_paths["corpus"]).validate()
     finetune = dataclasses.replace(cfg.finetune, model=cfg.pretrain.model)  # the checkpoint's shapes
+    sft_data, finetune_stage = finetune_stages(
+        finetune, in_run={"checkpoint": "pretrain/model", "tokenizer": "tokenizer/tokenizer.json"},
+        cluster=cfg.finetune_cluster)
+    if cfg.agent_traces:
+        sft_data = dataclasses.replace(sft_data, fn=WithTraces(sft_data.fn))
     return (build_data_stages(cfg.data)
             + pretrain_stages(cfg.pretrain, corpus_in_run="summary/corpus", cluster=cfg.pretrain_cluster)
-            + finetune_stages(finetune, in_run={"checkpoint": "pretrain/model", "tokenizer": "tokenizer/tokenizer.json"},
-                              cluster=cfg.finetune_cluster)
+            + trace_stages(cfg, agent_paths) + [sft_data, finetune_stage]
             + [Stage("build_engine", InRun(BuildEngineTask, cfg.engine, {
                        "checkpoint": "finetune/model", "tokenizer": "tokenizer/tokenizer.json",
                        "out": "build_engine/engine"})),
@@ -145,6 +192,16 @@ def _serving_section(run_dir: Path, results: dict[str, list]) -> list[str]:
     return lines
 
 
+def _traces_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "agent_traces" / "summary.json"
+    if not path.is_file():
+        return []
+    t = json.loads(path.read_text())
+    skipped = ", ".join(f"{v} {k}" for k, v in t["skipped"].items()) or "none"
+    return ["", f"The finetuned model was trained on {t['traces']} agent traces (GSM8K episodes, every "
+                f"`{t['tool']}` call run for real; skipped: {skipped}): {t['split']}. Traces: `{t['file']}`"]
+
+
 def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, list]) -> Path:
     """``report.md`` in the run directory: what each part of the chain produced, with links; the same as
     one page, ``report.html``, with the pretraining and finetuning loss curves drawn."""
@@ -162,7 +219,7 @@ def pipeline_report(cfg: PipelineJobConfig, run_dir: Path, results: dict[str, li
     evaluation = Path(results["eval_summary"][0]["report"]).read_text()
     lines += ["", "## Evaluation", "", _nested(evaluation),
               "", f"Report files: `{run_dir / 'eval_summary'}`"]
-    lines += ["", *agent_report_section(run_dir)]
+    lines += ["", *agent_report_section(run_dir), *_traces_lines(run_dir)]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     write_report_html("\n".join(lines), run_dir / "report.html",
