@@ -11,18 +11,16 @@ same shingles, all pairs.
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import random
 
 import numpy as np
 import pytest
-from scipy import sparse
 
+from dedup_truth import filtered_docs, precision_recall, predicted_clusters, true_pairs
 from jobs_for_tests import run_inline
 from puyu.data_pipeline import config as C
-from puyu.data_pipeline import corpora, job, layout, lsh, minhash
-from puyu.data_pipeline.writers import read_docs
+from puyu.data_pipeline import corpora, job, layout
 
 LANGS = ("it_IT", "ja_JP", "ko_KR", "zh_CN", "zh_TW")
 
@@ -60,18 +58,6 @@ def _near_copies(pages: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return copies
 
 
-def _true_pairs(texts: list[str], ngram: int, threshold: float) -> tuple[set, np.ndarray]:
-    shingle_sets = [set(minhash.shingles(text, ngram)) for text in texts]
-    vocab: dict[bytes, int] = {}
-    rows, cols = zip(*[(j, vocab.setdefault(s, len(vocab))) for j, sh in enumerate(shingle_sets) for s in sh])
-    incidence = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(vocab)))
-    shared = (incidence @ incidence.T).tocoo()
-    sizes = np.array([len(s) for s in shingle_sets])
-    jaccard = shared.data / (sizes[shared.row] + sizes[shared.col] - shared.data)
-    keep = (shared.row < shared.col) & (jaccard >= threshold)
-    return set(zip(shared.row[keep].tolist(), shared.col[keep].tolist())), sizes
-
-
 @pytest.mark.slow  # 25 s to 2 min on 2 cores: exact Jaccard over all pairs of 1,220 pages (1.9M shingles)
 def test_near_dedup_quality_on_a_multilingual_manual(tmp_path):
     pages = _pages()
@@ -86,21 +72,11 @@ def test_near_dedup_quality_on_a_multilingual_manual(tmp_path):
     run_inline(stages, tmp_path / "run")
 
     run = tmp_path / "run"
-    kept = [((n << 32) | i, d) for n, p in layout.numbered_files(run / layout.READ_FILTER / "out", ".jsonl.zst")
-            for i, d in enumerate(read_docs(p))]
+    kept = filtered_docs(run)
     assert len(kept) == len(docs)  # nothing filtered: every page is judged
-    truth, _ = _true_pairs([d.text for _, d in kept], cfg.dedup.ngram, cfg.dedup.threshold)
-
-    pairs = np.concatenate([np.load(p) for _, p in layout.numbered_files(run / layout.BUCKETS / "pairs", ".npy")])
-    keys, left, right = lsh.dense_ids(pairs["a"], pairs["b"])
-    root_of = dict(zip(keys.tolist(), keys[lsh.union_roots(len(keys), left, right)].tolist()))
-    position = {key: j for j, (key, _) in enumerate(kept)}
-    clusters = collections.defaultdict(list)
-    for key, _ in kept:
-        clusters[root_of.get(key, key)].append(position[key])
-    predicted = {pair for members in clusters.values() for pair in itertools.combinations(sorted(members), 2)}
-    hits = predicted & truth
-    precision, recall = len(hits) / max(len(predicted), 1), len(hits) / max(len(truth), 1)
+    truth = true_pairs([d.text for _, d in kept], cfg.dedup.ngram, cfg.dedup.threshold)
+    clusters = predicted_clusters(run, [k for k, _ in kept])
+    precision, recall, predicted = precision_recall(clusters, truth)
     print(f"\nmultilingual near-dedup @{cfg.dedup.threshold}: {len(kept)} docs, {len(truth)} true pairs, "
           f"{len(predicted)} predicted, precision {precision:.4f}, recall {recall:.4f}")
     by_lang = collections.Counter(kept[a][1].metadata["lang"] for a, _ in truth)
@@ -112,5 +88,5 @@ def test_near_dedup_quality_on_a_multilingual_manual(tmp_path):
 
     removed = {(n << 32) | int(i) for n, _ in layout.numbered_files(run / layout.READ_FILTER / "out", ".jsonl.zst")
                for i, _ in np.load(run / layout.CLUSTERS / "remove" / f"{n:05d}.npy").tolist()}
-    for members in clusters.values():  # every cluster keeps exactly one document
+    for members in clusters:  # every cluster keeps exactly one document
         assert sum(kept[m][0] not in removed for m in members) == 1

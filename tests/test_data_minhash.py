@@ -1,7 +1,6 @@
 """MinHash: signatures equal datasketch's, LSH parameters equal datasketch's, dedup quality on real data."""
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 
@@ -9,12 +8,11 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 from datasketch.lsh import _optimal_param
-from scipy import sparse
 
+from dedup_truth import filtered_docs, precision_recall, predicted_clusters, true_pairs
 from jobs_for_tests import run_inline
 from puyu.data_pipeline import config as C
 from puyu.data_pipeline import corpora, job, layout, lsh, minhash
-from puyu.data_pipeline.writers import read_docs
 
 
 ZH = ["我们的数据处理流程会读取文本，过滤低质量内容，然后去除重复的文档。",
@@ -80,27 +78,9 @@ def test_near_dedup_quality_on_debian_copyright(tmp_path):
               if s.name in (layout.READ_FILTER, layout.SIGNATURES, layout.BUCKETS, layout.CLUSTERS)]
     run_inline(stages, tmp_path)
 
-    docs = [((n << 32) | i, d.text) for n, p in layout.numbered_files(tmp_path / layout.READ_FILTER / "out", ".jsonl.zst")
-            for i, d in enumerate(read_docs(p))]
-    shingle_sets = [set(minhash.shingles(text, cfg.dedup.ngram)) for _, text in docs]
-    vocab: dict[bytes, int] = {}
-    rows, cols = zip(*[(j, vocab.setdefault(s, len(vocab))) for j, sh in enumerate(shingle_sets) for s in sh])
-    incidence = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(docs), len(vocab)))
-    shared = (incidence @ incidence.T).tocoo()
-    sizes = np.array([len(s) for s in shingle_sets])
-    truth = {(a, b) for a, b, v in zip(shared.row, shared.col, shared.data)
-             if a < b and v / (sizes[a] + sizes[b] - v) >= cfg.dedup.threshold}
-
-    pairs = np.concatenate([np.load(p) for _, p in layout.numbered_files(tmp_path / layout.BUCKETS / "pairs", ".npy")])
-    keys, left, right = lsh.dense_ids(pairs["a"], pairs["b"])
-    root_of = dict(zip(keys.tolist(), keys[lsh.union_roots(len(keys), left, right)].tolist()))
-    position = {key: j for j, (key, _) in enumerate(docs)}
-    clusters = collections.defaultdict(list)
-    for key, _ in docs:
-        clusters[root_of.get(key, key)].append(position[key])
-    predicted = {pair for members in clusters.values() for pair in itertools.combinations(sorted(members), 2)}
-    hits = len(predicted & truth)
-    precision, recall = hits / max(len(predicted), 1), hits / max(len(truth), 1)
+    docs = filtered_docs(tmp_path)
+    truth = true_pairs([d.text for _, d in docs], cfg.dedup.ngram, cfg.dedup.threshold)
+    precision, recall, predicted = precision_recall(predicted_clusters(tmp_path, [k for k, _ in docs]), truth)
     print(f"\ncopyright near-dedup @0.8: {len(docs)} docs, {len(truth)} true pairs, {len(predicted)} predicted, "
           f"precision {precision:.3f}, recall {recall:.3f}")
     assert len(truth) > 100  # the corpus really has near duplicates
