@@ -43,6 +43,7 @@ test: data
 bench: data
 	$(BIN)/pip install -q --no-build-isolation -e '.[bench]'
 	$(BIN)/python benchmarks/bench_minhash.py
+	$(BIN)/python benchmarks/bench_dedup.py --docs 100000
 	$(BIN)/python benchmarks/bench_ops.py
 	$(BIN)/python benchmarks/bench_pretrain.py
 	$(BIN)/python benchmarks/bench_serving.py
