@@ -112,6 +112,13 @@ setup(
                   "lm-eval[hf]==0.4.13"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "ruff"],
     },
-    entry_points={"console_scripts": ["puyu = puyu.launcher.cli:main"]},
+    entry_points={
+        "console_scripts": ["puyu = puyu.launcher.cli:main"],
+        # each package declares its job kinds and chain steps (puyu.launcher.registry); another
+        # distribution adds its own the same way
+        "puyu.jobs": [f"{pkg} = puyu.{pkg}.{module}:register" for pkg, module in (
+            ("launcher", "jobs"), ("data_pipeline", "kinds"), ("parallel", "kinds"), ("serving", "kinds"),
+            ("evaluation", "kinds"), ("agents", "kinds"))],
+    },
     **fused_ops_extension(),
 )

@@ -28,7 +28,7 @@ import torch
 def build_corpus(workdir: Path, vocab: int) -> Path:
     from puyu.data_pipeline.config import DataJobConfig, InputSpec
     from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
-    from puyu.launcher.jobs import DataJob, data_stages
+    from puyu.data_pipeline.kinds import DataJob, data_stages
     from puyu.launcher.pipeline import Pipeline
 
     cfg = DataJobConfig(inputs=[InputSpec(kind="wiki_summaries")], shards=2)

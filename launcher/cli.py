@@ -24,8 +24,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from puyu.launcher.config import ClusterKind, register_configs
 from puyu.launcher.errors import PuyuError, StageFailed
-from puyu.launcher.jobs import JOB_KINDS
 from puyu.launcher.pipeline import Pipeline
+from puyu.launcher.registry import job_kinds
 
 HYDRA_FLAGS = {"-h", "--help", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc"}
 
@@ -119,7 +119,7 @@ def _running_under_submitit_sweep() -> bool:
 def run_job(cfg: DictConfig) -> int:
     """Build the job's stages and run them as a pipeline (or run the job's action on this node)."""
     OmegaConf.resolve(cfg)  # `${now:...}` etc. fixed once, here, not again in every task
-    spec = JOB_KINDS[cfg.job.kind]
+    spec = job_kinds()[cfg.job.kind]
     if spec.action:
         return spec.load("action")(cfg)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

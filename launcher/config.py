@@ -2,8 +2,8 @@
 
 The tree: ``job`` (one dataclass per job kind, chosen by ``job=<kind>``), ``cluster`` (where the
 job's tasks run), ``launcher`` (how puyu submits and waits) and ``run``, the run directory.
-Job kinds register themselves in :mod:`puyu.launcher.jobs`; the YAML files under ``conf/`` extend
-the schemas stored here (``defaults: [/schema/<group>/<name>@_here_]``).
+Job kinds are declared by their packages (:mod:`puyu.launcher.registry`); the YAML files under
+``conf/`` extend the schemas stored here (``defaults: [/schema/<group>/<name>@_here_]``).
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ class LauncherConfig:
 
 @dataclasses.dataclass
 class JobConfig:
-    """Base of every job kind's config; ``kind`` names the builder in puyu.launcher.jobs."""
+    """Base of every job kind's config; ``kind`` names it in the registry (puyu.launcher.registry)."""
 
     kind: str = MISSING
 
@@ -71,11 +71,17 @@ class PuyuConfig:
 
 
 def register_configs() -> None:
-    """Store the schemas the YAML tree under conf/ builds on."""
-    from puyu.launcher.jobs import JOB_KINDS
+    """Store the schemas the YAML tree under conf/ builds on; a kind without a YAML file there (one an
+    installed package outside puyu registers) is a ``job`` option with its schema's defaults."""
+    from importlib.resources import files
+
+    from puyu.launcher.registry import job_kinds
 
     cs = ConfigStore.instance()
     cs.store(name="puyu_schema", node=PuyuConfig)
     cs.store(group="schema/cluster", name="cluster", node=ClusterConfig)
-    for kind, spec in JOB_KINDS.items():
+    yaml_kinds = {p.name.removesuffix(".yaml") for p in files("puyu.conf").joinpath("job").iterdir()}
+    for kind, spec in job_kinds().items():
         cs.store(group="schema/job", name=kind, node=spec.config_cls(kind=kind))
+        if kind not in yaml_kinds:
+            cs.store(group="job", name=kind, node=spec.config_cls(kind=kind))

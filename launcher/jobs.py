@@ -1,41 +1,20 @@
-"""The job kinds ``puyu job=<kind>`` knows, and the small built-in ones.
+"""The launcher's own job kinds: ``probe`` (check an allocation) and ``status`` (a run's state).
 
-A job kind is a config dataclass plus either a stage builder (``cfg -> list[Stage]``, submitted
-as a pipeline) or an action run on the login node (``status``). Builders are named by import
-path so the CLI imports a stage's heavy dependencies only when that job runs.
+Every other kind is declared by the package that implements it (:mod:`puyu.launcher.registry`); these
+register through the same ``puyu.jobs`` entry point as theirs.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import socket
 import time
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
-from puyu.agents.config import AgentJobConfig
-from puyu.data_pipeline.config import DataJobConfig
-from puyu.evaluation.config import EvalJobConfig
 from puyu.launcher.config import JobConfig
 from puyu.launcher.distributed import dist_env
+from puyu.launcher.registry import JobSpec, Registry
 from puyu.launcher.stage import Stage, TaskContext
-from puyu.launcher.chain import PipelineJobConfig
-from puyu.parallel.config import PretrainJobConfig
-from puyu.parallel.ft_config import FinetuneJobConfig
-from puyu.serving.config import BuildEngineJobConfig, InferJobConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    config_cls: type
-    stages: Optional[str] = None  # "module:function" -> function(job_cfg) -> list[Stage]
-    action: Optional[str] = None  # "module:function" -> function(full_cfg) -> int (exit code), runs here
-    report: Optional[str] = None  # "module:function" -> function(job_cfg, run_dir, results) -> report path
-
-    def load(self, attr: str) -> Callable[..., Any]:
-        module, _, name = getattr(self, attr).partition(":")
-        return getattr(importlib.import_module(module), name)
 
 
 # --------------------------------------------------------------------------- probe
@@ -75,36 +54,6 @@ class StatusJobConfig(JobConfig):
     """``puyu job=status run=<dir>``: each stage's state (from sacct) and the failed tasks' logs."""
 
 
-# --------------------------------------------------------------------------- data
-@dataclasses.dataclass
-class DataJob(JobConfig):
-    """Corpus building: read, filter, deduplicate, tokenize into Megatron .bin/.idx shards."""
-
-    data: DataJobConfig = dataclasses.field(default_factory=DataJobConfig)
-
-
-def data_stages(cfg: DataJob) -> list[Stage]:
-    from puyu.data_pipeline.job import build_data_stages
-
-    return build_data_stages(cfg.data)
-
-
-def data_report(cfg: DataJob, run_dir: Path, results: dict[str, list]) -> Path:
-    return run_dir / "summary" / "summary.md"
-
-
-JOB_KINDS: dict[str, JobSpec] = {
-    "pipeline": JobSpec(PipelineJobConfig, stages="puyu.launcher.chain:pipeline_stages",
-                        report="puyu.launcher.chain:pipeline_report"),
-    "data": JobSpec(DataJob, stages="puyu.launcher.jobs:data_stages", report="puyu.launcher.jobs:data_report"),
-    "pretrain": JobSpec(PretrainJobConfig, stages="puyu.parallel.pretrain:pretrain_stages",
-                        report="puyu.parallel.pretrain:write_report"),
-    "finetune": JobSpec(FinetuneJobConfig, stages="puyu.parallel.finetune:finetune_stages",
-                        report="puyu.parallel.finetune:write_report"),
-    "build_engine": JobSpec(BuildEngineJobConfig, stages="puyu.serving.build:build_engine_stages"),
-    "infer": JobSpec(InferJobConfig, stages="puyu.serving.job:build_infer_stages"),
-    "agent": JobSpec(AgentJobConfig, stages="puyu.agents.job:build_agent_stages", report="puyu.agents.job:agent_report"),
-    "eval": JobSpec(EvalJobConfig, stages="puyu.evaluation.job:eval_stages", report="puyu.evaluation.job:eval_report"),
-    "probe": JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"),
-    "status": JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"),
-}
+def register(registry: Registry) -> None:
+    registry.add_job("probe", JobSpec(ProbeJobConfig, stages="puyu.launcher.jobs:probe_stages"))
+    registry.add_job("status", JobSpec(StatusJobConfig, action="puyu.launcher.status:print_status"))
