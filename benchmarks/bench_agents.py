@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # toy_models: the tests' trained tiny model
 from puyu.agents.actions import ActionExecutor, make_actions
 from puyu.agents.agent import Agent
 from puyu.agents.protocol import ACTION_END, ACTION_START, INTERPRETER, PLUGIN, InternLM2Protocol
@@ -35,7 +38,7 @@ from puyu.evaluation.datasets import load_dataset
 from puyu.model import Transformer, get_flavor
 from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.llm import LLM
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 
 def code_turn(i: int) -> str:

@@ -1,6 +1,6 @@
 """MMLU in PPL mode: puyu's evaluator vs lm-evaluation-harness 0.4.13 on the same model and items.
 
-The model is puyu's ``tiny`` flavor trained briefly on Wikipedia leads (``puyu.serving.toy``; a random
+The model is puyu's ``tiny`` flavor trained briefly on Wikipedia leads (``tests/toy_models.py``; a random
 model would make every option a near tie and the comparison meaningless), exported with ``export_llama``
 and loaded by lm-eval's ``hf`` backend as ``LlamaForCausalLM`` with a ``PreTrainedTokenizerFast`` over the
 same ``tokenizer.json``, fp32 on CPU. The items are ``load_dataset("mmlu", limit=N)`` (spread over the 57
@@ -24,10 +24,13 @@ import argparse
 import json
 import os
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # toy_models: the tests' trained tiny model
 
 TASK = "puyu_mmlu_xcheck"
 TASK_YAML = """\
@@ -118,7 +121,7 @@ def main() -> None:
     from puyu.evaluation.datasets import load_dataset
     from puyu.evaluation.metrics import score
     from puyu.serving import LLM
-    from puyu.serving.toy import make_tokenizer, train_tiny, wiki_texts
+    from toy_models import make_tokenizer, train_tiny, wiki_texts
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

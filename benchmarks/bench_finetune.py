@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # toy_models: the tests' trained tiny model
+
 
 def packed_batches(workdir: Path, vocab: int, seq_len: int, batch: int, steps: int):
     from puyu.data_pipeline.sft import build_packed, wiki_chat_jsonl
-    from puyu.serving.toy import make_tokenizer, wiki_texts
+    from toy_models import make_tokenizer, wiki_texts
 
     make_tokenizer(wiki_texts(), workdir / "tokenizer.json", vocab)
     chat = wiki_chat_jsonl(workdir, limit=steps * batch * seq_len // 50, heldout=8)

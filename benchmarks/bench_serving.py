@@ -42,16 +42,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # toy_models: the tests' trained tiny model
+
 from puyu.model import Transformer, export_llama, get_flavor
 from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.llm import LLM
 from puyu.serving.tokenizer import TextTokenizer
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 
 def prompts_for(texts: list[str], n: int, shared_prefix_words: int = 0) -> list[str]:

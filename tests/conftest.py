@@ -140,7 +140,7 @@ def engine(tmp_path_factory):
     from puyu.model import Transformer, get_flavor, save_model
     from puyu.serving.build import build_engine
     from puyu.serving.config import BuildEngineJobConfig
-    from puyu.serving.toy import make_tokenizer, wiki_texts
+    from toy_models import make_tokenizer, wiki_texts
 
     root = tmp_path_factory.mktemp("engine")
     tok = make_tokenizer(wiki_texts()[:2000], root / "tokenizer.json", vocab_size=1024)

@@ -23,7 +23,7 @@ from puyu.evaluation.items import Dataset, EvalError, Item
 from puyu.evaluation.metrics import score
 from puyu.model import Transformer, get_flavor
 from puyu.serving import LLM, RuntimeConfig
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 
 @pytest.fixture(scope="module")

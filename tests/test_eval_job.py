@@ -23,7 +23,7 @@ from puyu.launcher.pipeline import Pipeline
 from puyu.model import Transformer, get_flavor, save_model
 from puyu.serving.build import build_engine
 from puyu.serving.config import BuildEngineJobConfig, RuntimeConfig
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 PUYU = [sys.executable, "-m", "puyu.launcher"]
 DATASETS = ["mmlu", "gsm8k", "humaneval"]

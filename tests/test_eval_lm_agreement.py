@@ -35,7 +35,7 @@ def setup(tmp_path_factory):
     from puyu.model import export_llama
     from puyu.serving import LLM
     from puyu.serving.tokenizer import EOD
-    from puyu.serving.toy import make_tokenizer, train_tiny, wiki_texts
+    from toy_models import make_tokenizer, train_tiny, wiki_texts
     from transformers import PreTrainedTokenizerFast
 
     tmp = tmp_path_factory.mktemp("lm_agreement")

@@ -37,7 +37,7 @@ VOCAB = 2000
 def base(tmp_path_factory) -> dict:
     """tokenizer.json + a tiny InternLM2 pretrained for 20 steps on Wikipedia leads, saved as pretraining exports."""
     from puyu.data_pipeline.corpora import CorpusMissing
-    from puyu.serving.toy import make_tokenizer, train_tiny, wiki_texts
+    from toy_models import make_tokenizer, train_tiny, wiki_texts
 
     root = tmp_path_factory.mktemp("base")
     try:

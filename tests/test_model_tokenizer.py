@@ -51,7 +51,7 @@ def added(content: str, special: bool = True, **flags) -> dict:
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
     from puyu.data_pipeline.corpora import CorpusMissing
-    from puyu.serving.toy import wiki_texts
+    from toy_models import wiki_texts
 
     try:
         return wiki_texts()

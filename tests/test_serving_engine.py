@@ -14,7 +14,7 @@ from puyu.serving.config import BuildConfig, BuildEngineJobConfig, RuntimeConfig
 from puyu.serving.engine import load_engine
 from puyu.serving.llm import LLM
 from puyu.serving.quant import awq_search, clip_search, dequantize, quantize
-from puyu.serving.toy import make_tokenizer, train_tiny, wiki_texts
+from toy_models import make_tokenizer, train_tiny, wiki_texts
 
 
 @pytest.fixture(scope="module")

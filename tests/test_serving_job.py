@@ -15,7 +15,7 @@ from puyu.launcher.pipeline import Pipeline
 from puyu.serving.config import InferJobConfig, RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.job import build_infer_stages
 from puyu.serving.llm import LLM
-from puyu.serving.toy import wiki_texts
+from toy_models import wiki_texts
 
 N_PROMPTS = 40
 

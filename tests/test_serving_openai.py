@@ -19,7 +19,7 @@ from puyu.serving.json_constraint import JsonConstraint, JsonGrammar
 from puyu.serving.llm import LLM
 from puyu.serving.openai_api import tool_calls
 from puyu.serving.server import make_server
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 PROMPTS = ["The river", "In 1990 the city", "A small dog", "Music of the", "She was born in"]
 

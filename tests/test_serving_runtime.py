@@ -18,7 +18,7 @@ from puyu.serving.engine import engine_tensors
 from puyu.serving.engine_model import EngineModel
 from puyu.serving.llm import LLM
 from puyu.serving.tokenizer import chat_prompt
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 MAX_TOKENS = 12
 

@@ -15,7 +15,7 @@ from puyu.model import Transformer, get_flavor
 from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.llm import LLM
 from puyu.serving.server import make_server
-from puyu.serving.toy import make_tokenizer, wiki_texts
+from toy_models import make_tokenizer, wiki_texts
 
 
 @pytest.fixture(scope="module")
