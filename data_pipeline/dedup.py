@@ -7,7 +7,8 @@
 2. buckets: the work is split by band *and* by hash range (``bands x parts`` units, ``parts`` enough
    for every task to get one, as datatrove's ``num_buckets x k``); a unit binary-searches its range in
    every file's sorted row, sorts the slices together with numpy and pairs the members of each bucket
-   whose Jaccard reaches ``threshold`` (:func:`lsh.bucket_pairs`, :class:`_Verifier`) -> ``pairs/NNNNN.npy``. A unit holds at most :data:`CHUNK` entries at a time (a bigger one is cut into
+   whose Jaccard reaches ``threshold`` (:func:`lsh.bucket_pairs`, :class:`_Verifier`) ->
+   ``pairs/NNNNN.npy``. A unit holds at most :data:`CHUNK` entries at a time (a bigger one is cut into
    narrower hash ranges), so a task's memory does not grow with the corpus.
 3. clusters (one task): union-find over the pairs as arrays (:mod:`puyu.data_pipeline.lsh`), memory per
    duplicate; each component keeps one document, the others go to ``remove/NNNNN.npy``.
@@ -42,9 +43,10 @@ PAIR_DTYPE = np.dtype([("a", "<u8"), ("b", "<u8"), ("exact", "u1")])
 REMOVE_DTYPE = np.dtype([("idx", "<u4"), ("exact", "u1")])
 EXACT_BAND = "exact"
 BATCH = 2048
-CHUNK = 1 << 21  # band entries a buckets task sorts at once (32 MB of hashes and keys)
+CHUNK = 1 << 19  # band entries a buckets task sorts at once (8 MB of hashes and keys, <= 0.25 GB of member rows)
 MAX_LEADERS = 64  # per bucket: the most distinct documents a member is verified against
-VERIFY_BATCH = 4096  # candidate pairs whose shingle sets are compared at once
+VERIFY_BATCH = 65536  # candidate pairs whose signature rows are compared at once (2 x 29 MB at 112 rows)
+EXACT_BATCH = 4096  # candidate pairs whose shingle sets are compared at once
 PARAMS = "params.json"  # the signature settings of a signatures folder (what an index must share)
 INDEX_SHIFT = 49  # an index document's key: INDEX_BIT | index number << 49 | file << 32 | index in file
 MAX_INDEX_FILES = 1 << (INDEX_SHIFT - 32)
@@ -280,11 +282,15 @@ class _Verifier:
         self.sigs = store.rows(keys)
 
     def __call__(self, leaders: np.ndarray, members: np.ndarray) -> np.ndarray:
-        estimate = np.count_nonzero(self.sigs[leaders] == self.sigs[members], axis=1) / self.cfg.num_perm
+        estimate = np.empty(len(members))
+        for start in range(0, len(members), VERIFY_BATCH):  # batches: two row gathers at a time, not per member
+            part = slice(start, start + VERIFY_BATCH)
+            estimate[part] = np.count_nonzero(self.sigs[leaders[part]] == self.sigs[members[part]], axis=1)
+        estimate /= self.cfg.num_perm
         accept = estimate >= self.cfg.threshold
         unsure = np.flatnonzero(np.abs(estimate - self.cfg.threshold) < self.cfg.verify_margin)
-        for start in range(0, len(unsure), VERIFY_BATCH):
-            part = unsure[start:start + VERIFY_BATCH]
+        for start in range(0, len(unsure), EXACT_BATCH):
+            part = unsure[start:start + EXACT_BATCH]
             exact = lsh.set_jaccard(*self.store.shingle_sets(self.keys[leaders[part]]),
                                     *self.store.shingle_sets(self.keys[members[part]]))
             accept[part] = exact >= self.cfg.threshold
