@@ -6,7 +6,7 @@ DATA    := .data
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install data demo test bench cluster-up cluster-down clean
+.PHONY: install data demo test test-slow bench cluster-up cluster-down clean
 
 install: $(INSTALLED)
 
@@ -38,6 +38,10 @@ test: data
 	bash tests/cluster/start_cluster.sh
 	PUYU_REQUIRE_SLURM=1 PUYU_REQUIRE_EXTENSION=1 PUYU_DATA_DIR=$(CURDIR)/$(DATA) $(BIN)/python -m pytest $(PYTEST_ARGS); \
 	  status=$$?; bash tests/cluster/stop_cluster.sh; exit $$status
+
+# The tests marked slow too (pytest's --runslow; each names why it is slow and what covers it in `make test`).
+test-slow:
+	$(MAKE) test PYTEST_ARGS="--runslow $(PYTEST_ARGS)"
 
 # Each stage against its peer (figures go to docs/benchmarks.md by hand, with the command).
 bench: data

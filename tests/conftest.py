@@ -57,10 +57,12 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow"):
         return
-    skip = pytest.mark.skip(reason="slow test: run with --runslow")
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        mark = item.get_closest_marker("slow")
+        if mark is not None:
+            why = mark.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"slow test ({why}): make test-slow runs it" if why
+                                             else "slow test: make test-slow runs it"))
 
 
 @pytest.fixture(autouse=True)

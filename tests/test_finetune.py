@@ -370,6 +370,7 @@ class KillAt(FinetuneTask):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow(reason="~31 s; the Slurm requeue test resumes the same checkpoints")
 def test_a_killed_run_resumes_from_its_checkpoint_on_the_same_curve(base, reference, tmp_path, caplog):
     from puyu.parallel.checkpoint import latest_complete
 
@@ -438,6 +439,10 @@ def test_requeued_finetune_on_slurm_resumes_with_the_same_curve(base, tmp_path, 
     assert_same_curve(curve(run_dir), reference)
     log_text = "".join(f.read_text() for f in (run_dir / "finetune" / "logs").rglob("*_log.err"))
     assert "resumed from" in log_text, "the job finished without being restarted from a checkpoint"
+    # the resumed run's progress counts from its checkpoint: job=status and the log see the whole count
+    progress = json.loads((run_dir / "finetune" / "progress" / "00000.json").read_text())
+    assert progress["n"] == progress["total"] == 16, progress
+    assert "finetune shard 0/1: 16/16 steps (100%)" in log_text
 
 
 def test_lora_on_a_transformers_written_llama_dir_exports_a_dir_transformers_loads(base, tmp_path):

@@ -55,6 +55,7 @@ def test_two_nodes_two_tasks_see_ranks_and_one_master(tmp_path):
     assert len({r["node"] for r in ranks}) == 2, f"tasks should span 2 nodes: {ranks}"
 
 
+@pytest.mark.slow(reason="~30 s; test_finetune's Slurm requeue covers scontrol requeue + resume")
 def test_scontrol_requeue_resumes_from_saved_step(tmp_path):
     # submitit ignores the requeue's SIGTERM; SIGKILL follows KillWait (5 s) later. 30 steps of
     # 0.5 s outlast that, so the job is really killed mid-way and restarted from its saved step.
@@ -74,6 +75,7 @@ def test_scontrol_requeue_resumes_from_saved_step(tmp_path):
     assert state["starts"][1]["restart_count"] == 1 and state["starts"][1]["step"] >= 3, state
 
 
+@pytest.mark.slow(reason="a real 1-minute Slurm time limit and a requeue, ~150 s; the preemption test covers checkpoint + requeue")
 def test_time_limit_checkpoints_on_signal_and_finishes_after_requeue(tmp_path):
     # 70 one-second steps cannot fit in a 1-minute limit: USR2 arrives up to 30 s before it,
     # the task checkpoints its in-memory step and is requeued, and the next run finishes.

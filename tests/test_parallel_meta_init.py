@@ -111,8 +111,10 @@ class FullWeightsOfLayout:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("tasks,layout", [(2, dict(tp=2)), (2, dict()), (3, dict()), (4, dict(tp=2))],
-                         ids=["tp2", "fsdp2", "fsdp3-uneven", "tp2xfsdp2"])
+@pytest.mark.parametrize("tasks,layout", [
+    pytest.param(2, dict(tp=2), marks=pytest.mark.slow(reason="~9 s; tp2xfsdp2 shards the same TP plan")),
+    pytest.param(2, dict(), marks=pytest.mark.slow(reason="~10 s; fsdp3-uneven shards with FSDP2 and pads")),
+    (3, dict()), (4, dict(tp=2))], ids=["tp2", "fsdp2", "fsdp3-uneven", "tp2xfsdp2"])
 def test_every_layout_materialises_the_single_process_weights(tmp_path, tasks, layout):
     """Each rank keeps its own slice: gathered, the shards are the single process's weights (on CPU the
     DTensor random ops would have given every FSDP rank the same rows). Over 3 ranks the rows of

@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.pipeline import Pipeline
 from puyu.launcher.stage import Stage
@@ -35,6 +37,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
+@pytest.mark.slow(reason="2 nodes x 2 ranks, a full run and a requeued one, ~150 s; test_finetune's Slurm requeue covers the loop")
 def test_requeued_pretraining_resumes_with_the_same_losses(slurm_corpus, tmp_path):
     corpus, _ = slurm_corpus
     straight = tmp_path / "straight"

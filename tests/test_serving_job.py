@@ -150,6 +150,7 @@ def test_thousand_real_prompts_as_a_4_way_array_then_rerun_of_a_lost_task(engine
     assert (run_dir / "infer" / "outputs.jsonl").read_bytes() == first
 
 
+@pytest.mark.slow(reason="~45 s; test_eval_job's killed Slurm array task covers the pattern")
 def test_slurm_array_task_killed_mid_run_then_rerun_redoes_only_it(engine, tmp_path, slurm_cluster):
     """Issue 6: 1,100 real prompts as a 4-way ``puyu job=infer cluster=slurm`` array; one array task is
     killed while it generates, the run fails naming it, rerunning the same ``run=`` resubmits only that
