@@ -33,7 +33,9 @@ def data_report(cfg: DataJob, run_dir: Path, results: dict[str, list]) -> Path:
 
 
 def chain_stages(cfg: Any, run) -> list[Stage]:
-    return data_stages(cfg)
+    from puyu.data_pipeline.job import build_data_stages
+
+    return build_data_stages(cfg.data)
 
 
 def chain_report(cfg: Any, run_dir: Path, results: dict[str, list], run) -> list[str]:

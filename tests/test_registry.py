@@ -3,6 +3,8 @@ the launcher imports no stage package; the main chain passes outputs between ste
 from __future__ import annotations
 
 import ast
+import dataclasses
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,7 +46,7 @@ def test_every_package_registers_its_kinds_and_the_chain_is_in_order():
                              "probe", "status"}
     assert reg.jobs["data"].config_cls.__module__ == "puyu.data_pipeline.kinds"
     assert [s.name for s in reg.chain] == ["data", "pretrain", "agent_traces", "finetune", "serving", "eval", "agents"]
-    sections = {f.name for f in __import__("dataclasses").fields(reg.jobs["pipeline"].config_cls)}
+    sections = {f.name for f in dataclasses.fields(reg.jobs["pipeline"].config_cls)}
     assert {"data", "pretrain", "finetune", "engine", "infer", "eval", "agent", "agent_traces"} <= sections
 
 
@@ -90,7 +92,7 @@ def test_another_distribution_adds_a_job_kind_and_a_chain_step_through_the_entry
             registry.add_chain_step(ChainStep("hello", order=99, stages="extra_jobs:hello_stages",
                                               fields=(("greeting", str, lambda: "hi"),)))
     '''))
-    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-m", "puyu.launcher", "job=hello", "cluster=inline", "job.greeting=salut",
                           f"run={tmp_path}/run"], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "extra job says salut" in out.stdout, out.stderr[-2000:]
