@@ -132,8 +132,8 @@ def hanging_pretrain_task(cfg, hang_rank: int, hang_s: float):
 
 def probing_pretrain_task(cfg):
     """A pretraining task that probes its first step and has rank 0 write ``<stage dir>/probe.json``: the
-    dtypes its linears output and its master weights hold (hooks on every ``nn.Linear``), the bytes of
-    activations autograd saved for backward (distinct storages, local shards of DTensors), the output
+    dtypes its linears output and its master weights hold (hooks on every ``nn.Linear``), the peak
+    bytes of activations autograd held for backward (distinct live storages, local shards of DTensors), the output
     head's placements, and the run's precision summary."""
     import torch
     from torch.distributed.tensor import DTensor
@@ -145,21 +145,38 @@ def probing_pretrain_task(cfg):
             if hasattr(self, "probe"):
                 return super()._forward_backward(stages, schedule, micro, dims, coords)
             outputs: set[str] = set()
-            storages: dict[int, int] = {}
+            # bytes of the storages autograd holds for backward, counted while they are alive: keyed by
+            # address among live storages only, so memory the allocator hands out again after backward
+            # freed it (an address seen twice) is neither merged nor double-counted
+            live: dict[int, list[int]] = {}  # storage address -> [nbytes, saved tensors holding it]
+            held = {"now": 0, "peak": 0}
 
-            def pack(t):
-                local = t._local_tensor if isinstance(t, DTensor) else t
-                try:
-                    storage = local.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
-                except RuntimeError:  # no plain storage (a wrapper subclass): count its own bytes
-                    storages[id(local)] = local.nbytes
-                return t
+            class Saved:
+                def __init__(self, t):
+                    local = t._local_tensor if isinstance(t, DTensor) else t
+                    try:
+                        storage = local.untyped_storage()
+                        self.key, nbytes = storage.data_ptr(), storage.nbytes()
+                    except RuntimeError:  # no plain storage (a wrapper subclass): its own bytes
+                        self.key, nbytes = id(local), local.nbytes
+                    self.t = t
+                    entry = live.setdefault(self.key, [nbytes, 0])
+                    if entry[1] == 0:
+                        held["now"] += nbytes
+                        held["peak"] = max(held["peak"], held["now"])
+                    entry[1] += 1
+
+                def __del__(self):
+                    entry = live[self.key]
+                    entry[1] -= 1
+                    if entry[1] == 0:
+                        held["now"] -= entry[0]
+                        del live[self.key]
 
             hooks = [m.register_forward_hook(lambda mod, args, out: outputs.add(str(out.dtype)))
                      for s in stages for m in s.modules() if isinstance(m, torch.nn.Linear)]
             try:
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.t):
                     return super()._forward_backward(stages, schedule, micro, dims, coords)
             finally:
                 for h in hooks:
@@ -169,7 +186,7 @@ def probing_pretrain_task(cfg):
                     "linear_outputs": sorted(x.removeprefix("torch.") for x in outputs),
                     "master_weights": sorted({str(p.dtype).removeprefix("torch.") for s in stages
                                               for p in s.parameters()}),
-                    "saved_bytes": sum(storages.values()),
+                    "saved_bytes": held["peak"],
                     "head_placements": [str(p) for p in head.placements] if isinstance(head, DTensor) else None,
                 }
 

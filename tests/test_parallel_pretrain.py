@@ -199,19 +199,21 @@ def test_tp_without_sequence_or_vocab_parallelism_matches_single_process(shards,
     assert_same_curve(train(cfg, tmp_path, 2), reference[2])
 
 
-@pytest.mark.slow(reason="order-dependent: alone it measures 0.82x, after the export/hung-rank/TP tests of this module 0.91-0.98x (both saved-byte counts change); to be fixed, not a make test check until then")
 def test_sequence_parallel_saves_fewer_activations_per_tp_rank(shards, tmp_path):
     """Same TP2 step with and without SP (the curves above are the single process's either way): the
     norms' inputs and the residual stream are split over the TP ranks, so rank 0 saves fewer bytes for
     backward; the vocab-parallel head is a DTensor sharded on the vocabulary."""
     seq = {}
-    for sp in (False, True):
+    for sp in (False, True):  # each probe prints its figures (pytest -s shows them)
         cfg = config(shards, steps=1, device="cpu", tp=2, sequence_parallel=sp)
         cfg.data.seq_len = 256
         seq[sp] = probe(cfg, tmp_path / f"sp{sp}", 2)
+        print(f"sequence_parallel={sp}: rank 0 held {seq[sp]['saved_bytes']} bytes for backward at peak")
     assert seq[True]["head_placements"] == seq[False]["head_placements"] == ["S(0)"]
-    # 0.825 on 2026-12-04 (the vocab-sharded logits and per-head attention tensors are split either way);
-    # SP through DTensor redistribution, keeping each gathered linear input, saved 1% more than none
+    # 0.851 (13.5 vs 15.9 MB) on 2026-12-07, the same alone and after the other tests of this module: the
+    # vocab-sharded logits and per-head attention tensors are split either way. The count is the peak of
+    # live saved storages; counting every address ever saved (before) merged storages the allocator
+    # reused after backward, so it moved with what ran earlier in the process (0.82x-0.98x)
     assert seq[True]["saved_bytes"] < 0.9 * seq[False]["saved_bytes"], seq
 
 
