@@ -27,39 +27,55 @@ for folder in CODE_FOLDERS:
     package_dir.update(subpackages(folder))
 
 
-def fused_ops_extension() -> dict:
-    """``ext_modules``/``cmdclass`` for ``puyu.model._fused_ops`` built from ``csrc/``, or ``{}``.
+def kernel_extensions() -> dict:
+    """``ext_modules``/``cmdclass`` for puyu's two C++ extensions, or ``{}`` without torch at build time.
 
-    CPU kernels always (C++ with OpenMP); CUDA kernels only when a CUDA toolkit and a CUDA build of torch
-    are both present. Without torch at build time the package installs without the extension and
-    ``puyu.model.ops`` falls back to the PyTorch reference ops.
+    - ``puyu.model._fused_ops`` (``csrc/bindings.cpp``, ``csrc/cpu``): the training ops; CPU kernels
+      always, CUDA kernels (``csrc/cuda``) only when a CUDA toolkit and a CUDA build of torch are present.
+    - ``puyu.serving._serving_ops`` (``csrc/serving``): the serving runtime's CPU-only kernels (RoPE into
+      a paged cache, paged decode attention, quantized linears, the caching allocator). Kept apart so the
+      training extension carries no serving code; it shares ``csrc/cpu/common.h`` through the include path.
+
+    Both compile with the same flags (OpenMP; AVX2 + FMA when the build host has them). Without torch the
+    package installs without them and ``puyu.model.ops``/``puyu.serving.ops`` fall back to the PyTorch
+    reference ops.
     """
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
         return {}
-    sources = ["csrc/bindings.cpp", *sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc/cpu").glob("*.cpp"))]
+
+    def cpp_sources(folder: str) -> list[str]:
+        return sorted(str(p.relative_to(HERE)) for p in (HERE / folder).glob("*.cpp"))
+
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]  # no FP traps: lets loops vectorise
     cpuinfo = Path("/proc/cpuinfo")
     host_flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
-    if {"avx2", "fma"} <= host_flags:  # puyu.model.ops refuses this build on a CPU without AVX2
+    if {"avx2", "fma"} <= host_flags:  # puyu.model.ops refuses such a build on a CPU without AVX2
         cxx_flags += ["-mavx2", "-mfma", "-DPUYU_CPU_AVX2"]
+    sources = ["csrc/bindings.cpp", *cpp_sources("csrc/cpu")]
     with_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
     if with_cuda:
         sources += sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc/cuda").glob("*.cu"))
-        ext_cls, extra = cpp_extension.CUDAExtension, {"nvcc": ["-O3"]}
-        cxx_flags.append("-DWITH_CUDA")
-        extra["nvcc"].append("-DWITH_CUDA")
+        ext_cls, extra = cpp_extension.CUDAExtension, {"nvcc": ["-O3", "-DWITH_CUDA"]}
+        fused_flags = [*cxx_flags, "-DWITH_CUDA"]
     else:
-        ext_cls, extra = cpp_extension.CppExtension, {}
-    ext = ext_cls(
+        ext_cls, extra, fused_flags = cpp_extension.CppExtension, {}, cxx_flags
+    fused = ext_cls(
         "puyu.model._fused_ops",
         sources,
-        extra_compile_args={"cxx": cxx_flags, **extra},
+        extra_compile_args={"cxx": fused_flags, **extra},
         extra_link_args=["-fopenmp"],
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+    serving = cpp_extension.CppExtension(
+        "puyu.serving._serving_ops",
+        cpp_sources("csrc/serving"),  # bindings.cpp among them
+        include_dirs=[str(HERE / "csrc")],  # "cpu/common.h" (absolute: ninja builds from build/)
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+    return {"ext_modules": [fused, serving], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 
 
 setup(
@@ -120,5 +136,5 @@ setup(
             ("launcher", "jobs"), ("data_pipeline", "kinds"), ("parallel", "kinds"), ("serving", "kinds"),
             ("evaluation", "kinds"), ("agents", "kinds"))],
     },
-    **fused_ops_extension(),
+    **kernel_extensions(),
 )

@@ -1,6 +1,6 @@
 """Fused ops vs their PyTorch references on CPU: forward+backward time per op, the peak memory of
 the cross-entropy at InternLM2's vocabulary (92544), and the forward time of paged decode attention
-(inference only) against its reference's gather + matmuls.
+(inference only, ``puyu.serving.ops``) against its reference's gather + matmuls.
 
     .venv/bin/python benchmarks/bench_ops.py [--repeat 7]
 
@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from puyu.model import ops
+from puyu.serving import ops as serving_ops
 
 SPEED_GOAL, MEMORY_GOAL = 1.5, 0.25
 VOCAB, CE_TOKENS, CE_DIM = 92544, 1024, 256
@@ -126,8 +127,8 @@ def time_paged_attention(repeat: int) -> list[float]:
     for kind, shape, kv_int8, threads in cases:
         inputs = _paged_inputs(*shape, kv_int8=kv_int8)
         torch.set_num_threads(threads or default_threads)
-        runs = [("fused", lambda: ops.paged_decode_attention(*inputs)),
-                ("reference", lambda: ops.paged_decode_attention_reference(*inputs))]
+        runs = [("fused", lambda: serving_ops.paged_decode_attention(*inputs)),
+                ("reference", lambda: serving_ops.paged_decode_attention_reference(*inputs))]
         with torch.no_grad():
             times = interleaved_times(runs, repeat)
         torch.set_num_threads(default_threads)
@@ -185,8 +186,10 @@ def main() -> None:
     if args.ce_peak:
         print(json.dumps({"peak_bytes": ce_peak_bytes(args.ce_peak)}))
         return
-    if not ops.extension_available("cpu"):
-        sys.exit("the fused ops extension is not built: pip install --no-build-isolation -e . first")
+    for name, module in (("fused ops", ops), ("serving ops", serving_ops)):
+        if not module.extension_available("cpu"):
+            sys.exit(f"the {name} extension is not built ({module.extension_problem()}): "
+                     "pip install --no-build-isolation -e . first")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels: {ops._ext.cpu_isa()}")
     ratios = time_ops(args.repeat)
     time_paged_attention(args.repeat)

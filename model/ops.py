@@ -1,5 +1,5 @@
-"""Fused ops (RMSNorm, RoPE on q and k, SwiGLU, linear + cross-entropy, paged decode attention) with their
-PyTorch references.
+"""Fused training ops (RMSNorm, RoPE on q and k, SwiGLU, linear + cross-entropy) with their PyTorch
+references, and the helpers that load a compiled kernel module and route calls to it.
 
 Every op has a plain PyTorch ``*_reference`` that defines its semantics, and a fused path backed by the
 C++/CUDA extension ``puyu.model._fused_ops`` built from ``csrc/`` by setup.py. The model picks between
@@ -17,29 +17,44 @@ chunks, computes each chunk's logits from the hidden states (fused with the outp
 them into the loss and, in the same pass, into the gradient, and keeps only ``grad_hidden`` and
 ``grad_weight`` for backward. Its fallback keeps the chunking and only swaps the per-chunk kernel.
 
-Paged decode attention (serving, inference only, CPU kernel only) reads each sequence's keys/values in
-place through its block table instead of gathering them into a padded copy first.
+The serving runtime's own kernels (RoPE into a paged KV cache, paged decode attention, quantized linears,
+the caching allocator) are in ``puyu.serving.ops`` and its extension ``puyu.serving._serving_ops``; they
+load and route through ``load_extension`` and ``route`` here, so this module never imports serving.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
+from types import ModuleType
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_ext_problem: str | None = None  # why the compiled kernels are not in use, for extension_problem()
-try:
-    from puyu.model import _fused_ops as _ext
-except ImportError as err:  # the extension is optional: no compiler, or torch absent at build time
-    _ext, _ext_problem = None, f"puyu.model._fused_ops does not import ({err})"
-    log.warning("puyu fused ops extension not built (%s); using the PyTorch reference ops", err)
-else:
-    if _ext.cpu_isa() == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        _ext, _ext_problem = None, "puyu.model._fused_ops was built for AVX2 and this CPU lacks it"
-        log.warning("puyu fused ops were built for AVX2 but this CPU lacks it; using the PyTorch reference ops")
+
+def load_extension(module: str, label: str) -> tuple[ModuleType | None, str | None]:
+    """Imports one of puyu's compiled kernel modules -> (module, None), or (None, one line saying why not).
+
+    The extensions are optional (no compiler, or torch absent at build time), so a miss is logged once,
+    naming ``label``, and callers fall back to the PyTorch references. A build for AVX2 counts as missing on
+    a CPU without it: its first kernel would crash the process. Loads this module's ``_fused_ops`` and
+    ``puyu.serving.ops``'s ``_serving_ops``.
+    """
+    try:
+        ext = importlib.import_module(module)
+    except ImportError as err:
+        log.warning("puyu %s extension not built (%s); using the PyTorch reference ops", label, err)
+        return None, f"{module} does not import ({err})"
+    if ext.cpu_isa() == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.warning("puyu %s were built for AVX2 but this CPU lacks it; using the PyTorch reference ops", label)
+        return None, f"{module} was built for AVX2 and this CPU lacks it"
+    return ext, None
+
+
+_ext, _ext_problem = load_extension("puyu.model._fused_ops", "fused ops")
 # Asked once: torch.compile cannot trace a call into the extension module.
 _CUDA_KERNELS = _ext is not None and _ext.has_cuda()
 
@@ -75,9 +90,10 @@ def _use_ext(fused: bool, t: torch.Tensor) -> bool:
     return False
 
 
-def _route(fused: bool, t: torch.Tensor, *differentiable: torch.Tensor) -> str:
+def route(fused: bool, t: torch.Tensor, usable: Callable[[torch.Tensor], bool], *differentiable: torch.Tensor) -> str:
     """How a call on ``t`` is served: "reference", "op" (the ``torch.ops.puyu`` custom op) or "ext" (the
-    extension's function called directly, the op's own implementation).
+    extension's function called directly, the op's own implementation). ``usable(t)`` says whether the
+    compiled kernels serve ``t``'s device; it is asked only for tensors that hold values.
 
     The op for meta tensors (its fake kernel gives the shapes, with or without the extension), for what
     torch.compile or another tracer sees (fake tensors, tensor subclasses), and for calls autograd records
@@ -91,7 +107,7 @@ def _route(fused: bool, t: torch.Tensor, *differentiable: torch.Tensor) -> str:
         return "reference"
     if t.is_meta:
         return "op"
-    if not _use_ext(True, t):
+    if not usable(t):
         return "reference"
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
         return "op"
@@ -100,7 +116,13 @@ def _route(fused: bool, t: torch.Tensor, *differentiable: torch.Tensor) -> str:
     return "ext"
 
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
+def _route(fused: bool, t: torch.Tensor, *differentiable: torch.Tensor) -> str:
+    """``route`` for this module's training ops (warns once per device without kernels)."""
+    return route(fused, t, lambda x: _use_ext(True, x), *differentiable)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The type the kernels compute in: fp64 for fp64 inputs, else fp32 (the references match it)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -109,7 +131,7 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x^2) + eps) * weight``, computed in fp32 (fp64 for fp64) and rounded once."""
-    xf = x.to(_opmath(x.dtype))
+    xf = x.to(opmath_dtype(x.dtype))
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * rstd * weight.to(xf.dtype)).to(x.dtype)
 
@@ -135,7 +157,7 @@ _rms_norm_bwd_op = torch.library.custom_op("puyu::rms_norm_backward", _rms_norm_
 
 @_rms_norm_op.register_fake
 def _(x, weight, eps):
-    return x.new_empty(x.shape), x.new_empty(math.prod(x.shape[:-1]), dtype=_opmath(x.dtype))
+    return x.new_empty(x.shape), x.new_empty(math.prod(x.shape[:-1]), dtype=opmath_dtype(x.dtype))
 
 
 @_rms_norm_bwd_op.register_fake
@@ -174,7 +196,7 @@ def rope_reference(
     """Rotate the two halves of each head. q [B, T, Hq, d], k [B, T, Hk, d], cos/sin [B, T, d/2]."""
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_opmath(x.dtype))
+        xf = x.to(opmath_dtype(x.dtype))
         c, s = cos.to(xf.dtype)[:, :, None, :], sin.to(xf.dtype)[:, :, None, :]  # [B, T, 1, d/2]
         x1, x2 = xf.chunk(2, dim=-1)
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
@@ -221,60 +243,8 @@ def apply_rope(
     path = _route(fused, q, q, k)
     if path == "reference":
         return rope_reference(q, k, cos, sin)
-    opmath = _opmath(q.dtype)
+    opmath = opmath_dtype(q.dtype)
     return (_rope if path == "ext" else _rope_op)(q, k, cos.to(opmath), sin.to(opmath), False)
-
-
-def rope_cache_write_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                               v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Split packed QKV rows, rotate q and k (``rope_reference``), store k and v in a paged cache; -> q.
-
-    qkv [N, (n_heads + 2 Hk) d] (each row q | k | v), cos/sin [N, d/2], k_cache/v_cache [Hk, num_blocks,
-    block_size, d] (one layer, qkv's dtype), slots [N] int64: token r's key and value go to flat slot
-    ``slots[r]`` (= block * block_size + offset) of every kv head. Returns q [N, n_heads, d].
-    """
-    N, (Hk, _, _, d) = qkv.shape[0], k_cache.shape
-    q, k, v = qkv.view(N, -1, d).split([n_heads, Hk, Hk], dim=1)
-    q, k = rope_reference(q[None], k[None], cos[None], sin[None])
-    for cache, t in ((k_cache, k[0]), (v_cache, v)):
-        cache.view(Hk, -1, d).index_copy_(1, slots, t.transpose(0, 1))
-    return q[0]
-
-
-def _rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                      v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return _ext.rope_cache_write(qkv, cos, sin, k_cache, v_cache, slots, n_heads)
-
-
-_rope_cache_write_op = torch.library.custom_op(
-    "puyu::rope_cache_write", _rope_cache_write, mutates_args=("k_cache", "v_cache")
-)
-
-
-@_rope_cache_write_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, slots, n_heads):
-    return qkv.new_empty(qkv.shape[0], n_heads, k_cache.shape[3])
-
-
-def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slots: torch.Tensor, n_heads: int, fused: bool = True) -> torch.Tensor:
-    """RoPE on the q and k heads of packed QKV rows, with k and v written into a paged KV cache layer at
-    ``slots``; returns the rotated q [N, n_heads, d]. Semantics: ``rope_cache_write_reference``.
-
-    Why fused: serving's decode step would otherwise split the projection, copy q and k contiguous,
-    rotate them, then transpose and ``index_copy_`` k and v into the cache: five passes over small rows.
-    The CPU kernel reads each row once and writes q, k and v where they belong, with the same rotation
-    as ``apply_rope`` (bit for bit). Inference only; CUDA tensors and ``fused=False`` take the reference.
-    """
-    path = _route(fused, qkv)
-    if path == "reference" or qkv.device.type == "cuda":
-        return rope_cache_write_reference(qkv, cos, sin, k_cache, v_cache, slots, n_heads)
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        raise RuntimeError("rope_cache_write is inference-only: qkv must not require a gradient")
-    opmath = _opmath(qkv.dtype)
-    return (_rope_cache_write if path == "ext" else _rope_cache_write_op)(
-        qkv, cos.to(opmath).contiguous(), sin.to(opmath).contiguous(), k_cache, v_cache, slots, n_heads
-    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +252,7 @@ def rope_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
 # ----------------------------------------------------------------------------------------------------
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up``, computed in fp32 (fp64 for fp64) and rounded once."""
-    opmath = _opmath(gate.dtype)
+    opmath = opmath_dtype(gate.dtype)
     return (F.silu(gate.to(opmath)) * up.to(opmath)).to(gate.dtype)
 
 
@@ -341,7 +311,7 @@ def linear_cross_entropy_reference(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """``cross_entropy(hidden @ weight.T, target)`` with fp32 logits: the whole [N, V] matrix at once."""
-    logits = (hidden @ weight.T).to(_opmath(hidden.dtype))  # [N, V]
+    logits = (hidden @ weight.T).to(opmath_dtype(hidden.dtype))  # [N, V]
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
@@ -353,7 +323,7 @@ def _ce_chunk_torch(
     Returns the per-row loss [C] (0 for ignored rows) and, if ``with_grad``, overwrites ``logits`` [C, V]
     with ``grad_scale * (softmax - onehot)`` (0 for ignored rows).
     """
-    lf = logits.to(_opmath(logits.dtype))
+    lf = logits.to(opmath_dtype(logits.dtype))
     valid = target != ignore_index
     safe = torch.where(valid, target, 0)[:, None]
     lse = torch.logsumexp(lf, dim=-1)
@@ -377,7 +347,7 @@ _ce_chunk_op = torch.library.custom_op("puyu::ce_chunk", _ce_chunk, mutates_args
 
 @_ce_chunk_op.register_fake
 def _(logits, target, ignore_index, grad_scale, with_grad):
-    return logits.new_empty(logits.shape[0], dtype=_opmath(logits.dtype))
+    return logits.new_empty(logits.shape[0], dtype=opmath_dtype(logits.dtype))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -388,7 +358,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = n_tokens if hidden.is_meta else int((target != ignore_index).sum())
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
         kernel = _ce_chunk_op if use_ext else _ce_chunk_torch
-        opmath = _opmath(hidden.dtype)
+        opmath = opmath_dtype(hidden.dtype)
         with_grad = grad_h or grad_w
         grad_hidden = torch.empty_like(hidden) if grad_h else None
         # Accumulate the weight gradient in fp32 across chunks; low-precision sums would drift. A frozen
@@ -458,98 +428,4 @@ def linear_cross_entropy(
     return _LinearCrossEntropy.apply(
         hidden.contiguous(), weight.contiguous(), target.contiguous(), ignore_index, reduction, chunk_rows, use_ext,
         grad and hidden.requires_grad, grad and weight.requires_grad,
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Paged decode attention (inference only)
-# ----------------------------------------------------------------------------------------------------
-def paged_decode_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Attention of one query per sequence over its keys/values in a paged cache: gather + masked softmax.
-
-    Sequence i's token t lives in block ``block_tables[i, t // block_size]`` at offset ``t % block_size``;
-    its first ``context_lens[i]`` tokens are visible. Query head h reads kv head ``h // (Hq / Hk)`` (GQA).
-    An int8 cache is dequantized as ``code * scale`` (one fp32 scale per token and kv head). Computed in fp32
-    (fp64 for fp64 q) and rounded once to q's dtype. Block-table entries past a context are gathered and
-    masked, so they must name existing blocks (padding with 0 is the convention).
-    """
-    b, Hq, d = q.shape
-    Hk, _, bs, _ = k_cache.shape
-    S = block_tables.shape[1] * bs
-    opmath = _opmath(q.dtype)
-    flat = block_tables.reshape(-1)  # [b * max_blocks]
-
-    def gather(cache: torch.Tensor, cache_scale: torch.Tensor | None) -> torch.Tensor:
-        t = cache.index_select(1, flat).to(opmath)  # [Hk, b * max_blocks, bs, d]
-        if cache_scale is not None:
-            t = t * cache_scale.index_select(1, flat)[..., None].to(opmath)
-        return t.view(Hk, b, S, d)
-
-    keys, values = gather(k_cache, k_scale), gather(v_cache, v_scale)  # [Hk, b, S, d]
-    qg = q.to(opmath).view(b, Hk, Hq // Hk, d)  # [b, Hk, g, d]
-    scores = torch.einsum("bhgd,hbsd->bhgs", qg, keys) * scale  # [b, Hk, g, S]
-    visible = torch.arange(S, device=q.device) < context_lens[:, None]  # [b, S]
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-    out = torch.einsum("bhgs,hbsd->bhgd", scores.softmax(dim=-1), values)  # [b, Hk, g, d]
-    return out.reshape(b, Hq, d).to(q.dtype)
-
-
-def _paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                            k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
-    return _ext.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale)
-
-
-_paged_decode_attention_op = torch.library.custom_op(
-    "puyu::paged_decode_attention", _paged_decode_attention, mutates_args=()
-)
-
-
-@_paged_decode_attention_op.register_fake
-def _(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale):
-    return q.new_empty(q.shape)
-
-
-def paged_decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-    fused: bool = True,
-) -> torch.Tensor:
-    """Decode attention over a paged KV cache: q [b, Hq, d] -> out [b, Hq, d] in q's dtype.
-
-    k_cache, v_cache: [Hk, num_blocks, block_size, d] (one layer of ``PagedKVCache``), q's dtype, or int8 with
-    k_scale, v_scale [Hk, num_blocks, block_size] fp32; block_tables [b, max_blocks] int64; context_lens [b]
-    int64 (1..max_blocks * block_size keys each). Semantics: ``paged_decode_attention_reference``.
-
-    Why fused: the reference (like the serving runtime before it) copies every sequence's blocks into a
-    padded [Hk, b, S, d] tensor before its matmuls; the CPU kernel reads the blocks in place through the
-    block table, once for all query heads of a kv head, and never reads the entries past a context.
-
-    Inference only: the fused path records no autograd graph (it refuses inputs that need a gradient).
-    CUDA tensors, ``fused=False`` or a missing extension take the reference.
-    """
-    path = _route(fused, q)
-    if path == "reference" or q.device.type == "cuda":
-        return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale,
-                                                v_scale)
-    if torch.is_grad_enabled() and q.requires_grad:
-        raise RuntimeError("paged_decode_attention is inference-only: q must not require a gradient")
-    return (_paged_decode_attention if path == "ext" else _paged_decode_attention_op)(
-        q.contiguous(), k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), float(scale), k_scale,
-        v_scale,
     )

@@ -5,7 +5,7 @@
   tables. The linear layers see all tokens of the step as one [N, D] matrix, which is what makes
   continuous batching pay off. Attention runs per ``AttentionGroup``: with the fused CPU kernel, decode
   tokens and short prompt chunks read their sequences' blocks in place (``paged``), and the step's q
-  comes from ``ops.rope_cache_write``, which also stores k and v in their slots; without it, decode
+  comes from ``puyu.serving.ops.rope_cache_write``, which also stores k and v in their slots; without it, decode
   tokens gather their blocks into a padded [b, S] view (buckets of similar context length). Prompt
   chunks that start at position 0 otherwise attend only to their own keys (causal SDPA, nothing read
   from the cache); other chunks gather what the cache holds before them.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from puyu.model import ops
 from puyu.model.config import ModelArgs
+from puyu.serving import ops as serving_ops
 from puyu.serving.kv_cache import PagedKVCache
 from puyu.serving.qlinear import QuantLinear
 
@@ -198,7 +199,7 @@ class EngineModel:
     @property
     def paged_kernel(self) -> bool:
         """Whether attention can read the paged cache in place through the fused kernel (``paged`` groups)."""
-        return self.args.fused_ops and self.device.type == "cpu" and ops.extension_available("cpu")
+        return self.args.fused_ops and serving_ops.extension_available(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -280,7 +281,7 @@ class EngineModel:
             if write_fused:
                 x = ops.rms_norm(h, self.layers[i]["attention_norm"], a.norm_eps, fused=a.fused_ops)
                 qkv = self._linear(i, "wqkv", x)[0]  # [N, (Hq + 2 Hk) d]
-                q = ops.rope_cache_write(qkv, cos[0], sin[0], cache.k[i], cache.v[i], batch.slots, a.n_heads)
+                q = serving_ops.rope_cache_write(qkv, cos[0], sin[0], cache.k[i], cache.v[i], batch.slots, a.n_heads)
                 k = v = None
             else:
                 q, k, v = self._qkv(i, h, cos, sin)  # [1, N, H, d]
@@ -311,14 +312,14 @@ class EngineModel:
         g, scale = a.n_groups, 1.0 / math.sqrt(a.head_dim)
         scales = (cache.k_scale[i], cache.v_scale[i]) if cache.int8 else (None, None)
         if len(groups) == 1 and groups[0].kind == "paged":  # the usual step: the kernel's output is the whole output
-            return ops.paged_decode_attention(q, cache.k[i], cache.v[i], groups[0].block_tables, groups[0].context, scale,
-                                              *scales)
+            return serving_ops.paged_decode_attention(q, cache.k[i], cache.v[i], groups[0].block_tables,
+                                                      groups[0].context, scale, *scales)
         out = torch.empty_like(q)
         for grp, mask in zip(groups, masks):
             rows = slice(grp.start, grp.stop)
             if grp.kind == "paged":
-                out[rows] = ops.paged_decode_attention(q[rows], cache.k[i], cache.v[i], grp.block_tables, grp.context,
-                                                       scale, *scales)
+                out[rows] = serving_ops.paged_decode_attention(q[rows], cache.k[i], cache.v[i], grp.block_tables,
+                                                               grp.context, scale, *scales)
                 continue
             if grp.kind == "decode":
                 keys, values = cache.gather(i, grp.block_tables)  # [Hk, b, S, d]

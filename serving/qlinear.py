@@ -1,4 +1,4 @@
-"""Quantized linears at run time: the CPU kernels of ``csrc/cpu/quant_linear.cpp`` and their PyTorch references.
+"""Quantized linears at run time: the CPU kernels of ``csrc/serving/quant_linear.cpp`` and their PyTorch references.
 
 Why kernels: decoding one token reads every weight once, so a step costs the weights' bytes over memory
 bandwidth. Expanding the int8/int4 codes into a float copy of the whole weight on every call (what serving
@@ -21,15 +21,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from puyu.model import ops
+from puyu.serving import ops
 
 Tensors = dict[str, torch.Tensor]
 
 
 def _kernels() -> object | None:
-    """The extension module when it has the AVX2 quantized-linear kernels, else None."""
-    ext = ops._ext  # noqa: SLF001 (the extension ops.py loaded and vetted for this CPU)
-    return ext if ext is not None and hasattr(ext, "w8_linear") and ext.cpu_isa() == "avx2" else None
+    """The serving extension when it has the (AVX2-only) quantized-linear kernels, else None."""
+    ext = ops.extension()
+    return ext if ext is not None and ext.cpu_isa() == "avx2" else None
 
 
 # ---- references ---------------------------------------------------------------------------------------------

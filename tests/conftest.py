@@ -32,26 +32,31 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (scripts/gpu_check.sh runs them)")
 
 
+def _extensions() -> list[tuple[str, str | None, str]]:
+    """(name, why it is not in use or None, what a built one offers) of each C++ extension: the training
+    ops (puyu.model.ops) and the serving runtime's (puyu.serving.ops)."""
+    from puyu.model import ops
+    from puyu.serving import ops as serving_ops
+
+    return [("fused ops", ops.extension_problem(),
+             f" (CUDA kernels: {'yes' if ops.extension_available('cuda') else 'no'})"),
+            ("serving ops", serving_ops.extension_problem(), " (CPU kernels)")]
+
+
 def pytest_sessionstart(session):
-    """Under `make test` a fused ops extension that did not build (or cannot run here) ends the run before any
-    test, as a failure with its one-line reason, instead of every kernel test skipping."""
+    """Under `make test` an extension that did not build (or cannot run here) ends the run before any test,
+    as a failure with its one-line reason, instead of every kernel test skipping."""
     if not REQUIRE_EXTENSION:
         return
-    from puyu.model import ops
-
-    problem = ops.extension_problem()
-    if problem:
-        pytest.exit(f"PUYU_REQUIRE_EXTENSION=1 and the fused ops extension is not in use: {problem}", returncode=1)
+    for name, problem, _ in _extensions():
+        if problem:
+            pytest.exit(f"PUYU_REQUIRE_EXTENSION=1 and the {name} extension is not in use: {problem}", returncode=1)
 
 
 def pytest_report_header(config):
-    """Whether the kernel tests run or skip, said once at the top of the run."""
-    from puyu.model import ops
-
-    problem = ops.extension_problem()
-    if problem:
-        return f"puyu fused ops extension: not in use, its tests skip ({problem})"
-    return f"puyu fused ops extension: built (CUDA kernels: {'yes' if ops.extension_available('cuda') else 'no'})"
+    """Whether the kernel tests run or skip, said once per extension at the top of the run."""
+    return [f"puyu {name} extension: not in use, its tests skip ({problem})" if problem
+            else f"puyu {name} extension: built{built}" for name, problem, built in _extensions()]
 
 
 def pytest_collection_modifyitems(config, items):

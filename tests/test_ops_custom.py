@@ -1,7 +1,8 @@
-"""The fused kernels as ``torch.ops.puyu`` custom ops (puyu.model.ops): ``torch.library.opcheck`` of each
-(schema, fake kernel against the real one, autograd registration, AOT tracing with dynamic shapes), a
-``torch.compile(fullgraph=True)`` TransformerBlock against eager, shape propagation on the meta device,
-and the session check that makes ``make test`` fail when the extension did not build."""
+"""The fused kernels as ``torch.ops.puyu`` custom ops (puyu.model.ops, puyu.serving.ops):
+``torch.library.opcheck`` of each (schema, fake kernel against the real one, autograd registration, AOT
+tracing with dynamic shapes), a ``torch.compile(fullgraph=True)`` TransformerBlock against eager, shape
+propagation on the meta device, and the session check that makes ``make test`` fail when either extension
+did not build."""
 import math
 import os
 import subprocess
@@ -17,10 +18,13 @@ from puyu.model import ops
 from puyu.model.config import ModelArgs
 from puyu.model.model import TransformerBlock
 from puyu.model.rope import rope_cos_sin
+from puyu.serving import ops as serving_ops
 
 REPO = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(not ops.extension_available("cpu"),
                                reason=f"fused ops extension not built: {ops.extension_problem()}")
+needs_serving_ext = pytest.mark.skipif(not serving_ops.extension_available("cpu"),
+                                       reason=f"serving ops extension not built: {serving_ops.extension_problem()}")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -87,7 +91,7 @@ def test_opcheck_ce_chunk(with_grad, dtype):
     torch.library.opcheck(torch.ops.puyu.ce_chunk, (logits, target, -100, 0.25, with_grad))
 
 
-@needs_ext
+@needs_serving_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,Hq,Hk,d", [(1, 8, 2, 32), (9, 6, 3, 6)])
 def test_opcheck_rope_cache_write(N, Hq, Hk, d, dtype):
@@ -99,7 +103,7 @@ def test_opcheck_rope_cache_write(N, Hq, Hk, d, dtype):
     torch.library.opcheck(torch.ops.puyu.rope_cache_write, (qkv, cos, sin, k_cache, v_cache, slots, Hq))
 
 
-@needs_ext
+@needs_serving_ext
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck_paged_decode_attention(dtype, int8):
@@ -209,9 +213,10 @@ def _public_calls(dtype):
         "swiglu": ("puyu.swiglu", lambda f: ops.swiglu(gate, up, fused=f)),
         "linear_cross_entropy": ("puyu.ce_chunk", lambda f: ops.linear_cross_entropy(hidden, head, target, fused=f)),
         "rope_cache_write": ("puyu.rope_cache_write",
-                             lambda f: ops.rope_cache_write(qkv, c2, s2, kc, vc, slots, Hq, fused=f)),
+                             lambda f: serving_ops.rope_cache_write(qkv, c2, s2, kc, vc, slots, Hq, fused=f)),
         "paged_decode_attention": ("puyu.paged_decode_attention",
-                                   lambda f: ops.paged_decode_attention(qd, kc, vc, tables, lens, 0.3, fused=f)),
+                                   lambda f: serving_ops.paged_decode_attention(qd, kc, vc, tables, lens, 0.3,
+                                                                              fused=f)),
     }
 
 
@@ -241,8 +246,9 @@ def test_block_built_on_meta_propagates_shapes_through_the_fused_ops():
 
 # ---- eager calls that record no graph skip the dispatcher ------------------------------------------------
 @needs_ext
+@needs_serving_ext
 def test_inference_calls_skip_the_dispatcher_and_training_calls_take_the_op():
-    """Serving's decode step calls the extension directly (see ops._route); autograd goes through the op. The
+    """Serving's decode step calls the extensions directly (see ops.route); autograd goes through the op. The
     cross-entropy always takes its chunk op: it runs once per chunk of up to 128 MiB of logits."""
     calls = _public_calls(torch.float32)
     with torch.no_grad(), _OpLog() as log:
@@ -255,10 +261,10 @@ def test_inference_calls_skip_the_dispatcher_and_training_calls_take_the_op():
     assert {"puyu.rms_norm", "puyu.rms_norm_backward"} <= log.names
 
 
-# ---- `make test` requires the extension --------------------------------------------------------------------
-def _pytest_without_extension(require: bool, *args: str) -> subprocess.CompletedProcess:
-    """pytest in a fresh interpreter where ``puyu.model._fused_ops`` cannot be imported."""
-    code = ("import sys; sys.modules['puyu.model._fused_ops'] = None; import pytest; "
+# ---- `make test` requires the extensions -------------------------------------------------------------------
+def _pytest_without(module: str, require: bool, *args: str) -> subprocess.CompletedProcess:
+    """pytest in a fresh interpreter where the extension ``module`` cannot be imported."""
+    code = (f"import sys; sys.modules[{module!r}] = None; import pytest; "
             f"raise SystemExit(pytest.main({list(args)!r}))")
     env = {k: v for k, v in os.environ.items() if k != "PUYU_REQUIRE_EXTENSION"}
     if require:
@@ -267,15 +273,20 @@ def _pytest_without_extension(require: bool, *args: str) -> subprocess.Completed
                           timeout=300)
 
 
-def test_make_test_fails_without_the_extension_and_plain_pytest_skips():
-    selected = ["tests/test_ops_custom.py", "-k", "opcheck_swiglu"]
-    required = _pytest_without_extension(True, *selected)
+@pytest.mark.parametrize("module,name,test", [
+    ("puyu.model._fused_ops", "fused ops", "test_opcheck_swiglu"),
+    ("puyu.serving._serving_ops", "serving ops", "test_opcheck_paged_decode_attention"),
+], ids=["fused", "serving"])  # ids that -k <test> does not select again
+def test_make_test_fails_without_an_extension_and_plain_pytest_skips(module, name, test):
+    selected = ["tests/test_ops_custom.py", "-k", test]
+    required = _pytest_without(module, True, *selected)
     assert required.returncode == 1, required.stdout[-2000:] + required.stderr[-2000:]
     reason = [line for line in required.stderr.splitlines() if "PUYU_REQUIRE_EXTENSION" in line]
-    assert len(reason) == 1 and "puyu.model._fused_ops does not import" in reason[0], required.stderr[-2000:]
+    assert len(reason) == 1 and f"the {name} extension is not in use: {module} does not import" in reason[0], \
+        required.stderr[-2000:]
     assert "collected" not in required.stdout  # stopped before collecting a test
 
-    plain = _pytest_without_extension(False, *selected)
+    plain = _pytest_without(module, False, *selected)
     assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-2000:]
-    assert "puyu fused ops extension: not in use" in plain.stdout
-    assert "4 skipped" in plain.stdout and "fused ops extension not built" in plain.stdout
+    assert f"puyu {name} extension: not in use" in plain.stdout
+    assert "4 skipped" in plain.stdout and f"{name} extension not built" in plain.stdout

@@ -1,4 +1,4 @@
-"""Paged decode attention (puyu.model.ops, csrc/cpu/paged_attention.cpp): the fused CPU kernel against the
+"""Paged decode attention (puyu.serving.ops, csrc/serving/paged_attention.cpp): the fused CPU kernel against the
 PyTorch reference, the reference against a per-token loop, and both against the serving runtime's
 gather + ``decode_attention``."""
 import math
@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from puyu.model import ops
 from puyu.model.config import ModelArgs
+from puyu.serving import ops
 from puyu.serving.engine_model import decode_attention
 from puyu.serving.kv_cache import PagedKVCache
 
-needs_ext = pytest.mark.skipif(not ops.extension_available("cpu"), reason="fused ops extension not built")
+needs_ext = pytest.mark.skipif(not ops.extension_available("cpu"), reason="serving ops extension not built")
 TOL = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.float64: dict(atol=1e-10, rtol=1e-10),
@@ -209,7 +209,7 @@ def test_same_result_for_any_thread_count():
 def test_matches_serving_decode_attention_on_the_gathered_cache(kv_dtype, fused):
     """The runtime's path today: PagedKVCache.gather, a -inf bias past each context, decode_attention."""
     if fused and not ops.extension_available("cpu"):
-        pytest.skip("fused ops extension not built")
+        pytest.skip("serving ops extension not built")
     b, Hq, Hk, d, bs, layer = 37, 8, 2, 32, 16, 1
     args = ModelArgs(dim=Hq * d, n_layers=2, n_heads=Hq, n_kv_heads=Hk)
     q, _, _, tables, lens, scale = _case(b, Hq, Hk, d, bs)

@@ -1,14 +1,15 @@
-"""RoPE + paged cache write (puyu.model.ops.rope_cache_write, csrc/cpu/rope.cpp): the fused CPU kernel
+"""RoPE + paged cache write (puyu.serving.ops.rope_cache_write, csrc/serving/rope_cache_write.cpp): the fused CPU kernel
 against its PyTorch reference and against the runtime's unfused path (split, ``apply_rope``,
 ``PagedKVCache.write``), bit for bit in fp32."""
 import pytest
 import torch
 
-from puyu.model import ops
+from puyu.model import ops as model_ops
 from puyu.model.config import ModelArgs
+from puyu.serving import ops
 from puyu.serving.kv_cache import PagedKVCache
 
-pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="fused ops extension not built")
+pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="serving ops extension not built")
 
 
 def _case(N, Hq, Hk, d, num_blocks=12, bs=4, dtype=torch.float32, seed=0):
@@ -56,7 +57,7 @@ def test_bit_equal_to_the_runtime_unfused_path():
     cache_a = PagedKVCache(args, 16, 16, torch.float32)
     cache_b = PagedKVCache(args, 16, 16, torch.float32)
     q, k, v = qkv.view(1, N, -1, d).split([8, 2, 2], dim=2)
-    q_old, k_old = ops.apply_rope(q, k, cos[None], sin[None])
+    q_old, k_old = model_ops.apply_rope(q, k, cos[None], sin[None])
     cache_a.write(0, slots, k_old[0], v[0])
     q_new = ops.rope_cache_write(qkv, cos, sin, cache_b.k[0], cache_b.v[0], slots, 8)
     assert torch.equal(q_new, q_old[0])

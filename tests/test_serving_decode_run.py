@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import puyu.serving.llm as llm_module
-from puyu.model import Transformer, get_flavor, ops
+from puyu.model import Transformer, get_flavor
+from puyu.serving import ops
 from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.decode_run import DecodeRun
 from puyu.serving.llm import LLM
@@ -98,7 +99,6 @@ def test_no_run_without_the_fused_kernel(model, monkeypatch):
 def test_a_failure_inside_a_run_frees_its_blocks_and_the_allocator(model, monkeypatch):
     """A forward that fails mid-run (after blocks were allocated inside it): every block is free again,
     the caching allocator is uninstalled, and the next generate equals a fresh runtime's."""
-    from puyu.model import _fused_ops
     from puyu.serving.engine_model import EngineModel
 
     ps = prompts(8)
@@ -122,6 +122,6 @@ def test_a_failure_inside_a_run_frees_its_blocks_and_the_allocator(model, monkey
     assert run_steps  # the failure came inside a decode run
     assert not llm.scheduler.has_work() and llm.scheduler.allocator.num_free == 200
     with pytest.raises(RuntimeError, match="disable without enable"):
-        _fused_ops.caching_allocator_disable()
+        ops.extension().caching_allocator_disable()
     fresh = LLM.from_model(model, runtime=RuntimeConfig(block_size=4, num_blocks=200))
     assert [o.token_ids for o in llm.generate(ps, params)] == [o.token_ids for o in fresh.generate(ps, params)]

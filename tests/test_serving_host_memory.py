@@ -1,20 +1,20 @@
-"""The caching CPU allocator the runtime installs during ``generate`` (csrc/cpu/caching_allocator.cpp,
+"""The caching CPU allocator the runtime installs during ``generate`` (csrc/serving/caching_allocator.cpp,
 ``puyu.serving.host_memory``): blocks are reused, values survive, blocks cross the install boundary in
 both directions (tensors and ideep's raw allocations), and the runtime's tokens do not change."""
 import pytest
 import torch
 
-from puyu.model import Transformer, get_flavor, ops
+from puyu.model import Transformer, get_flavor
+from puyu.serving import ops
 from puyu.serving.config import RuntimeConfig, SamplingParams, ServingError
 from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.llm import LLM
 
-pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="fused ops extension not built")
+pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="serving ops extension not built")
 
 
 def _ext():
-    from puyu.model import _fused_ops
-    return _fused_ops
+    return ops.extension()
 
 
 def test_freed_blocks_are_reused_and_restored_on_exit():

@@ -1,4 +1,4 @@
-"""Quantized-linear kernels (csrc/cpu/quant_linear.cpp) against their PyTorch references, across shapes.
+"""Quantized-linear kernels (csrc/serving/quant_linear.cpp) against their PyTorch references, across shapes.
 
 Shapes cover both kernel paths (M <= 4: codes expanded in registers; larger M: rows expanded into a
 buffer), row and column tails (N not a multiple of the 4- and 2-row tiles, K not a multiple of 16),
@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from puyu.model import ops
-from puyu.serving import qlinear
+from puyu.serving import ops, qlinear
 from puyu.serving.qlinear import (QuantLinear, quantize_rows, w4_linear_reference, w8_linear_reference,
                                   w8a8_linear_reference)
 from puyu.serving.quant import dequantize, quantize

@@ -62,7 +62,7 @@ def test_greedy_equals_reference_with_paging_prefix_caching_and_chunked_prefill(
     if attention.startswith("gather"):
         monkeypatch.setattr(EngineModel, "paged_kernel", property(lambda self: False))
     elif not EngineModel(model.args, engine_tensors(model.args, puyu_state_dict(model))).paged_kernel:
-        pytest.skip("the fused ops extension is not built: no paged-attention kernel")
+        pytest.skip("the serving ops extension is not built: no paged-attention kernel")
     if attention == "gather_moved":
         laid_out = llm_module.LLM._batch
         monkeypatch.setattr(llm_module.LLM, "_batch", lambda self, *a: laid_out(self, *a).to(torch.device("cpu")))

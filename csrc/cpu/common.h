@@ -1,9 +1,12 @@
-// Shared helpers of the CPU kernels: loops are written over contiguous rows with opmath accumulators
-// and `#pragma omp simd`, so the compiler vectorises them; rows are split over threads with
-// at::parallel_for (OpenMP in torch's CPU builds, the same pool torch's own kernels use).
+// Shared helpers of the CPU kernels, training's (csrc/cpu, puyu.model._fused_ops) and serving's
+// (csrc/serving, puyu.serving._serving_ops, which includes this file as "cpu/common.h"): loops are
+// written over contiguous rows with opmath accumulators and `#pragma omp simd`, so the compiler
+// vectorises them; rows are split over threads with at::parallel_for (OpenMP in torch's CPU builds,
+// the same pool torch's own kernels use).
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -36,5 +39,29 @@ inline float vexp(float x) {
 }
 
 inline double vexp(double x) { return std::exp(x); }
+
+// The bindings' first check of a tensor argument: the kernels index contiguous floating-point rows.
+inline void check_input(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.is_floating_point(), name, " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// Rotates `n_heads` heads of one row: out = [x1 c - x2 s, x2 c + x1 s] with s negated when inverse.
+template <typename scalar_t, typename acc_t>
+inline void rotate_row(const scalar_t* x, scalar_t* out, const acc_t* c, const acc_t* s, int64_t n_heads,
+                       int64_t half, acc_t sign) {
+  for (int64_t h = 0; h < n_heads; ++h) {
+    const scalar_t* x1 = x + h * 2 * half;
+    const scalar_t* x2 = x1 + half;
+    scalar_t* o1 = out + h * 2 * half;
+    scalar_t* o2 = o1 + half;
+#pragma omp simd
+    for (int64_t j = 0; j < half; ++j) {
+      const acc_t a = static_cast<acc_t>(x1[j]), b = static_cast<acc_t>(x2[j]), sj = sign * s[j];
+      o1[j] = static_cast<scalar_t>(a * c[j] - b * sj);
+      o2[j] = static_cast<scalar_t>(b * c[j] + a * sj);
+    }
+  }
+}
 
 }  // namespace puyu::cpu

@@ -29,6 +29,8 @@
 #include <tuple>
 #include <unordered_map>
 
+#include "serving_ops.h"
+
 namespace puyu {
 namespace {
 

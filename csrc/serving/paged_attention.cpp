@@ -24,8 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../fused_ops.h"
-#include "common.h"
+#include "serving_ops.h"
+#include "cpu/common.h"
 
 namespace puyu {
 namespace {

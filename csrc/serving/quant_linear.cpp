@@ -28,7 +28,7 @@
 #include <immintrin.h>
 #endif
 
-#include "../fused_ops.h"
+#include "serving_ops.h"
 
 namespace puyu {
 namespace {
