@@ -2,7 +2,8 @@
 
 Public API: ``LLM``/``RequestOutput`` (the runtime), ``SamplingParams``/``RuntimeConfig`` (what a request
 and the runtime are told), ``build_engine``/``load_engine`` (engine directories),
-``puyu.serving.job`` (``job=infer``/``job=build_engine`` stages) and ``puyu.serving.server`` (HTTP).
+``puyu.serving.job`` (``job=infer``/``job=build_engine`` stages), ``puyu.serving.server`` (HTTP) and
+``puyu.serving.ops`` (the runtime's CPU kernels, extension ``puyu.serving._serving_ops``, and their references).
 """
 import importlib
 
