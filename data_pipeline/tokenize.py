@@ -101,7 +101,7 @@ def merge_indexed_datasets(prefixes: list[Path], out_prefix: Path) -> dict:
             dtype = part_dtype
             lengths.append(part_lengths)
             with open(prefix.with_suffix(".bin"), "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 22)
+                shutil.copyfileobj(src, out, 1 << 20)
     all_lengths = np.concatenate(lengths) if lengths else np.empty(0, np.int32)
     write_index(out_prefix.with_suffix(".idx"), all_lengths, dtype or np.dtype(np.uint16))
     return {"documents": int(len(all_lengths)), "tokens": int(all_lengths.sum())}
