@@ -276,5 +276,5 @@ def test_bad_inputs_raise_clear_errors(change, message):
     q, k, v, tables, lens, scale = _case(5, 4, 2, 32, 16)
     a = change(dict(q=q, k_cache=k, v_cache=v, block_tables=tables, context_lens=lens))
     with pytest.raises(RuntimeError, match=message):
-        ops._ext.paged_decode_attention(a["q"], a["k_cache"], a["v_cache"], a["block_tables"], a["context_lens"],
-                                        scale, a.get("k_scale"), a.get("v_scale"))
+        ops.extension().paged_decode_attention(a["q"], a["k_cache"], a["v_cache"], a["block_tables"], a["context_lens"],
+                                               scale, a.get("k_scale"), a.get("v_scale"))
