@@ -176,13 +176,13 @@ def test_streamed_calibration_folds_scales_into_norms(mode):
         assert calibrated < 0.05
 
 
-@pytest.mark.slow
 def test_quantized_perplexity_on_held_out_text_for_a_trained_model(tmp_path):
     """w8 within 1%, w8a8 within 2% and w4 within 5% of the unquantized perplexity (tiny model trained here on
-    wiki text); the engine's own engine.json records the figures."""
+    wiki text for 60 steps, ~13 s: perplexity ~370 against ~2000 untrained; 300 steps reach ~170 with the
+    same quantization deltas, below 0.2%); the engine's own engine.json records the figures."""
     texts = wiki_texts()
     tok = make_tokenizer(texts[:3000], tmp_path / "tokenizer.json")
-    model = train_tiny(texts[:6000], tok, steps=300)
+    model = train_tiny(texts[:6000], tok, steps=60)
     save_model(model, tmp_path / "ckpt")
     reports = {}
     for quant in ("w8", "w4", "w8a8"):
@@ -192,7 +192,7 @@ def test_quantized_perplexity_on_held_out_text_for_a_trained_model(tmp_path):
         reports[quant] = build_engine(cfg, tmp_path / quant)
         print(quant, {k: v for k, v in reports[quant].items() if k != "awq_alpha"})
     base = reports["w8"]["ppl_unquantized"]
-    assert base < 400  # trained: a random model scores ~ the vocabulary size (2000)
+    assert base < 500  # trained: a random model scores ~ the vocabulary size (2000)
     assert abs(reports["w8"]["ppl_change"]) < 0.01 and abs(reports["w4"]["ppl_change"]) < 0.05
     assert abs(reports["w8a8"]["ppl_change"]) < 0.02
     quality = json.loads((tmp_path / "w4" / "engine.json").read_text())["quality"]
