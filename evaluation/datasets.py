@@ -81,7 +81,7 @@ def _gsm8k() -> Dataset:
             _fail(path, line, '"answer" does not end with "#### <number>"')
         items.append(Item(f"gsm8k/{line}", _text(path, line, row, "question"), [], gsm8k_reference(solution),
                           {"solution": solution}))
-    return Dataset("gsm8k", "gen", items[:-GSM8K_FEWSHOT], items[-GSM8K_FEWSHOT:])
+    return Dataset("gsm8k", "gen", items[:-GSM8K_FEWSHOT], items[-GSM8K_FEWSHOT:], style="gsm8k")
 
 
 def _humaneval() -> Dataset:

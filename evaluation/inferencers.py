@@ -28,7 +28,8 @@ from typing import NamedTuple, Protocol
 from puyu.evaluation.circular import MODES, expand, num_variants
 from puyu.evaluation.config import InferenceConfig
 from puyu.evaluation.items import Dataset, EvalError, Item
-from puyu.evaluation.metrics import answer_matches, extract_answer, qa_matches
+from puyu.evaluation.metrics import (answer_matches, extract_answer, gsm8k_flexible, gsm8k_matches, gsm8k_strict,
+                                     qa_matches)
 from puyu.evaluation.templates import render
 
 GROUP_KEYS = ("category", "subject")
@@ -265,13 +266,19 @@ def predict_gen(dataset: Dataset, items: list[Item], scorer: Scorer, cfg: Infere
     outs = scorer.generate([p.context for p in prompts], prompts[0].stop if prompts else [], cfg.max_tokens)
     records = []
     for item, out in zip(items, outs):
-        if dataset.style:  # open-domain QA: lm-eval's exact match against every accepted answer
+        also = {}
+        if dataset.style == "gsm8k":  # lm-eval's strict-match, and its flexible-extract beside it
+            solution = item.meta.get("solution", str(item.answer))
+            extracted, flexible = gsm8k_strict(out.text), gsm8k_flexible(out.text)
+            correct = gsm8k_matches(extracted, solution)
+            also = {"extracted_flexible": flexible, "correct_flexible": gsm8k_matches(flexible, solution)}
+        elif dataset.style:  # open-domain QA: lm-eval's exact match against every accepted answer
             extracted, correct = out.text.strip(), qa_matches(out.text, item.answer, dataset.style)
         else:
             extracted = extract_answer(out.text, item.answer)
             correct = answer_matches(extracted, item.answer)
         record = {"id": item.id, "prediction": out.text, "extracted": extracted, "gold": item.answer,
-                  "correct": correct, **groups_of(item)}
+                  "correct": correct, **also, **groups_of(item)}
         records.append({**record, "error": out.error} if out.error else record)
     return records
 
@@ -320,7 +327,7 @@ def predict(dataset: Dataset, items: list[Item], llm, cfg: InferenceConfig) -> l
 
     mc, one per variant: id ("<item id>@<variant>"), origin_id, variant, gold, pred, pred_norm, pred_nll,
     correct, logprobs (per option), tokens (per option)[, category, subject]; gen: id, prediction, extracted,
-    gold, correct[, category, subject][, error]; code: id, task_id, completion, passed, status, detail, n,
+    gold, correct[, extracted_flexible, correct_flexible (GSM8K)][, category, subject][, error]; code: id, task_id, completion, passed, status, detail, n,
     c, sandbox (its active protections)[, samples]; bpb: id, nll (nats), tokens, bytes.
     """
     validate(cfg)

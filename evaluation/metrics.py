@@ -19,6 +19,11 @@ PASS_K = (1, 10, 100)  # the k reported, as the Codex paper, each where k <= n
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # lm-eval's regexes_to_ignore per QA task, kept as lm-eval has them (nq_open's removes every "a" and "an")
 QA_IGNORE = {"nq_open": [r"\ban|a|the\b"], "triviaqa": []}
+# lm-eval 0.4.13's gsm8k task: its two answer filters (strict-match, flexible-extract) and the
+# regexes_to_ignore of its exact_match, applied to the answer and to the reference solution alike
+GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+GSM8K_IGNORE = [",", r"\$", r"(?s).*#### ", r"\.$"]
 
 
 def normalize_number(text: str) -> str:
@@ -69,6 +74,33 @@ def answer_matches(extracted: str | None, gold: str) -> bool:
     return extracted == " ".join(gold.split()).lower()
 
 
+def gsm8k_strict(text: str) -> str | None:
+    """lm-eval's gsm8k ``strict-match`` filter: the number after the first ``#### `` (None: "[invalid]")."""
+    found = GSM8K_STRICT.findall(text)
+    return found[0].strip() if found else None
+
+
+def gsm8k_flexible(text: str) -> str | None:
+    """lm-eval's gsm8k ``flexible-extract`` filter: the last number-like run in the text (None: "[invalid]")."""
+    found = GSM8K_FLEXIBLE.findall(text)
+    groups = [g for g in found[-1] if g] if found else []
+    return groups[0].strip() if groups else None
+
+
+def gsm8k_matches(extracted: str | None, solution: str) -> bool:
+    """lm-eval's gsm8k ``exact_match``: commas, dollar signs, everything up to the last ``#### `` and a final
+    full stop removed from both the answer and the reference solution, case ignored."""
+    if extracted is None:
+        return False
+
+    def norm(text: str) -> str:
+        for pattern in GSM8K_IGNORE:
+            text = re.sub(pattern, "", text)
+        return text.lower()
+
+    return norm(extracted) == norm(solution)
+
+
 def qa_matches(prediction: str, golds: list[str], style: str) -> bool:
     """lm-eval's exact_match for nq_open and triviaqa: the prediction stripped (its remove_whitespace
     filter), the task's regexes removed from both sides, case and punctuation ignored; right when any
@@ -92,7 +124,8 @@ def score(kind: str, records: list[dict]) -> dict[str, float]:
     mc: ``acc`` (lm-eval's: argmax of the summed log-probability of " X"), ``acc_norm`` (the same divided
     by the continuation's length in bytes), ``acc_nll`` (OpenCompass-style: argmin of mean NLL per
     continuation token) — all on the original option order — plus CircularEval's metrics (acc rule);
-    gen: ``accuracy`` (exact match of the extracted answer), and with an LLM judge (``puyu.evaluation.judge``)
+    gen: ``accuracy`` (exact match of the extracted answer; GSM8K: lm-eval's strict-match ``exact_match``,
+    with its flexible-extract one as ``accuracy_flexible``), and with an LLM judge (``puyu.evaluation.judge``)
     ``judge_accuracy`` (judged correct, over all items) and ``judge_parsed`` (items with a verdict); code: ``pass@k`` for k in ``PASS_K`` up to the
     samples per problem n, the unbiased estimator of Chen et al. (2021) from n and the passing count c,
     averaged over problems (n = 1 greedy: the share of problems passed); bpb: ``bits_per_byte`` (summed NLL in bits over UTF-8 bytes) and ``ppl`` (token perplexity,
@@ -110,6 +143,8 @@ def score(kind: str, records: list[dict]) -> dict[str, float]:
                 **circular_metrics(records)}
     if kind == "gen":
         scores = {"accuracy": _pct([r["correct"] for r in records])}
+        if "correct_flexible" in records[0]:
+            scores["accuracy_flexible"] = _pct([r["correct_flexible"] for r in records])
         if "judge_verdict" in records[0]:
             scores["judge_accuracy"] = _pct([r["judge_verdict"] == "correct" for r in records])
             scores["judge_parsed"] = _pct([r["judge_verdict"] is not None for r in records])

@@ -10,28 +10,28 @@ lm-eval's prompt for the task (ARC ``"Question: ...\\nAnswer:"``, HellaSwag the 
 option order does not matter and CircularEval is not applied to them. Open-domain QA (NQ-open, TriviaQA)
 is lm-eval's prompt, generation stopped at a newline, full stop or comma.
 
-GSM8K is the "Question: ...\\nAnswer: <worked solution>" chain-of-thought format; the examples' solutions
-drop the calculator annotations ``<<48/2=24>>`` (they are not text a model should imitate) and keep the
-closing ``#### <number>`` that the answer extraction looks for first. Generation stops at the next
-"Question:". HumanEval is the bare function prompt, stopped where a top-level statement would begin.
+GSM8K is lm-eval's ``gsm8k`` task character for character: "Question: ...\\nAnswer: <solution>" with the
+examples' solutions as the dataset ships them (calculator annotations ``<<48/2=24>>`` and the closing
+``#### <number>`` included), 5 of them, examples separated by a blank line, generation stopped at
+"Question:" (and the ``</s>`` / ``<|im_end|>`` end markers). A custom gen dataset is "Question: ...\\nAnswer:".
+HumanEval is the bare function prompt, stopped at lm-eval's (and the Codex paper's) stop sequences
+``\\nclass``, ``\\ndef``, ``\\n#``, ``\\nif``, ``\\nprint``.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from puyu.evaluation.datasets import LETTERS
 from puyu.evaluation.items import Dataset, EvalError, Item
 
-DEFAULT_FEWSHOT = {"mc": 5, "gen": 4, "code": 0, "bpb": 0}  # MMLU's 5; GSM8K 4 as OpenCompass's gsm8k_gen
-GEN_STOP = ["\n\nQuestion:", "Question:"]
+DEFAULT_FEWSHOT = {"mc": 5, "gen": 5, "code": 0, "bpb": 0}  # MMLU's 5; GSM8K 5 as lm-eval's gsm8k
+GEN_STOP = ["Question:", "</s>", "<|im_end|>"]  # lm-eval's gsm8k
 QA_STOP = ["\n", ".", ","]  # lm-eval's nq_open and triviaqa
 CLOZE = {"arc": "Question: {question}\nAnswer:", "hellaswag": "{question}"}
 QA = {"nq_open": ("Answer these questions:\n", "Q: {question}?\nA:", "\n"),  # description, question, between shots
       "triviaqa": ("", "Question: {question}?\nAnswer:", "\n\n")}
-STYLES = {"mc": ("", *CLOZE), "gen": ("", *QA), "code": ("",), "bpb": ("",)}
-CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
-_CALCULATOR = re.compile(r"<<[^>]*>>")
+STYLES = {"mc": ("", *CLOZE), "gen": ("", "gsm8k", *QA), "code": ("",), "bpb": ("",)}
+CODE_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]  # lm-eval's humaneval, the Codex paper's
 
 
 @dataclasses.dataclass
@@ -73,8 +73,8 @@ def qa_prompt(style: str, item: Item, shots: list[Item]) -> Prompt:
 
 
 def gen_solution(item: Item) -> str:
-    """A few-shot example's worked answer (GSM8K's solution without calculator annotations, else the answer)."""
-    return _CALCULATOR.sub("", item.meta.get("solution", str(item.answer)))
+    """A few-shot example's worked answer: GSM8K's solution as shipped (lm-eval's target), else the answer."""
+    return item.meta.get("solution", str(item.answer))
 
 
 def gen_prompt(item: Item, shots: list[Item]) -> Prompt:
@@ -114,7 +114,7 @@ def render(dataset: Dataset, item: Item, num_fewshot: int = -1) -> Prompt:
         return cloze_prompt(dataset.style, item, shots) if dataset.style else mc_prompt(item, shots)
     if dataset.kind == "gen":
         shots = fewshot_for(dataset, item, k)
-        return qa_prompt(dataset.style, item, shots) if dataset.style else gen_prompt(item, shots)
+        return qa_prompt(dataset.style, item, shots) if dataset.style in QA else gen_prompt(item, shots)
     if dataset.kind == "code":
         return code_prompt(item)
     return Prompt(item.question)

@@ -10,7 +10,8 @@ import pytest
 from puyu.evaluation.circular import circular_metrics, expand, num_variants, orders
 from puyu.evaluation.datasets import load_dataset, spread_subset
 from puyu.evaluation.items import Dataset, EvalError, Item
-from puyu.evaluation.metrics import extract_answer, extract_number, pass_at_k, qa_matches, score
+from puyu.evaluation.metrics import (extract_answer, extract_number, gsm8k_flexible, gsm8k_matches, gsm8k_strict,
+                                     pass_at_k, qa_matches, score)
 from puyu.evaluation.templates import CODE_STOP, GEN_STOP, render
 
 
@@ -85,7 +86,7 @@ def test_gsm8k_reference_answers_and_fewshot_from_the_tail():
     ds = load_dataset("gsm8k")
     assert ds.kind == "gen" and len(ds.items) + len(ds.fewshot) == 1319
     assert ds.items[0].id == "gsm8k/0" and ds.items[0].answer == "18"
-    assert ds.fewshot[-1].id == "gsm8k/1318"
+    assert ds.fewshot[-1].id == "gsm8k/1318" and ds.style == "gsm8k"
 
 
 def test_spread_subset_is_even_within_a_subject():
@@ -138,10 +139,14 @@ def test_mmlu_prompt_is_lm_evals_format():
 
 
 def test_gsm8k_and_code_prompts():
-    shot = Item("g/9", "Q1?", [], "5", {"solution": "2+3=<<2+3=5>>5\n#### 5"})
+    # lm-eval's gsm8k: the solution as shipped (calculator annotations kept), 5 shots by default
+    shots = [Item(f"g/{9 + i}", f"Q{i}?", [], "5", {"solution": "2+3=<<2+3=5>>5\n#### 5"}) for i in range(6)]
     item = Item("g/0", "Q2?", [], "7")
-    p = render(Dataset("g", "gen", [item], [shot]), item)
-    assert p.context == "Question: Q1?\nAnswer: 2+3=5\n#### 5\n\nQuestion: Q2?\nAnswer:" and p.stop == GEN_STOP
+    p = render(Dataset("g", "gen", [item], shots, style="gsm8k"), item, 1)
+    assert p.context == "Question: Q0?\nAnswer: 2+3=<<2+3=5>>5\n#### 5\n\nQuestion: Q2?\nAnswer:"
+    assert p.stop == GEN_STOP == ["Question:", "</s>", "<|im_end|>"]
+    assert render(Dataset("g", "gen", [item], shots, style="gsm8k"), item).context.count("Question: ") == 6
+    assert render(Dataset("c", "gen", [item]), item).context == "Question: Q2?\nAnswer:"  # custom: 0-shot
     code = render(Dataset("h", "code", []), Item("h/0", "def f():\n"))
     assert code.context == "def f():\n" and code.stop == CODE_STOP
 
@@ -203,6 +208,19 @@ def test_gsm8k_answer_extraction():
     assert extract_number("no number") is None
     assert extract_answer(" 5 apples\n#### 5", "5") == "5"
     assert extract_answer(" Paris \n more", "paris") == "paris"
+
+
+def test_gsm8k_strict_and_flexible_match_follow_lm_eval():
+    solution = "She pays 2 * $9 = $<<2*9=18>>18.\n#### 1,018"
+    assert gsm8k_strict("so 9 * 2 = 18\n#### 1,018.") == "1,018." and gsm8k_matches("1,018.", solution)
+    assert gsm8k_strict("The answer is 1018") is None and not gsm8k_matches(None, solution)
+    assert gsm8k_strict("#### 5 then #### 7") == "5"  # the first, as lm-eval's take_first
+    assert gsm8k_flexible("first 3 then $1,018.") == "$1,018." and gsm8k_matches("$1,018.", solution)
+    assert gsm8k_flexible("it is 7 apples") == "7" and gsm8k_flexible("no digits") is None
+    assert gsm8k_flexible("12 and then 5") == "5"  # the last match, as lm-eval's group_select -1
+    assert not gsm8k_matches("1018.0", solution)  # lm-eval compares text: 1018.0 is not 1018
+    records = [{"correct": True, "correct_flexible": True}, {"correct": False, "correct_flexible": True}]
+    assert score("gen", records) == {"accuracy": 50.0, "accuracy_flexible": 100.0}
 
 
 def test_qa_exact_match_follows_lm_eval():
