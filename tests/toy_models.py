@@ -28,11 +28,13 @@ def make_tokenizer(texts: list[str], path: Path, vocab_size: int = 2000) -> Text
 
 
 def train_tiny(texts: list[str], tokenizer: TextTokenizer, steps: int = 300, seq_len: int = 128, batch: int = 16,
-               seed: int = 0, lr: float = 3e-3) -> Transformer:
-    """The tiny flavor (vocabulary of ``tokenizer``) trained on ``texts`` packed into ``seq_len`` windows."""
+               seed: int = 0, lr: float = 3e-3, model: Transformer | None = None) -> Transformer:
+    """The tiny flavor (vocabulary of ``tokenizer``) trained on ``texts`` packed into ``seq_len`` windows
+    (``model``: go on training that one, in place, instead of a fresh one)."""
     torch.manual_seed(seed)
     vocab = tokenizer.tok.get_vocab_size()
-    model = Transformer(get_flavor("tiny", vocab_size=vocab))
+    model = model if model is not None else Transformer(get_flavor("tiny", vocab_size=vocab))
+    model.train()
     stream = []
     for t in texts:
         stream += tokenizer.encode(t) + [tokenizer.eos_id]
