@@ -314,14 +314,16 @@ class LLM:
         Steady-state decoding goes through ``DecodeRun`` (array-only steps); every other step is scheduled,
         laid out and sampled sequence by sequence (``step``)."""
         steps = computed = out_tokens = 0
-        finished = sum(o is not None for o in outputs)  # refused at admission: done too
+        # every request is done (refused at admission included) but those the scheduler still holds: two
+        # queue lengths per step, not a scan of the outputs
+        finished = len(outputs) - len(sched.waiting) - len(sched.running)
         if progress is not None:
             progress.update(finished)
         while sched.has_work():
             s, c, o = self.step(outputs, decode_run=True)
             steps, computed, out_tokens = steps + s, computed + c, out_tokens + o
             if progress is not None:
-                now = sum(o is not None for o in outputs)
+                now = len(outputs) - len(sched.waiting) - len(sched.running)
                 progress.update(now - finished)
                 finished = now
         if progress is not None:
