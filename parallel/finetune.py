@@ -17,6 +17,9 @@ parameters (the adapters) and their optimizer state; the frozen base comes from 
 ``engine=deepspeed`` runs the same model, data, loss and schedule under DeepSpeed ZeRO instead of FSDP2
 (:mod:`puyu.parallel.deepspeed_engine`, dispatched from :meth:`FinetuneTask._train` and ``_export``).
 
+``method=dpo`` swaps the data stage for ``dpo_data`` (preference pairs) and the loss for trl's DPO loss
+against a reference model (:mod:`puyu.parallel.dpo`); the rest is this module's.
+
 The loss is the mean cross-entropy over the *global batch's* labelled tokens (each micro-batch's
 sum divided by the step's total label count, all-reduced), so the curve does not depend on how
 rows are split over ranks and micro-batches. At the end rank 0 merges the adapters into the base
@@ -251,6 +254,35 @@ def run_mode(cfg: FinetuneJobConfig) -> str:
     return "full finetuning"
 
 
+def build_stage(cfg: FinetuneJobConfig, args: ModelArgs, dims: ParallelDims, mesh, device,
+                frozen: bool = False) -> tuple[StageModule, int, int, dict]:
+    """This rank's model to train: the base (+ LoRA adapters per ``cfg.lora``) as one FSDP-sharded
+    :class:`StageModule` (activation checkpointing, compile, precision as configured), built on meta and
+    sharded there, then each rank reads its own shards of the base; NF4 base under ``lora.quant=nf4``.
+    ``frozen``: the plain base with every weight frozen (DPO's reference under full finetuning).
+    Returns the stage, its trainable and total parameter counts and QLoRA's sizes (or ``{}``)."""
+    lora = LoraConfig(rank=0) if frozen else cfg.lora
+    model = meta_finetune_model(args, lora)
+    if frozen:
+        model.requires_grad_(False)
+    trainable, total = trainable_params(model)
+    stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
+    apply_ac(stage, cfg.parallel.activation_checkpointing)
+    if cfg.parallel.compile:
+        apply_compile(stage)
+    apply_precision(stage, dims, mesh, compute_dtype(cfg.precision, device), False)
+    materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], cfg.train.seed))
+    quantized = {}
+    if lora.quant == "nf4":
+        if dims.world_size > 1:  # FSDP would shard the packed 4-bit weights it cannot gather
+            raise PuyuError(f"lora.quant=nf4 (QLoRA) runs in one process; this job has {dims.world_size} "
+                            "(set cluster.nodes=1 cluster.tasks_per_node=1, or lora.quant=none)")
+        from puyu.parallel.qlora import quantize_frozen_base
+
+        quantized = quantize_frozen_base(stage, compute_dtype(cfg.precision, device))
+    return stage, trainable, total, quantized
+
+
 # --------------------------------------------------------------------------- stages
 def _with_in_run(cfg: FinetuneJobConfig, in_run: dict[str, str], run_dir: Path) -> FinetuneJobConfig:
     changes = {field: str(run_dir / rel) for field, rel in in_run.items()}
@@ -288,8 +320,9 @@ class FinetuneTask(PretrainTask):
         cfg = _with_in_run(self.cfg, self.in_run, ctx.run_dir)
         cfg.validate(in_run=False)
         check_checkpoint(cfg.checkpoint)
-        if not (ctx.run_dir / SFT_DATA / "train.npz").is_file():
-            raise PuyuError(f"{ctx.run_dir / SFT_DATA / 'train.npz'} not found: the sft_data stage has not run")
+        data = "dpo_data" if cfg.method == "dpo" else SFT_DATA
+        if not (ctx.run_dir / data / "train.npz").is_file():
+            raise PuyuError(f"{ctx.run_dir / data / 'train.npz'} not found: the {data} stage has not run")
         return cfg
 
     def model_args(self) -> ModelArgs:
@@ -307,24 +340,12 @@ class FinetuneTask(PretrainTask):
             from puyu.parallel import deepspeed_engine
 
             return deepspeed_engine.train(self, ctx, env, dims, args, device, previous_handler)
-        data = load_sft_rows(ctx, cfg)
-        # built on meta and sharded there, then each rank reads its own shards of the base
-        model = meta_finetune_model(args, cfg.lora)
-        trainable, total = trainable_params(model)
-        stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
-        apply_ac(stage, cfg.parallel.activation_checkpointing)
-        if cfg.parallel.compile:
-            apply_compile(stage)
-        apply_precision(stage, dims, mesh, compute_dtype(cfg.precision, device), False)
-        materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))
-        quantized = {}
-        if cfg.lora.quant == "nf4":
-            if dims.world_size > 1:  # FSDP would shard the packed 4-bit weights it cannot gather
-                raise PuyuError(f"lora.quant=nf4 (QLoRA) runs in one process; this job has {dims.world_size} "
-                                "(set cluster.nodes=1 cluster.tasks_per_node=1, or lora.quant=none)")
-            from puyu.parallel.qlora import quantize_frozen_base
+        if cfg.method == "dpo":
+            from puyu.parallel import dpo
 
-            quantized = quantize_frozen_base(stage, compute_dtype(cfg.precision, device))
+            return dpo.train(self, ctx, env, dims, args, mesh, device, previous_handler)
+        data = load_sft_rows(ctx, cfg)
+        stage, trainable, total, quantized = build_stage(cfg, args, dims, mesh, device)
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
         optimizers = [self._optimizer(stage)]
@@ -418,7 +439,14 @@ class FinetuneTask(PretrainTask):
             save_model(merged, out)
         result: dict[str, Any] = {"model": str(out)}
         heldout = ctx.run_dir / SFT_DATA / "heldout.npz"
-        if heldout.is_file():
+        if cfg.method == "dpo":
+            from puyu.parallel import dpo
+
+            if (ctx.run_dir / dpo.DPO_DATA / "heldout.npz").is_file():
+                pairs = dpo.load_pairs(ctx.run_dir, cfg, "heldout.npz")
+                result["heldout"] = dpo.heldout_metrics(merged, load_base(cfg.checkpoint, args).eval(), pairs,
+                                                        cfg.dpo, cfg.eval_rows)
+        elif heldout.is_file():
             from puyu.data_pipeline.sft import Packed
 
             rows = Packed.load(heldout)
@@ -455,12 +483,21 @@ def finetune_stages(cfg: FinetuneJobConfig, in_run: Optional[dict[str, str]] = N
         check_checkpoint(cfg.checkpoint)
     if "tokenizer" not in in_run and cfg.tokenizer and not Path(cfg.tokenizer).exists():
         raise PuyuError(f"job.tokenizer: {cfg.tokenizer} not found")
-    return [Stage(SFT_DATA, SFTDataTask(cfg, in_run)),
-            Stage("finetune", FinetuneTask(cfg, in_run), cluster=dict(cluster or {}))]
+    if cfg.method == "dpo":
+        from puyu.parallel.dpo import DPO_DATA, DPODataTask
+
+        data = Stage(DPO_DATA, DPODataTask(cfg, in_run))
+    else:
+        data = Stage(SFT_DATA, SFTDataTask(cfg, in_run))
+    return [data, Stage("finetune", FinetuneTask(cfg, in_run), cluster=dict(cluster or {}))]
 
 
 def finetune_report(run_dir: Path, result: dict) -> str:
     """Markdown: mode, data (packing, masking), loss curve, throughput, held-out loss, the export."""
+    if result.get("method") == "dpo":
+        from puyu.parallel.dpo import dpo_report
+
+        return dpo_report(run_dir, result)
     data = json.loads((run_dir / SFT_DATA / "train.json").read_text())
     records = [json.loads(ln) for ln in (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     every = max(1, len(records) // 10)

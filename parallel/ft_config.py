@@ -42,12 +42,14 @@ class LoraConfig:
 
 @dataclasses.dataclass
 class SFTDataConfig:
-    # jsonl files of conversations: {"messages": [{role, content}, ...]} or {"instruction", "input", "output"}
+    # jsonl files of conversations: {"messages": [{role, content}, ...]} or {"instruction", "input", "output"};
+    # method=dpo: preference pairs {"prompt", "chosen", "rejected"} (strings or messages; data_pipeline.preference)
     paths: list[str] = dataclasses.field(default_factory=list)
     # held-out conversations (same formats): their masked loss is measured before and after finetuning
     eval_paths: list[str] = dataclasses.field(default_factory=list)
     # > 0: also build this many chat conversations from the Wikipedia lead sections package
-    # ("Tell me about <title>." -> the lead), written to <run>/sft_data/wiki_{train,heldout}.jsonl
+    # ("Tell me about <title>." -> the lead), written to <run>/sft_data/wiki_{train,heldout}.jsonl;
+    # method=dpo: that many pairs (chosen the lead, rejected its words shuffled) in <run>/dpo_data/
     wiki: int = 0
     wiki_heldout: int = 32  # the sorted titles' tail kept out of training (used as eval data)
     seq_len: int = 256  # packed row length
@@ -64,6 +66,28 @@ class SFTDataConfig:
 
 
 ENGINES = ("fsdp", "deepspeed")
+METHODS = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")  # trl 1.16's DPOTrainer loss_type values puyu computes
+
+
+@dataclasses.dataclass
+class DPOConfig:
+    """``method=dpo``: Direct Preference Optimization as trl's ``DPOTrainer`` (its defaults)."""
+
+    beta: float = 0.1  # how far the policy may move from the reference (the implicit reward's scale)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | hinge (SLiC) | ipo (length-normalized) | robust (rDPO)
+    label_smoothing: float = 0.0  # loss_type=robust: the probability that a preference label is flipped
+
+    def validate(self) -> None:
+        if not self.beta > 0:
+            raise PuyuError(f"dpo.beta={self.beta} must be > 0")
+        if self.loss_type not in DPO_LOSSES:
+            raise PuyuError(f"dpo.loss_type={self.loss_type!r}; choose {', '.join(DPO_LOSSES)}")
+        if self.loss_type == "robust" and not 0.0 <= self.label_smoothing < 0.5:
+            raise PuyuError(f"dpo.label_smoothing={self.label_smoothing} must lie in [0, 0.5) for loss_type=robust")
+        if self.loss_type != "robust" and self.label_smoothing:
+            raise PuyuError(f"dpo.label_smoothing={self.label_smoothing} applies to loss_type=robust only "
+                            f"(as in trl 1.16; got loss_type={self.loss_type})")
 
 
 @dataclasses.dataclass
@@ -95,6 +119,7 @@ def _ft_train() -> TrainConfig:
 
 @dataclasses.dataclass
 class FinetuneJobConfig(JobConfig):
+    method: str = "sft"  # sft (chat jsonl) | dpo (preference jsonl: prompt/chosen/rejected; the dpo section)
     checkpoint: str = ""  # the base model: a Hugging Face model dir, or a puyu one (<pretrain run>/pretrain/model)
     tokenizer: str = ""  # tokenizer.json or tokenizer dir; "" = the checkpoint's own (an HF model dir has one)
     device: str = "auto"  # auto | cpu | cuda, as pretraining's (puyu.parallel.device)
@@ -102,6 +127,7 @@ class FinetuneJobConfig(JobConfig):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # flavor/vocab_size of the checkpoint
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
     lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
     engine: str = "fsdp"  # fsdp (FSDP2, parallel.dp_*) | deepspeed (ZeRO, the deepspeed section)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
@@ -111,8 +137,15 @@ class FinetuneJobConfig(JobConfig):
 
     def validate(self, in_run: bool = False) -> None:
         """One-line errors for what can be checked before anything runs (paths filled from the run: not yet)."""
+        if self.method not in METHODS:
+            raise PuyuError(f"finetune: method={self.method!r}; choose {' or '.join(METHODS)}")
         self.lora.validate()
         self.data.validate()
+        if self.method == "dpo":
+            self.dpo.validate()
+            if self.engine != "fsdp":
+                raise PuyuError(f"finetune: method=dpo runs on engine=fsdp (its reference forward is not wired "
+                                f"into DeepSpeed); got engine={self.engine}: set engine=fsdp")
         if self.parallel.pp != 1:
             raise PuyuError("finetune: parallel.pp must be 1 (packed chat rows need the document mask, which "
                             "the pipeline schedule does not carry); use data parallelism (FSDP or DeepSpeed ZeRO)")
