@@ -1,7 +1,8 @@
 """Pretraining throughput: puyu's training step vs a plain Hugging Face LlamaForCausalLM loop.
 
 Same shapes (a puyu flavor exported as a Llama config), same batches (megatron-core GPTDataset over
-the same token shards), same optimizer (AdamW), same torch thread count, same precision, one process.
+the same token shards), same optimizer (fused AdamW: puyu's trainer builds it, and it is the default
+``optim`` of transformers' Trainer), same torch thread count, same precision, one process.
 puyu uses its fused ops (RMSNorm, RoPE, SwiGLU, chunked linear+cross-entropy); HF uses its eager model
 with SDPA attention and the standard loss. Steps alternate (puyu, HF, puyu, HF, ...) so that a change
 of machine load hits both sides; the ratio is the median of the per-step ratios.
@@ -81,7 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(args)
     stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def autocast():
         return torch.autocast("cpu", torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
@@ -97,7 +98,7 @@ def main() -> None:
     hf_cfg = LlamaConfig(**{k: v for k, v in llama_config(args).items() if k not in ("architectures", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"
     hf = LlamaForCausalLM(hf_cfg)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)  # TrainingArguments' adamw_torch_fused
 
     def hf_step(b):
         with autocast():

@@ -204,12 +204,20 @@ class PretrainTask:
 
     def _optimizer(self, stage) -> torch.optim.AdamW:
         """AdamW over the trainable parameters, with weight decay on matrices only (not on norms' gains)."""
+        from torch.distributed.tensor import DTensor
+
         o = self.cfg.optim
         params = [q for q in stage.parameters() if q.requires_grad]
-        groups = [{"params": [q for q in params if q.dim() >= 2], "weight_decay": o.weight_decay},
-                  {"params": [q for q in params if q.dim() < 2], "weight_decay": 0.0}]
+        # fused: one kernel per group; on the CPU 3.7x faster than the default per-tensor loop (88M
+        # parameters, 2 threads: 0.053 vs 0.197 s a step), and what transformers' Trainer defaults to. A
+        # fused call takes DTensors or plain tensors, not both, so TP's sharded and replicated parameters
+        # go to separate groups.
+        groups = [{"params": [q for q in params if (q.dim() >= 2) == matrix and isinstance(q, DTensor) == dist],
+                   "weight_decay": o.weight_decay if matrix else 0.0}
+                  for matrix in (True, False) for dist in (True, False)]
         groups = [g for g in groups if g["params"]]  # (LoRA has no trainable vectors; DCP rejects empty groups)
-        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        fused = all(q.device.type in ("cpu", "cuda") and q.is_floating_point() for q in params)
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
 
     # ------------------------------------------------------------------ one step
     def _schedule(self, stages, dims: ParallelDims, mesh, device, n_microbatches: int):
