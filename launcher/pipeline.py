@@ -121,15 +121,19 @@ class Pipeline:
 
     def cancel_pending(self) -> None:
         """Cancel every job of this pipeline that has not finished (Ctrl-C, failure)."""
-        live = [j for sub in self.submitted for j in sub.jobs if not j.done()]
-        if not live:
-            return
-        log.warning("cancelling %d unfinished job(s): %s", len(live), " ".join(j.job_id for j in live))
+        jobs = [j for sub in self.submitted for j in sub.jobs]
         if self.cluster.kind is ClusterKind.slurm:
-            slurm.scancel([j.job_id for j in live])
-        else:
-            for j in live:
-                j.cancel(check=False)
+            # no state query first (submitit's done() may run sacct, slow on a busy controller, while the
+            # user waits on Ctrl-C): scancel passes over the jobs that already ended
+            if jobs:
+                log.warning("cancelling this run's %d job(s) still queued or running", len(jobs))
+                slurm.scancel([j.job_id for j in jobs])
+            return
+        live = [j for j in jobs if not j.done()]
+        if live:
+            log.warning("cancelling %d unfinished job(s): %s", len(live), " ".join(j.job_id for j in live))
+        for j in live:
+            j.cancel(check=False)
 
     # ------------------------------------------------------------------ modes
     def _stage_cluster(self, stage: Stage) -> ClusterConfig:
