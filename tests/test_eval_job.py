@@ -147,6 +147,9 @@ def test_unknown_dataset_or_model_is_one_error_line(engines, tmp_path):
     assert out.returncode != 0 and len(lines) == 1 and f"{bad}:2" in lines[0], out.stderr
 
 
+@pytest.mark.slow(reason="~38 s; a Slurm task that dies, the cancelled summary and status naming its log: "
+                         "test_launcher_slurm's failed-pipeline test; reuse of the finished tasks: "
+                         "test_reuse_recomputes_only_missing_tasks_and_gives_the_identical_report")
 def test_slurm_array_with_a_killed_task_then_reuse_redoes_only_it(engines, clean_run, tmp_path, slurm_cluster):
     """The issue's run: 2 models × 3 datasets as a sharded array on the test cluster; one task is killed
     while it runs (the others go on; the summary, which depends on all of them, is cancelled) and
