@@ -30,7 +30,7 @@ import numpy as np
 
 from puyu.launcher.atomic import atomic_open, atomic_write_text
 from puyu.launcher.errors import PuyuError
-from puyu.data_pipeline.sft import IGNORE, PAD, ROLES, _trained_flags, load_tokenizer, render
+from puyu.data_pipeline.sft import IGNORE, PAD, ROLES, _trained_flags, load_tokenizer, read_jsonl_rows, render
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -71,21 +71,8 @@ def parse_pair(row, where: str) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def read_pairs(path: str | Path) -> list[tuple[list[dict], list[dict], list[dict]]]:
-    """All pairs of a jsonl file (blank lines skipped); errors name ``file:line``."""
-    path = Path(path)
-    if not path.is_file():
-        raise PuyuError(f"preference data file {path} not found")
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PuyuError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(parse_pair(row, f"{path}:{n}"))
-    return out
+    """All pairs of a jsonl file; errors name ``file:line``."""
+    return read_jsonl_rows(path, parse_pair, "preference data")
 
 
 def wiki_preference_jsonl(path: str | Path, limit: int = 0, offset: int = 0, seed: int = 0,

@@ -32,7 +32,7 @@ import dataclasses
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from puyu.launcher.errors import PuyuError
 from puyu.model.chat_template import INTERNLM2_CHAT_TEMPLATE, render_chat
 from puyu.model.tokenizer import Tokenizer
 
+T = TypeVar("T")
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 PAD = "<|pad|>"  # the data stage's padding token, for tokenizers that name no pad_token
@@ -81,11 +82,12 @@ def parse_row(row, where: str) -> list[dict]:
     return messages
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    """All conversations of a jsonl file (blank lines skipped); errors name ``file:line``."""
+def read_jsonl_rows(path: str | Path, parse: Callable[[Any, str], T], what: str) -> list[T]:
+    """``parse(row, "file:line")`` of every row of a jsonl file (blank lines skipped); errors name
+    ``file:line`` (``what``: the data's name in the missing-file error)."""
     path = Path(path)
     if not path.is_file():
-        raise PuyuError(f"chat data file {path} not found")
+        raise PuyuError(f"{what} file {path} not found")
     out = []
     with path.open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -95,8 +97,13 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PuyuError(f"{path}:{n}: not JSON ({exc.msg} at column {exc.colno})") from None
-            out.append(parse_row(row, f"{path}:{n}"))
+            out.append(parse(row, f"{path}:{n}"))
     return out
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """All conversations of a jsonl file; errors name ``file:line``."""
+    return read_jsonl_rows(path, parse_row, "chat data")
 
 
 def write_jsonl(path: Path, conversations: Iterable[list[dict]]) -> int:
