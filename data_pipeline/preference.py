@@ -20,7 +20,6 @@ row: ``tokens``/``labels`` ``[pairs, 2, seq_len]`` (0: chosen, 1: rejected) and 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import random
 from pathlib import Path
@@ -28,9 +27,10 @@ from typing import Optional
 
 import numpy as np
 
-from puyu.launcher.atomic import atomic_open, atomic_write_text
+from puyu.launcher.atomic import atomic_open
 from puyu.launcher.errors import PuyuError
-from puyu.data_pipeline.sft import IGNORE, PAD, ROLES, _trained_flags, load_tokenizer, read_jsonl_rows, render
+from puyu.data_pipeline.sft import (IGNORE, PAD, ROLES, _trained_flags, load_arrays, load_tokenizer,
+                                    read_jsonl_rows, render, save_arrays)
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -141,18 +141,12 @@ class Pairs:
     stats: PairStats
 
     def save(self, path: Path) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, tokens=self.tokens, labels=self.labels, lengths=self.lengths)
-        with atomic_open(path, "wb") as fh:
-            fh.write(buf.getvalue())
-        atomic_write_text(Path(path).with_suffix(".json"), json.dumps(self.stats.to_dict(), indent=1) + "\n")
+        save_arrays(path, {"tokens": self.tokens, "labels": self.labels, "lengths": self.lengths}, self.stats)
 
     @classmethod
     def load(cls, path: Path) -> Pairs:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in ("tokens", "labels", "lengths")}
-        stats = json.loads(Path(path).with_suffix(".json").read_text())
-        return cls(**arrays, stats=PairStats(**{f.name: stats[f.name] for f in dataclasses.fields(PairStats)}))
+        arrays, stats = load_arrays(path, ("tokens", "labels", "lengths"), PairStats)
+        return cls(**arrays, stats=stats)
 
 
 def build_pairs(paths: list[str], tokenizer, seq_len: int, overlong: str = "truncate") -> Pairs:

@@ -229,19 +229,30 @@ class Packed:
     stats: PackStats
 
     def save(self, path: Path) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, tokens=self.tokens, labels=self.labels, document_ids=self.document_ids)
-        with atomic_open(path, "wb") as fh:
-            fh.write(buf.getvalue())
-        atomic_write_text(Path(path).with_suffix(".json"), json.dumps(self.stats.to_dict(), indent=1) + "\n")
+        save_arrays(path, {"tokens": self.tokens, "labels": self.labels, "document_ids": self.document_ids},
+                    self.stats)
 
     @classmethod
     def load(cls, path: Path) -> Packed:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in ("tokens", "labels", "document_ids")}
-        stats = json.loads(Path(path).with_suffix(".json").read_text())
-        stats = PackStats(**{f.name: stats[f.name] for f in dataclasses.fields(PackStats)})
+        arrays, stats = load_arrays(path, ("tokens", "labels", "document_ids"), PackStats)
         return cls(**arrays, stats=stats)
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray], stats: Any) -> None:
+    """Arrays as one ``.npz`` at ``path`` and the stats dataclass as ``path.json``, each written atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with atomic_open(path, "wb") as fh:
+        fh.write(buf.getvalue())
+    atomic_write_text(Path(path).with_suffix(".json"), json.dumps(stats.to_dict(), indent=1) + "\n")
+
+
+def load_arrays(path: Path, names: tuple[str, ...], stats_cls: type[T]) -> tuple[dict[str, np.ndarray], T]:
+    """What :func:`save_arrays` wrote: the named arrays and the stats as ``stats_cls``."""
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in names}
+    stats = json.loads(Path(path).with_suffix(".json").read_text())
+    return arrays, stats_cls(**{f.name: stats[f.name] for f in dataclasses.fields(stats_cls)})
 
 
 def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, overlong: str = "truncate",
