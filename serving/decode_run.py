@@ -9,12 +9,17 @@ sequences that was ~1.3 ms a step, 10% of a 2-thread decode step of the serving 
 a handful of array operations; tokens are written to the ``Sequence`` objects when the run ends.
 
 A run covers only what the general loop would do identically: it starts when the fused paged-attention
-kernel serves the engine (the run's one ``paged`` attention group), nothing waits for
-admission, every running sequence has all but its last token in the cache, samples greedily, wants no
-log-probabilities, has no stop strings nor a constraint on its tokens, and the step budget holds them
-all. It ends (after writing its tokens back and publishing newly full blocks to the prefix cache, as ``Scheduler.computed`` does
-after every step) before a step whose blocks are not free (the general loop then preempts) and after a
-step in which a sequence finished (the general loop then admits the next requests).
+kernel serves the engine (the run's one ``paged`` attention group), nothing waits for admission, every
+running sequence has all but its last token in the cache, samples greedily, wants no log-probabilities,
+has no constraint on its tokens, and the step budget holds them all. It ends (after writing its tokens
+back and publishing newly full blocks to the prefix cache, as ``Scheduler.computed`` does after every
+step) before a step whose blocks are not free (the general loop then preempts) and after a step in which
+a sequence finished (the general loop then admits the next requests).
+
+Sequences with stop strings stay in the run: after each step their new token goes to their
+``IncrementalText`` and only the text it completed is searched (``stop_cut``), as the general loop does
+token by token; a stop string found ends the run like any finish, the text cut where the loop cuts it.
+A run without such sequences skips that check (one empty-list test a step).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
+from puyu.serving.detokenize import IncrementalText, stop_cut
 from puyu.serving.engine_model import AttentionGroup, PagedBatch
 from puyu.serving.sampling import first_argmax
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
@@ -38,7 +44,7 @@ def plain_decode(llm: LLM, sched: Scheduler) -> bool:
         return False
     for seq in running:
         p = seq.params
-        if (not p.greedy or p.logprobs or p.top_logprobs or p.stop or seq.constraint is not None
+        if (not p.greedy or p.logprobs or p.top_logprobs or seq.constraint is not None
                 or seq.num_computed != len(seq.tokens) - 1 or seq.wants_prompt_logprobs):
             return False
     return True
@@ -46,7 +52,8 @@ def plain_decode(llm: LLM, sched: Scheduler) -> bool:
 
 class DecodeRun:
     """The running sequences' decode state as arrays [b]: positions (= tokens in the cache), the last
-    token, generated-token counts and limits, and block tables [b, max_blocks] padded with block 0."""
+    token, generated-token counts and limits, and block tables [b, max_blocks] padded with block 0; the
+    sequences that keep a text (stop strings) and the stop-string cuts found during the run."""
 
     def __init__(self, llm: LLM, sched: Scheduler):
         self.llm, self.sched = llm, sched
@@ -65,6 +72,10 @@ class DecodeRun:
         for i, s in enumerate(self.seqs):
             self.tables[i, :len(s.block_table)] = s.block_table
         self.rows = np.arange(b)
+        self.texts: list[tuple[int, IncrementalText, list[str]]] = [
+            (i, s.detok, s.params.stop) for i, s in enumerate(self.seqs) if s.detok is not None]
+        self.text_rows = np.fromiter((i for i, _, _ in self.texts), np.int64, len(self.texts))
+        self.cuts: dict[int, str] = {}  # row -> the text before its first stop string
         self.generated: list[np.ndarray] = []  # per step: the new token of every sequence [b]
 
     def run(self, outputs: list[Optional[RequestOutput]]) -> tuple[int, int]:
@@ -93,10 +104,24 @@ class DecodeRun:
             self.n_out += 1
             done = (self.n_out >= self.max_out) | (self.pos + 1 >= llm.max_model_len) | \
                 (self.stop_at_eos & np.isin(self.tokens, llm.eos_array))
-            if done.any():
+            if self.texts:
+                self._feed_texts()
+            if done.any() or self.cuts:
                 break
         self._write_back(outputs)
         return len(self.generated), len(self.generated) * b
+
+    def _feed_texts(self) -> None:
+        """The step's tokens into the texts kept, each searched for stop strings in its new text only
+        (as ``LLM._finish_reason`` after each token); an EOS that ends its sequence is not text."""
+        eos = self.llm.eos_set
+        for (i, detok, stops), tok in zip(self.texts, self.tokens[self.text_rows].tolist()):
+            if tok in eos and self.stop_at_eos[i]:
+                continue
+            if detok.extend([tok]) and stops:
+                cut = stop_cut(detok, stops)
+                if cut is not None:
+                    self.cuts[i] = cut
 
     def _write_back(self, outputs: list[Optional[RequestOutput]]) -> None:
         """Append the run's tokens to the sequences, publish their full blocks (``Scheduler.computed``)
@@ -109,5 +134,10 @@ class DecodeRun:
             for tok in toks:
                 seq.append(tok)
             sched.computed(Chunk(seq, start, len(toks)))
-        for seq, toks in zip(self.seqs, new):
-            llm._finish_if_done(sched, seq, toks[-1], outputs)
+        for i, (seq, toks) in enumerate(zip(self.seqs, new)):
+            cut = self.cuts.get(i)
+            if cut is not None:  # its text already took the tokens: a second search would miss the stop
+                seq.text = cut
+                llm._finish(sched, seq, "stop", outputs)
+            else:
+                llm._finish_if_done(sched, seq, toks[-1], outputs)

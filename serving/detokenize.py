@@ -33,7 +33,11 @@ class IncrementalText:
         """Take the tokens of ``output`` not yet seen; returns the text they completed (maybe "")."""
         if len(output) == len(self.ids):
             return ""
-        self.ids.extend(output[len(self.ids):])
+        return self.extend(output[len(self.ids):])
+
+    def extend(self, ids: list[int]) -> str:
+        """Take the next tokens ``ids`` (decode runs feed each step's token without an output list)."""
+        self.ids.extend(ids)
         decode = self.tokenizer.decode
         before = decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
         after = decode(self.ids[self.prefix:])

@@ -517,9 +517,13 @@ class LLM:
         (``outputs``: a list or dict by request index)."""
         reason = self._finish_reason(seq, tok)
         if reason:
-            seq.finish_reason = reason
-            sched.finish(seq)
-            outputs[seq.index] = self._output(seq)
+            self._finish(sched, seq, reason, outputs)
+
+    def _finish(self, sched: Scheduler, seq: Sequence, reason: str, outputs) -> None:
+        """End ``seq`` for ``reason``: release its blocks and record its output."""
+        seq.finish_reason = reason
+        sched.finish(seq)
+        outputs[seq.index] = self._output(seq)
 
     def _finish_reason(self, seq: Sequence, tok: int) -> Optional[str]:
         p = seq.params

@@ -1,6 +1,7 @@
 """The array-only decode run (``puyu.serving.decode_run``) against the general step loop: the same tokens,
-finishes, statistics and prefix-cache entries, under memory pressure too, and no run where it does not
-apply (sampling, log-probabilities, stop strings, no fused kernel)."""
+finishes, statistics and prefix-cache entries, under memory pressure too, requests with stop strings
+inside runs with the loop's text cuts, and no run where it does not apply (sampling, log-probabilities,
+no fused kernel)."""
 from __future__ import annotations
 
 import pytest
@@ -12,6 +13,7 @@ from puyu.serving import ops
 from puyu.serving.config import RuntimeConfig, SamplingParams
 from puyu.serving.decode_run import DecodeRun
 from puyu.serving.llm import LLM
+from toy_models import make_tokenizer, wiki_texts
 
 pytestmark = pytest.mark.skipif(not ops.extension_available("cpu"), reason="decode runs need the paged kernel")
 STATS = ("steps", "output_tokens", "computed_tokens", "preemptions", "prefix_cache_block_hits", "kv_peak_blocks")
@@ -31,20 +33,28 @@ def prompts(n=24):
     return out
 
 
-def run(model, ps, params, monkeypatch, fast: bool, eos: int = 0, **runtime):
-    """Outputs, stats and prefix-cache hashes of one generate; counts the decode runs' steps."""
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return make_tokenizer(wiki_texts()[:3000], tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+def run(model, ps, params, monkeypatch, fast: bool, eos: int = 0, tokenizer=None, stop_seqs=None, **runtime):
+    """Outputs, stats and prefix-cache hashes of one generate; counts the decode runs' steps (and adds to
+    the set ``stop_seqs`` the requests with stop strings that runs served)."""
     steps = []
     real_run = DecodeRun.run
 
     def counted(self, outputs):
         n, tokens = real_run(self, outputs)
         steps.append(n)
+        if stop_seqs is not None and n:
+            stop_seqs.update(s.index for s in self.seqs if s.params.stop)
         return n, tokens
 
     monkeypatch.setattr(DecodeRun, "run", counted)
     if not fast:
         monkeypatch.setattr(llm_module, "plain_decode", lambda *a: False)
-    llm = LLM.from_model(model, runtime=RuntimeConfig(**runtime))
+    llm = LLM.from_model(model, tokenizer, runtime=RuntimeConfig(**runtime))
     llm.eos_id = eos
     outs = llm.generate(ps, params)
     monkeypatch.undo()
@@ -79,7 +89,32 @@ def test_blocks_running_short_hand_over_to_the_general_loop(model, monkeypatch):
     assert got_stats == want_stats
 
 
-@pytest.mark.parametrize("extra", [dict(temperature=0.7, seed=1), dict(logprobs=True), dict(stop=["a"])])
+def test_stop_strings_are_checked_inside_runs(model, tokenizer, monkeypatch):
+    """Requests with stop strings go through decode runs and end as the general loop ends them: the same
+    tokens, text (cut before the stop string) and finish reasons, with stop strings that occur (mid-output,
+    at its end, one of two) and ones that never do, beside requests without any."""
+    ps = prompts(12)
+    runtime = dict(block_size=8, num_blocks=400)
+    probe, *_ = run(model, ps, SamplingParams(max_tokens=30, ignore_eos=True), monkeypatch, fast=False,
+                    tokenizer=tokenizer, **runtime)
+    stops = []
+    for i, o in enumerate(probe):
+        t = o.text
+        stops.append([[t[len(t) // 2:len(t) // 2 + 3]], ["\u2603\u2603", t[-4:]], [], ["\u2603\u2603"]][i % 4])
+    params = [SamplingParams(max_tokens=30 - i % 3, stop=stop, ignore_eos=i % 2 == 0) for i, stop in enumerate(stops)]
+    want, want_stats, *_ = run(model, ps, params, monkeypatch, fast=False, tokenizer=tokenizer, **runtime)
+    served: set[int] = set()
+    got, got_stats, _, fast_steps = run(model, ps, params, monkeypatch, fast=True, tokenizer=tokenizer,
+                                        stop_seqs=served, **runtime)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == \
+        [(o.token_ids, o.text, o.finish_reason) for o in want]
+    assert got_stats == want_stats
+    cut = [o for o, p in zip(want, probe) if o.finish_reason == "stop" and len(o.text) < len(p.text)]
+    assert len(cut) >= 4  # stop strings ended requests, their text cut
+    assert fast_steps > 0 and served == {i for i, p in enumerate(params) if p.stop}  # all of them ran in runs
+
+
+@pytest.mark.parametrize("extra", [dict(temperature=0.7, seed=1), dict(logprobs=True)])
 def test_no_run_unless_every_request_decodes_greedily_without_extras(model, monkeypatch, extra):
     ps = prompts(6)
     params = [SamplingParams(max_tokens=8, ignore_eos=True, **(extra if i == 2 else {})) for i in range(len(ps))]
