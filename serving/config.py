@@ -104,6 +104,9 @@ class RuntimeConfig:
     KV memory is fixed up front: ``kv_cache_mb`` (or ``num_blocks`` when > 0) of ``block_size``-token
     blocks; the scheduler never uses more. ``max_num_batched_tokens`` caps the tokens of one forward pass
     (long prompts are prefilled in chunks of at most that many).
+    ``speculative`` ngram: greedy requests draft up to ``num_speculative_tokens`` tokens by prompt lookup
+    (their last ``prompt_lookup_max`` down to ``prompt_lookup_min`` tokens found earlier in prompt +
+    output) and verify them in one forward pass (``serving/speculative.py``); same greedy output.
     """
 
     device: str = "auto"  # auto | cpu | cuda
@@ -120,6 +123,10 @@ class RuntimeConfig:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     cpu_alloc_cache_mb: int = 1024  # freed CPU activations kept for reuse during generate (host_memory); 0 = off
     seed: int = 0
+    speculative: str = "off"  # off | ngram
+    num_speculative_tokens: int = 5
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
 
     def validate(self) -> None:
         check_device("runtime.device", self.device)
@@ -129,9 +136,15 @@ class RuntimeConfig:
             raise ServingError(f"runtime.kv_dtype must be fp or int8, got {self.kv_dtype!r}")
         if self.cpu_alloc_cache_mb < 0:
             raise ServingError(f"runtime.cpu_alloc_cache_mb must be >= 0, got {self.cpu_alloc_cache_mb}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "num_speculative_tokens",
+                     "prompt_lookup_min"):
             if getattr(self, name) < 1:
                 raise ServingError(f"runtime.{name} must be >= 1, got {getattr(self, name)}")
+        if self.speculative not in ("off", "ngram"):
+            raise ServingError(f"runtime.speculative must be off or ngram, got {self.speculative!r}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ServingError(f"runtime.prompt_lookup_max must be >= runtime.prompt_lookup_min "
+                               f"({self.prompt_lookup_min}), got {self.prompt_lookup_max}")
 
 
 @dataclasses.dataclass

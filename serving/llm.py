@@ -28,6 +28,7 @@ from puyu.serving.host_memory import cached_cpu_allocations
 from puyu.serving.kv_cache import PagedKVCache
 from puyu.serving.sampling import argmax_rows, sample_rows
 from puyu.serving.scheduler import Chunk, Scheduler, Sequence
+from puyu.serving.speculative import NgramSpeculator
 from puyu.serving.tokenizer import IM_END, TextTokenizer, chat_prompt_ids, uses_internlm2
 
 Prompt = Union[str, list[int]]
@@ -121,6 +122,7 @@ class LLM:
         self.max_model_len = min(self.cfg.max_model_len or engine.max_seq_len, engine.max_seq_len)
         # one scheduler for the runtime's life, so cached prefix blocks outlive a generate() call
         self.scheduler = Scheduler(self.cfg, self.num_blocks)
+        self.speculator = NgramSpeculator(self.cfg) if self.cfg.speculative == "ngram" else None
         self.stats: dict = {}
 
     @classmethod
@@ -234,15 +236,18 @@ class LLM:
         plain decode steps where ``plain_decode`` allows, until a sequence finishes); the output of each
         sequence that finished goes to ``outputs[seq.index]``. Returns (steps, tokens computed, tokens
         generated). Between calls sequences may be added or aborted; the caller reads the new tokens
-        (``seq.output``, ``seq.detok``) of the sequences it holds."""
+        (``seq.output``, ``seq.detok``) of the sequences it holds. With ``runtime.speculative``, greedy
+        decode chunks grow by their drafts (``speculative``) and there are no decode runs."""
         sched = self.scheduler
-        if decode_run and plain_decode(self, sched):
+        if decode_run and self.speculator is None and plain_decode(self, sched):
             run_steps, run_tokens = DecodeRun(self, sched).run(outputs)
             if run_steps:  # 0: its first step's blocks were not free; the general step preempts
                 return run_steps, run_tokens, run_tokens
         chunks = sched.schedule()
         if not chunks:
             raise RuntimeError("scheduler made no progress (a request cannot fit the KV cache)")
+        if self.speculator is not None:
+            self.speculator.extend(self, sched, chunks)
         chunks, segments = self._order(chunks)
         logits_rows = self._logits_rows(chunks)
         batch = self._batch(chunks, logits_rows, segments)
@@ -284,6 +289,8 @@ class LLM:
         outputs: list[Optional[RequestOutput]] = [None] * len(prompts)
         sched = self.scheduler
         sched.reset_counters()
+        if self.speculator is not None:
+            self.speculator.reset_counters()
         t0 = time.perf_counter()
         host_cache_mb = self.cfg.cpu_alloc_cache_mb if self.device.type == "cpu" else 0  # activations live on the GPU
         with cached_cpu_allocations(host_cache_mb):  # the steps reuse their activations' pages
@@ -305,6 +312,8 @@ class LLM:
                       "kv_blocks": self.num_blocks, "kv_block_bytes": self.block_bytes,
                       "kv_peak_blocks": sched.allocator.peak_used,
                       "kv_peak_bytes": sched.allocator.peak_used * self.block_bytes}
+        if self.speculator is not None:  # drafted tokens and those the model's argmax confirmed
+            self.stats.update(speculative_drafted=self.speculator.drafted, speculative_accepted=self.speculator.accepted)
         return outputs  # type: ignore[return-value]
 
     def _steps(self, sched: Scheduler, outputs: list[Optional[RequestOutput]],
@@ -332,10 +341,13 @@ class LLM:
 
     def _logits_rows(self, chunks: list[Chunk]) -> list[list[int]]:
         """Per chunk, the positions whose logits are needed: prompt positions still lacking a logprob,
-        and the last token when the chunk completes the sequence."""
+        and the last token when the chunk completes the sequence (every position of a drafted chunk)."""
         rows = []
         for c in chunks:
             seq, last = c.seq, c.start + c.n - 1
+            if c.draft:
+                rows.append(list(range(c.start, last + 1)))
+                continue
             completes = last + 1 == len(seq.tokens)
             if not seq.wants_prompt_logprobs:
                 rows.append([last] if completes else [])
@@ -452,11 +464,17 @@ class LLM:
                     outputs: list[Optional[RequestOutput]]) -> int:
         """Record prompt logprobs, sample for completed chunks, finish sequences; returns tokens generated.
 
-        Log-probabilities are picked for all wanted (row, token) pairs at once (``pick_logprobs``)."""
+        Log-probabilities are picked for all wanted (row, token) pairs at once (``pick_logprobs``); drafted
+        chunks are verified by the speculator."""
         row, seqs, rows_sampled = 0, [], []
         pick_rows, pick_tokens, pick_seqs = [], [], []  # prompt logprobs of this step, in order
+        drafted: list[tuple[Chunk, int]] = []  # (chunk, its first logits row)
         for c, rows in zip(chunks, logits_rows):
             seq = c.seq
+            if c.draft:
+                drafted.append((c, row))
+                row += len(rows)
+                continue
             sched.computed(c)
             if not rows:
                 continue
@@ -474,8 +492,9 @@ class LLM:
         if pick_rows:
             for seq, lp in zip(pick_seqs, pick_logprobs(logits, pick_rows, pick_tokens)):
                 seq.prompt_logprobs.append(lp)
+        made = self.speculator.verify(self, sched, drafted, logits, outputs) if drafted else 0
         if not seqs:
-            return 0
+            return made
         all_rows = len(rows_sampled) == logits.shape[0]  # decode steps: every row is sampled, in order
         picked = logits if all_rows else logits[torch.tensor(rows_sampled, device=logits.device)]
         constrained = [j for j, s in enumerate(seqs) if s.constraint is not None]
@@ -510,7 +529,7 @@ class LLM:
             if ((tok in eos and not p.ignore_eos) or seq.detok is not None or seq.constraint is not None
                     or len(seq.output) >= p.max_tokens or len(seq.tokens) >= max_len):
                 self._finish_if_done(sched, seq, tok, outputs)
-        return len(seqs)
+        return len(seqs) + made
 
     def _finish_if_done(self, sched: Scheduler, seq: Sequence, tok: int, outputs) -> None:
         """After ``seq`` got ``tok``: if that ended it, release its blocks and record its output

@@ -40,6 +40,7 @@ class Sequence:
     text: Optional[str] = None  # the output text cut at a stop string, once one appeared
     detok: Optional[IncrementalText] = None  # the output's text as it grows (stop strings, streaming)
     constraint: Any = None  # limits the next token (``json_constraint.JsonConstraint``); None: any token
+    ngrams: Any = None  # where its n-grams occurred, for speculative drafts (``speculative.NgramIndex``)
     tokens: list[int] = dataclasses.field(init=False)  # prompt + output, kept up to date by append()
 
     def __post_init__(self) -> None:
@@ -71,11 +72,13 @@ class Sequence:
 
 @dataclasses.dataclass(slots=True)
 class Chunk:
-    """Tokens ``[start, start + n)`` of ``seq`` computed in this step."""
+    """Tokens ``[start, start + n)`` of ``seq`` computed in this step; the last ``draft`` of them are
+    speculative tokens still to be verified (``speculative``)."""
 
     seq: Sequence
     start: int
     n: int
+    draft: int = 0
 
     @property
     def completes(self) -> bool:
