@@ -36,6 +36,17 @@ For each engine and batch size (1 and 32 sequences of 16-token prompts): the pro
 ``--decode-steps`` decode steps are timed (tokens generated per second). Engines and batch sizes
 alternate within each repeat, so load changes hit all of them; reported: the median tokens/s of each
 and the median over repeats of each repeat's quantized/fp32 ratio.
+
+``--speculative ngram``: instead, prompt-lookup speculative decoding where the output copies the prompt.
+The ``tiny`` flavor is first trained (``--train-steps``, seconds a step on 2 threads) on 40-word Wikipedia
+leads each followed by a blank line and the lead again, so that it learns to copy; each prompt is a
+held-out lead, a blank line and its first 4 words, and greedy decoding (up to ``--max-tokens``, stopping
+at EOS) continues the copy. Compared, interleaved per repeat: HF ``generate`` plain and with
+``prompt_lookup_num_tokens`` (batch 1 only in transformers, so prompt by prompt), puyu ``speculative=off``
+and ``ngram`` prompt by prompt, and puyu off and ngram over all prompts at once (continuous batching).
+Both sides draft ``--spec-tokens`` tokens from n-grams of up to ``--lookup-max`` tokens down to 1.
+Reported: best wall time and output tokens/s of each, puyu's drafted/accepted tokens, and identical
+outputs. The last line is puyu ngram's batch-1 speed against HF prompt lookup's.
 """
 from __future__ import annotations
 
@@ -207,6 +218,87 @@ def bench_quant_linears(repeats: int) -> None:
                                           f"({base / statistics.median(t[1:]):.2f}x)" for mode, t in times.items()))
 
 
+def copy_model(texts: list[str], tok: TextTokenizer, steps: int) -> Transformer:
+    """The tiny flavor trained on 40-word leads each followed by a blank line and itself."""
+    from toy_models import train_tiny
+
+    leads = [" ".join(t.split()[:40]) for t in texts[:6000]]
+    return train_tiny([lead + "\n\n" + lead for lead in leads], tok, steps=steps, seq_len=96, lr=5e-3)
+
+
+def bench_speculative(args, texts: list[str], tok: TextTokenizer, tmp: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    model = copy_model(texts, tok, args.train_steps)
+    print(f"trained the tiny flavor {args.train_steps} steps on leads + their copies ({time.perf_counter() - t0:.0f} s)")
+    leads = [" ".join(t.split()[:40]) for t in texts[-args.prompts:]]
+    prompts = [tok.encode(lead + "\n\n" + " ".join(lead.split()[:4])) for lead in leads]
+    eos, k, n_max = tok.eos_id, args.spec_tokens, args.lookup_max
+    export_llama(model, tmp / "llama")
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "llama", dtype=torch.float32).eval()
+
+    def hf_run(lookup: bool) -> list[list[int]]:
+        extra = dict(prompt_lookup_num_tokens=k, max_matching_ngram_size=n_max) if lookup else {}
+        outs = []
+        with torch.no_grad():
+            for p in prompts:
+                out = hf.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=eos, **extra)
+                outs.append(out[0, len(p):].tolist())
+        return outs
+
+    llms = {mode: LLM.from_model(model, tok, runtime=RuntimeConfig(
+        speculative=mode, num_speculative_tokens=k, prompt_lookup_max=n_max, prompt_lookup_min=1))
+        for mode in ("off", "ngram")}
+    drafts = [0, 0, 0]  # puyu ngram prompt by prompt: steps, drafted, accepted (the last repeat's)
+
+    def puyu_run(mode: str, batch_1: bool) -> list[list[int]]:
+        llm, sp = llms[mode], SamplingParams(max_tokens=args.max_tokens)
+        if not batch_1:
+            return [o.token_ids for o in llm.generate(prompts, sp)]
+        outs = []
+        if mode == "ngram":
+            drafts[:] = [0, 0, 0]
+        for p in prompts:
+            outs += llm.generate([p], sp)
+            if mode == "ngram":
+                drafts[:] = [a + llm.stats[key] for a, key in zip(drafts, ("steps", "speculative_drafted", "speculative_accepted"))]
+        return [o.token_ids for o in outs]
+
+    runs = {"HF generate (batch 1)": lambda: hf_run(False),
+            f"HF generate prompt_lookup_num_tokens={k} (batch 1)": lambda: hf_run(True),
+            "puyu off (batch 1)": lambda: puyu_run("off", True), "puyu ngram (batch 1)": lambda: puyu_run("ngram", True),
+            f"puyu off ({len(prompts)} at once)": lambda: puyu_run("off", False),
+            f"puyu ngram ({len(prompts)} at once)": lambda: puyu_run("ngram", False)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    outs: dict[str, list[list[int]]] = {}
+    for _ in range(args.repeats):  # interleaved, so a change of machine load hits every variant
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t)
+    print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), greedy up to "
+          f"{args.max_tokens} tokens or EOS, drafts of {k} from n-grams of {n_max} down to 1, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    names = list(runs)
+    for name in names:
+        n_out = sum(map(len, outs[name]))
+        print(f"{name}: wall s {[round(t, 2) for t in times[name]]}; {n_out} tokens, best "
+              f"{n_out / min(times[name]):.1f} output tokens/s")
+    spec = llms["ngram"].stats  # of the last run: all prompts at once
+    print(f"puyu ngram prompt by prompt: {drafts[0]} steps, drafted {drafts[1]} tokens, accepted {drafts[2]}; "
+          f"all at once: {spec['steps']} steps ({llms['off'].stats['steps']} with off), drafted "
+          f"{spec['speculative_drafted']}, accepted {spec['speculative_accepted']}")
+    ref = outs[names[0]]
+    for name in names[1:]:
+        print(f"{name}: outputs identical to HF generate's: {sum(a == b for a, b in zip(outs[name], ref))}/{len(ref)}")
+    ratio = min(times[names[1]]) / min(times[names[3]])
+    print(f"puyu offline batch inference speculative ngram (batch 1) output tokens/s: {ratio:.2f}x vs HF "
+          f"transformers generate prompt lookup")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=256)
@@ -220,6 +312,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
     ap.add_argument("--write-model", type=Path, help="first write a 125M-parameter Llama there (then used as --model)")
     ap.add_argument("--device", choices=list(DTYPES), default="cpu", help="where both sides run (cuda: in bf16)")
+    ap.add_argument("--speculative", choices=["off", "ngram"], default="off",
+                    help="ngram: prompt-lookup speculative decoding on prompts the output copies (puyu vs HF)")
+    ap.add_argument("--train-steps", type=int, default=300, help="--speculative: training steps of the copying model")
+    ap.add_argument("--spec-tokens", type=int, default=5, help="--speculative: drafted tokens a step")
+    ap.add_argument("--lookup-max", type=int, default=3, help="--speculative: longest n-gram looked up")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.write_model:
@@ -236,6 +333,9 @@ def main() -> None:
     texts = wiki_texts()
     with tempfile.TemporaryDirectory() as tmp:
         tok = make_tokenizer(texts[:3000], Path(tmp) / "tokenizer.json", vocab_size=2000)
+        if args.speculative == "ngram":
+            bench_speculative(args, texts, tok, Path(tmp))
+            return
         if args.model and any((args.model / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             tok = TextTokenizer(args.model)
         prompts = [tok.encode(p) for p in prompts_for(texts, args.prompts, args.shared_prefix_words)]
