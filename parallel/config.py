@@ -68,7 +68,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
 
     def lr_at(self, step: int, total: int) -> float:
         """Linear warmup to ``lr``, then cosine down to ``min_lr`` at ``total`` steps."""
@@ -92,6 +92,10 @@ class TrainConfig:
     peak_tflops: Optional[float] = None  # per device, for MFU (e.g. 989 for H100/H200 bf16 dense)
     threads: int = 0  # torch intra-op threads per process; 0 = torch's default
     export: bool = True  # write the final model as single-device safetensors (for serving)
+    # step each parameter as soon as its gradient is ready and free that gradient (torchtitan's
+    # early_step_in_backward): a rank never holds all its gradients at once. Needs grad_clip=0 (no global
+    # norm), one micro-batch per rank per step, tp=1, pp=1 and nan_policy=stop (the update precedes the loss)
+    optimizer_in_backward: bool = False
 
 
 @dataclasses.dataclass

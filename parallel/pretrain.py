@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import math
@@ -147,8 +148,12 @@ class PretrainTask:
         if latest is not None:
             record = checkpoint.load(latest, stages, optimizers)
             start_step, consumed = record["step"], record["consumed_samples"]
+        if t.optimizer_in_backward:  # after the load, which replaces the optimizers' state and groups
+            for opt in optimizers:
+                step_in_backward(opt)
         dataset = build_dataset(cfg.data, t.steps * t.global_batch, args.vocab_size)
         batches = StepBatches(dataset, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed)
+        check_optimizer_in_backward(cfg, batches.grad_accum)
         schedule = self._schedule(stages, dims, mesh, device, batches.grad_accum) if dims.pp > 1 else None
         metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
                    if env.rank == 0 else None)
@@ -167,9 +172,15 @@ class PretrainTask:
                 reduce_sequence_parallel_grads(stages, mesh["tp"].get_group())
             # mean loss over data-parallel ranks; only last-stage ranks hold it, each tp peer a copy
             loss = _all_reduce(loss.reshape(1).clone()).item() / (dims.dp * dims.tp)
-            grad_norm = self._clip(params, mesh, dims)
-            if not self._step_optimizers(optimizers, step, loss, grad_norm, t.nan_policy):
-                continue
+            if t.optimizer_in_backward:  # every gradient was applied and freed during backward: no norm
+                grad_norm = float("nan")
+                if not math.isfinite(loss):
+                    raise PuyuError(f"step {step + 1}: loss {loss} is not finite and its update is applied "
+                                    f"(train.optimizer_in_backward=true); resume from the last checkpoint")
+            else:
+                grad_norm = self._clip(params, mesh, dims)
+                if not self._step_optimizers(optimizers, step, loss, grad_norm, t.nan_policy):
+                    continue
             last_loss = loss
             elapsed = time.perf_counter() - started
             tokens_per_s = t.global_batch * cfg.data.seq_len / elapsed
@@ -262,7 +273,7 @@ class PretrainTask:
         return torch.stack(losses).mean().detach() if last else torch.zeros((), device=self.device)
 
     def _clip(self, params, mesh, dims: ParallelDims) -> float:
-        """Clip to ``grad_clip`` by the norm over all parameters of all pipeline stages.
+        """Clip to ``grad_clip`` (0: off) by the norm over all parameters of all pipeline stages.
 
         Gradients come as plain tensors (replicated parameters) and DTensors on different meshes
         (TP, FSDP, both); each kind is normed on its own and the squares added.
@@ -282,7 +293,7 @@ class PretrainTask:
             dist.all_reduce(sq, group=mesh["pp"].get_group())
         norm = float(sq.sqrt())
         coef = self.cfg.optim.grad_clip / (norm + 1e-6)
-        if coef < 1.0:
+        if 0 < coef < 1.0:  # grad_clip = 0: no clipping (as DeepSpeed's gradient_clipping and Megatron's clip_grad)
             for grads in groups.values():
                 torch._foreach_mul_(grads, coef)
         return norm
@@ -295,6 +306,45 @@ class PretrainTask:
             previous_handler(signal.SIGUSR2, None)  # submitit: checkpoint() -> requeue -> exit
         time.sleep(300)  # other ranks: wait for the requeue to end the job
         raise PuyuError("requeue did not end the job within 300 s")
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> None:
+    """Step each parameter of ``optimizer`` as soon as its gradient is final, then free that gradient.
+
+    Why: after backward a rank otherwise holds all its gradients at once (with FSDP, a quarter of the
+    fp32 model on 4 ranks, as much as its weights). Stepping from the post-accumulate-grad hook (FSDP2
+    calls it on the sharded parameter right after the reduce-scatter) keeps one gradient alive at a time.
+    Each parameter gets a one-parameter optimizer with its group's settings that shares the main
+    optimizer's ``state``, so checkpoints save and load the main optimizer as without this option, and
+    the update is the same one (an AdamW/SGD step is per element; only clipping needs all gradients).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.requires_grad:
+                single = type(optimizer)([{**group, "params": [param]}])
+                single.state = optimizer.state
+                param.register_post_accumulate_grad_hook(functools.partial(_step_one, single, group))
+
+
+def _step_one(single: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> None:
+    single.param_groups[0]["lr"] = group["lr"]  # the schedule sets the main group's lr each step
+    single.step()
+    param.grad = None
+
+
+def check_optimizer_in_backward(cfg: PretrainJobConfig, grad_accum: int = 1) -> None:
+    """``train.optimizer_in_backward`` leaves no moment when all gradients exist: refuse what needs one."""
+    if not cfg.train.optimizer_in_backward:
+        return
+    needs = {"optim.grad_clip": (cfg.optim.grad_clip == 0, "0 (clipping needs the global norm of all gradients)"),
+             "train.nan_policy": (cfg.train.nan_policy == "stop", "stop (the update precedes the loss)"),
+             "parallel.pp": (cfg.parallel.pp == 1, "1 (a pipeline runs several backwards per step)"),
+             "parallel.tp": (cfg.parallel.tp == 1, "1 (sequence parallel reduces gradients after backward)"),
+             "micro-batches per rank": (grad_accum == 1, "1: global_batch = micro_batch × data-parallel ranks "
+                                        "(each backward would step)")}
+    for key, (ok, want) in needs.items():
+        if not ok:
+            raise PuyuError(f"train.optimizer_in_backward=true needs {key} = {want}")
 
 
 def export_checkpoint(path: Path, args: ModelArgs, out_dir: Path, init_from: str = "") -> Path:
@@ -315,6 +365,7 @@ def pretrain_stages(cfg: PretrainJobConfig, corpus_in_run: str = "", cluster: di
     check_device(cfg.device)
     check_precision(cfg.precision)
     check_parallel_config(cfg.parallel)
+    check_optimizer_in_backward(cfg)
     if cfg.init_from:
         try:  # shapes and every tensor's name and shape, before anything is submitted
             open_model_dir(cfg.init_from, cfg.model.args())

@@ -326,3 +326,41 @@ def test_init_from_a_missing_dir_is_refused_at_submit(shards, tmp_path):
     with pytest.raises(PuyuError, match=r"job.init_from: .*nosuch") as err:
         pretrain_stages(cfg)
     assert "\n" not in str(err.value)
+
+
+def in_backward(cfg: PretrainJobConfig, global_batch: int, micro_batch: int, on: bool) -> PretrainJobConfig:
+    cfg.optim.grad_clip = 0.0
+    cfg.train.global_batch, cfg.train.micro_batch, cfg.train.optimizer_in_backward = global_batch, micro_batch, on
+    return cfg
+
+
+def test_optimizer_in_backward_keeps_the_curve_and_resumes(shards, tmp_path):
+    """Stepping each FSDP2 shard from its post-accumulate-grad hook (2 ranks) is the same update as one
+    step after backward (1 process), and its checkpoint (the main optimizer's state) resumes: steps
+    1-3, requeue-style restart, steps 4-5."""
+    want = train(in_backward(config(shards), 4, 4, on=False), tmp_path / "ref", 1)
+    frozen = in_backward(config(shards, steps=2), 4, 4, on=False)
+    frozen.optim.lr = frozen.optim.min_lr = 0.0
+    assert abs(train(frozen, tmp_path / "frozen", 1)[1] - want[1]) > 1e-3  # grad_clip=0 is no clipping, not lr 0
+    run_dir = tmp_path / "run"
+    train(in_backward(config(shards, steps=3, device="cpu"), 4, 2, on=True), run_dir, 2)
+    (run_dir / "pretrain" / "completions" / "00000").unlink()
+    got = train(in_backward(config(shards, device="cpu"), 4, 2, on=True), run_dir, 2)
+    assert_same_curve(got, want)
+    assert all(json.loads(ln)["grad_norm"] != json.loads(ln)["grad_norm"]  # NaN: no norm exists
+               for ln in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_optimizer_in_backward_refuses_what_needs_all_gradients(shards):
+    from puyu.parallel.pretrain import check_optimizer_in_backward, pretrain_stages
+
+    cfg = config(shards)
+    cfg.train.optimizer_in_backward = True
+    with pytest.raises(PuyuError, match=r"^train.optimizer_in_backward=true needs optim.grad_clip = 0 \(clipping"):
+        pretrain_stages(cfg)
+    cfg.optim.grad_clip = 0.0
+    pretrain_stages(cfg)
+    with pytest.raises(PuyuError, match=r"needs micro-batches per rank = 1: global_batch = micro_batch"):
+        check_optimizer_in_backward(cfg, grad_accum=4)
+    with pytest.raises(PuyuError, match=r"needs parallel.pp = 1"):
+        pretrain_stages(in_backward(config(shards, pp=2), 8, 2, on=True))
