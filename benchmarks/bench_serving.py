@@ -37,11 +37,12 @@ For each engine and batch size (1 and 32 sequences of 16-token prompts): the pro
 alternate within each repeat, so load changes hit all of them; reported: the median tokens/s of each
 and the median over repeats of each repeat's quantized/fp32 ratio.
 
-``--speculative ngram``: instead, prompt-lookup speculative decoding where the output copies the prompt.
-The ``tiny`` flavor is first trained (``--train-steps``, seconds a step on 2 threads) on 40-word Wikipedia
-leads each followed by a blank line and the lead again, so that it learns to copy; each prompt is a
-held-out lead, a blank line and its first 4 words, and greedy decoding (up to ``--max-tokens``, stopping
-at EOS) continues the copy. Compared, interleaved per repeat: HF ``generate`` plain and with
+``--speculative ngram``: instead, prompt-lookup speculative decoding where the output repeats text.
+The ``tiny`` flavor is first trained (``--train-steps`` 300: 68 s on 2 threads) on 40-word Wikipedia
+leads each followed by a blank line and the lead again, to teach it to copy; each prompt is a held-out
+lead, a blank line and its first 4 words, continued greedily (up to ``--max-tokens``, stopping at EOS).
+At 300 steps the model has not learned to copy the lead: drafts are accepted where its output repeats
+its own phrases (docs/benchmarks.md). Compared, interleaved per repeat: HF ``generate`` plain and with
 ``prompt_lookup_num_tokens`` (batch 1 only in transformers, so prompt by prompt), puyu ``speculative=off``
 and ``ngram`` prompt by prompt, and puyu off and ngram over all prompts at once (continuous batching).
 Both sides draft ``--spec-tokens`` tokens from n-grams of up to ``--lookup-max`` tokens down to 1.
