@@ -1,4 +1,4 @@
-"""SFT throughput: puyu's LoRA finetuning step vs Hugging Face transformers + peft LoRA.
+"""SFT throughput: puyu's LoRA finetuning step, on both engines, vs Hugging Face transformers + peft LoRA.
 
 Same model (a puyu flavor, exported with ``export_llama`` and loaded as ``LlamaForCausalLM``), same
 packed chat rows (Wikipedia lead sections as conversations, InternLM2 template, assistant-only labels,
@@ -10,13 +10,20 @@ finetuning stage module (``StageModule``: fused RMSNorm/RoPE/SwiGLU, chunked lin
 skips the frozen head's weight gradient); HF its eager model with SDPA attention. Before timing, the
 two models' logits on the first packed batch are compared (they must agree: same weights, same masks).
 
-    .venv/bin/python benchmarks/bench_finetune.py [--flavor tiny] [--vocab 8192] [--seq-len 512]
+Engines: ``fsdp`` is the stage module stepped by torch's AdamW, what the FSDP engine runs on one rank;
+``deepspeed`` is the same stage inside ``deepspeed.initialize`` with the config ``engine=deepspeed`` jobs
+get (``puyu.parallel.deepspeed_engine.ds_config``; ZeRO stage ``--zero-stage``, default 2), one gloo rank,
+its ``engine.backward``/``engine.step`` as the job calls them.
 
-Last line: ``SFT tokens/s: <ratio>x vs HF+peft (goal 1.3x)``.
+    .venv/bin/python benchmarks/bench_finetune.py [--flavor tiny] [--vocab 8192] [--seq-len 512] [--zero-stage 2]
+
+One ratio line per engine; the last line, ``SFT tokens/s: <ratio>x vs HF+peft (goal 1.3x)``, is the
+lower of the two (the goal holds for both engines).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import sys
 import time
@@ -73,6 +80,7 @@ def main() -> None:
     ap.add_argument("--plain-loss", action="store_true",
                     help="ablation: puyu's loss as in pretraining (head on every position, weight gradient too)")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--zero-stage", type=int, default=2, choices=(1, 2, 3))
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -93,6 +101,7 @@ def main() -> None:
     base = Transformer(args)
     export_llama(base, workdir / "hf")
 
+    ds_base = copy.deepcopy(base)
     model = add_lora(base, PuyuLora(rank=a.rank, alpha=2.0 * a.rank), seed=0)
     stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
     opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-4)
@@ -107,6 +116,8 @@ def main() -> None:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    ds_step, ds_stage = deepspeed_step(ds_base, args, a)
 
     hf = LlamaForCausalLM.from_pretrained(workdir / "hf", attn_implementation="sdpa", torch_dtype=torch.float32)
     hf = get_peft_model(hf, LoraConfig(r=a.rank, lora_alpha=2.0 * a.rank, target_modules=[
@@ -126,7 +137,8 @@ def main() -> None:
     with torch.no_grad():  # same weights and masks: the same logits (adapters start at B = 0)
         tokens, _, doc = data[0]
         ours = stage.output(stage(tokens, doc))
-        diff = (ours - hf_logits(tokens, doc)).abs().max().item()
+        theirs = hf_logits(tokens, doc)
+        diff = max((ours - theirs).abs().max().item(), (ds_stage.output(ds_stage(tokens, doc)) - theirs).abs().max().item())
     if diff > 1e-3:
         raise SystemExit(f"puyu and HF logits differ by {diff:.2e} on the packed batch: not the same computation")
 
@@ -135,11 +147,47 @@ def main() -> None:
           f"packed chat rows (packing efficiency {stats.packing_efficiency:.1%}, masked {stats.masked_fraction:.1%}), "
           f"LoRA r={a.rank} (puyu {n_train(stage):,} / HF {n_train(hf):,} trainable), {a.steps - a.warmup} timed "
           f"steps in {a.rounds} alternating rounds, {a.threads} threads; logits max diff {diff:.1e}")
-    tps = time_rounds({"puyu": puyu_step, "hf": hf_step}, data, a.warmup, a.rounds)
-    puyu_tps, hf_tps = tps["puyu"], tps["hf"]
-    print(f"puyu (LoRA, fused ops{', plain loss' if a.plain_loss else ''}): {puyu_tps:,.0f} tokens/s")
+    tps = time_rounds({"fsdp": puyu_step, "deepspeed": ds_step, "hf": hf_step}, data, a.warmup, a.rounds)
+    hf_tps = tps["hf"]
     print(f"HF LlamaForCausalLM + peft LoRA: {hf_tps:,.0f} tokens/s")
-    print(f"SFT tokens/s: {puyu_tps / hf_tps:.2f}x vs HF+peft (goal 1.3x)")
+    for engine in ("fsdp", "deepspeed"):
+        detail = f"ZeRO-{a.zero_stage}, " if engine == "deepspeed" else ""
+        print(f"puyu engine={engine} (LoRA, {detail}fused ops{', plain loss' if a.plain_loss else ''}): "
+              f"{tps[engine]:,.0f} tokens/s, {tps[engine] / hf_tps:.2f}x vs HF+peft")
+    print(f"SFT tokens/s: {min(tps['fsdp'], tps['deepspeed']) / hf_tps:.2f}x vs HF+peft (goal 1.3x)")
+
+
+def deepspeed_step(base, args, a):
+    """The LoRA stage of ``base`` inside a DeepSpeed engine configured as ``engine=deepspeed`` jobs are,
+    on one gloo rank; returns its step function and the stage."""
+    import torch.distributed as dist
+
+    from puyu.launcher.distributed import dist_env
+    from puyu.parallel.deepspeed_engine import SFTLoss, ds_config, import_deepspeed
+    from puyu.parallel.finetune import add_lora
+    from puyu.parallel.ft_config import FinetuneJobConfig
+    from puyu.parallel.ft_config import LoraConfig as PuyuLora
+    from puyu.parallel.parallelize import StageModule
+
+    cfg = FinetuneJobConfig(kind="finetune")
+    cfg.train.global_batch = cfg.train.micro_batch = a.batch
+    cfg.deepspeed.zero_stage = a.zero_stage
+    device = torch.device("cpu")
+    deepspeed = import_deepspeed(device)
+    dist_env().export()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    stage = StageModule(add_lora(base, PuyuLora(rank=a.rank, alpha=2.0 * a.rank), seed=0),
+                        list(range(args.n_layers)), first=True, last=True)
+    opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-4)
+    engine, *_ = deepspeed.initialize(model=SFTLoss(stage, a.zero_stage), optimizer=opt,
+                                      config=ds_config(cfg, 1, device), dist_init_required=False)
+
+    def step(tokens, labels, doc):
+        loss_sum = engine(tokens, doc, labels)
+        engine.backward(loss_sum / (labels != -100).sum(), scale_wrt_gas=False)
+        engine.step()
+
+    return step, stage
 
 
 if __name__ == "__main__":
