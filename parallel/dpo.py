@@ -27,24 +27,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from puyu.launcher.errors import PuyuError
 from puyu.launcher.stage import TaskContext
 from puyu.model import ModelArgs, Transformer
-from puyu.parallel import checkpoint
 from puyu.parallel.dims import ParallelDims
-from puyu.parallel.finetune import (IGNORE, SFTBatches, TrainableCheckpointer, _with_in_run, build_stage,
-                                    load_trainable, read_base, run_mode)
+from puyu.parallel.finetune import IGNORE, SFTBatches, StepSums, _with_in_run, build_stage, read_base, run_mode
 from puyu.parallel.ft_config import DPOConfig, FinetuneJobConfig
-from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
 from puyu.parallel.parallelize import StageModule
 from puyu.parallel.pretrain import _all_reduce
 
@@ -184,71 +179,49 @@ class DPODataTask:
                        d.wiki, d.wiki_heldout, vocab_size=vocab)
 
 
-# --------------------------------------------------------------------------- the step loop
-def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, mesh, device, previous_handler) -> dict:
-    """:meth:`FinetuneTask._train` for ``method=dpo``: SFT's loop with the DPO loss and metrics."""
-    cfg, t = task.cfg, task.cfg.train
-    data = load_pairs(ctx.run_dir, cfg)
-    stage, trainable, total, quantized = build_stage(cfg, args, dims, mesh, device)
-    reference = None if cfg.lora.rank else build_stage(cfg, args, dims, mesh, device, frozen=True)[0]
-    if reference is not None:
-        reference.eval()
-    stages = [stage]
-    params = [q for q in stage.parameters() if q.requires_grad]
-    optimizers = [task._optimizer(stage)]
-    ckpt_root = ctx.stage_dir / "checkpoints"
-    checkpointer = TrainableCheckpointer(ckpt_root, t.keep_checkpoints, t.async_checkpoint)
-    start_step, consumed = 0, 0
-    latest = checkpoint.latest_complete(ckpt_root)
-    if latest is not None:
-        record = load_trainable(latest, stages, optimizers)
-        start_step, consumed = record["step"], record["consumed_samples"]
-    batches = PairBatches(data, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed,
-                          cfg.data.seed)
-    metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
-               if env.rank == 0 else None)
-    # per token: policy forward 2N + backward 4N (LoRA: input gradients only, 2N) + reference forward 2N
-    flops = flops_per_token(args, cfg.data.seq_len, 8.0 if trainable == total else 6.0)
-    last_loss, last = float("nan"), {}
-    for step in range(start_step, t.steps):
-        if bool(_all_reduce(torch.tensor([float(task._signalled)], device=device), dist.ReduceOp.MAX).item()):
-            task._stop_for_requeue(checkpointer, step, stages, optimizers, batches, env, previous_handler)
-        lr = cfg.optim.lr_at(step, t.steps)
-        for group in optimizers[0].param_groups:
-            group["lr"] = lr
-        started = time.perf_counter()
-        micro = batches.next_step()
+# --------------------------------------------------------------------------- the step loop's parts
+class DPOSteps:
+    """What ``method=dpo`` plugs into SFT's step loop (:meth:`FinetuneTask._train`): preference pairs, the
+    reference, and the DPO loss with trl's metrics."""
+
+    def __init__(self, ctx: TaskContext, cfg: FinetuneJobConfig, args: ModelArgs, dims: ParallelDims, mesh,
+                 device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.data = load_pairs(ctx.run_dir, cfg)
+        # built after the policy (build_stage), as its LoRA draws come first
+        self.reference = None if cfg.lora.rank else build_stage(cfg, args, dims, mesh, device, frozen=True)[0]
+        if self.reference is not None:
+            self.reference.eval()
+
+    def batches(self, rank: int, consumed: int) -> PairBatches:
+        t = self.cfg.train
+        return PairBatches(self.data, t.global_batch, t.micro_batch, self.dims.dp_rank(rank), self.dims.dp, consumed,
+                           self.cfg.data.seed)
+
+    @staticmethod
+    def flops_factor(full: bool) -> float:
+        """Per token: policy forward 2N + backward 4N (LoRA: input gradients only, 2N) + reference forward 2N."""
+        return 8.0 if full else 6.0
+
+    def forward_backward(self, stage: StageModule, micro: list[PairBatch]) -> StepSums:
+        device, pairs = self.device, self.cfg.train.global_batch
         sums = torch.zeros(len(METRICS) + 3, device=device, dtype=torch.float64)
         for b in micro:
             tokens, labels = b.tokens.to(device), b.labels.to(device)
-            loss_sum, parts = batch_loss(stage, reference, tokens, labels, cfg.dpo)
+            loss_sum, parts = batch_loss(stage, self.reference, tokens, labels, self.cfg.dpo)
             # FSDP averages gradients over the dp ranks: scale so they sum to the mean over the global batch
-            (loss_sum * (dims.dp / t.global_batch)).backward()
+            (loss_sum * (self.dims.dp / pairs)).backward()
             sums += torch.stack([loss_sum.detach().double(), *(parts[k].double() for k in METRICS),
                                  torch.tensor(float((labels != IGNORE).sum()), device=device, dtype=torch.float64),
                                  torch.tensor(float(tokens.numel()), device=device, dtype=torch.float64)])
         sums = _all_reduce(sums)
-        loss = float(sums[0]) / t.global_batch
-        grad_norm = task._clip(params, mesh, dims)
-        if not task._step_optimizers(optimizers, step, loss, grad_norm, t.nan_policy):
-            continue
-        last_loss = loss
-        last = {k: float(v) / t.global_batch for k, v in zip(METRICS, sums[1:1 + len(METRICS)])}
-        tokens_per_s = float(sums[-1]) / (time.perf_counter() - started)
-        if metrics:
-            metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr, **last,
-                         "tokens_per_s": tokens_per_s, "trained_tokens": int(sums[-2]),
-                         "mfu": mfu(tokens_per_s, flops, t.peak_tflops, dims.world_size)})
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
-            checkpointer.save(step + 1, stages, optimizers, {"consumed_samples": batches.consumed_samples})
-        task.on_step_end(step + 1)
-    checkpointer.wait()
-    if metrics:
-        metrics.close()
-    return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(), "method": "dpo",
-            "trainable_params": trainable, "total_params": total, "mode": f"DPO, {run_mode(cfg)}",
-            "reference": "the base (adapters disabled)" if cfg.lora.rank else "a frozen copy of the base",
-            **{f"final_{k}": v for k, v in last.items()}, **quantized}
+        return StepSums(float(sums[0]) / pairs, int(sums[-2]), int(sums[-1]),
+                        {k: float(v) / pairs for k, v in zip(METRICS, sums[1:1 + len(METRICS)])})
+
+    def result(self, last: StepSums) -> dict:
+        return {"method": "dpo", "mode": f"DPO, {run_mode(self.cfg)}",
+                "reference": "the base (adapters disabled)" if self.cfg.lora.rank else "a frozen copy of the base",
+                **{f"final_{k}": v for k, v in last.metrics.items()}}
 
 
 # --------------------------------------------------------------------------- held-out pairs, report

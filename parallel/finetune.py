@@ -305,6 +305,53 @@ class SFTDataTask:
                        d.wiki, d.wiki_heldout, vocab_size=vocab)
 
 
+@dataclasses.dataclass
+class StepSums:
+    """One step's outcome, summed over the data-parallel ranks: the loss (a global mean), labelled and
+    all tokens, and the method's own metrics (means over the global batch)."""
+
+    loss: float
+    trained_tokens: int
+    tokens: int
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class SFTSteps:
+    """What ``method=sft`` plugs into :meth:`FinetuneTask._train`'s step loop: packed rows, and the mean
+    cross-entropy over the global batch's labelled tokens."""
+
+    def __init__(self, ctx: TaskContext, cfg: FinetuneJobConfig, dims: ParallelDims, device: torch.device):
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.data = load_sft_rows(ctx, cfg)
+
+    def batches(self, rank: int, consumed: int) -> SFTBatches:
+        t = self.cfg.train
+        return SFTBatches(self.data, t.global_batch, t.micro_batch, self.dims.dp_rank(rank), self.dims.dp, consumed,
+                          self.cfg.data.seed)
+
+    @staticmethod
+    def flops_factor(full: bool) -> float:
+        """Forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains), per token."""
+        return 6.0 if full else 4.0
+
+    def forward_backward(self, stage: StageModule, micro: list[SFTBatch]) -> StepSums:
+        device, dp = self.device, self.dims.dp
+        n_labels = _all_reduce(torch.tensor([float(sum(int((b.labels != IGNORE).sum()) for b in micro))],
+                                            device=device)).item()
+        total_loss = torch.zeros((), device=device)
+        for b in micro:  # (the stage applies the precision policy itself: see apply_precision)
+            loss_sum = stage.loss_sum(stage(b.tokens.to(device), b.document_ids.to(device)), b.labels.to(device))
+            # FSDP averages gradients over the dp ranks: scale so they sum to the global token mean
+            (loss_sum * (dp / max(n_labels, 1.0))).backward()
+            total_loss += loss_sum.detach()
+        loss = _all_reduce(total_loss.reshape(1).clone()).item() / max(n_labels, 1.0)
+        return StepSums(loss, int(n_labels), self.cfg.train.global_batch * self.cfg.data.seq_len)
+
+    @staticmethod
+    def result(last: StepSums) -> dict:
+        return {}
+
+
 class FinetuneTask(PretrainTask):
     """The training process of one rank; pretraining's task (process group, mesh, signals, requeue,
     clipping, collective timeouts) with the SFT data, model, loss and export."""
@@ -340,12 +387,13 @@ class FinetuneTask(PretrainTask):
             from puyu.parallel import deepspeed_engine
 
             return deepspeed_engine.train(self, ctx, env, dims, args, device, previous_handler)
-        if cfg.method == "dpo":
-            from puyu.parallel import dpo
-
-            return dpo.train(self, ctx, env, dims, args, mesh, device, previous_handler)
-        data = load_sft_rows(ctx, cfg)
         stage, trainable, total, quantized = build_stage(cfg, args, dims, mesh, device)
+        if cfg.method == "dpo":
+            from puyu.parallel.dpo import DPOSteps
+
+            method = DPOSteps(ctx, cfg, args, dims, mesh, device)
+        else:
+            method = SFTSteps(ctx, cfg, dims, device)
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
         optimizers = [self._optimizer(stage)]
@@ -356,13 +404,11 @@ class FinetuneTask(PretrainTask):
         if latest is not None:
             record = load_trainable(latest, stages, optimizers)
             start_step, consumed = record["step"], record["consumed_samples"]
-        batches = SFTBatches(data, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed,
-                             cfg.data.seed)
+        batches = method.batches(env.rank, consumed)
         metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
                    if env.rank == 0 else None)
-        # forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains) + attention
-        flops = flops_per_token(args, cfg.data.seq_len, 6.0 if trainable == total else 4.0)
-        last_loss = float("nan")
+        flops = flops_per_token(args, cfg.data.seq_len, method.flops_factor(trainable == total))
+        last_loss, last = float("nan"), StepSums(float("nan"), 0, 0)
         for step in range(start_step, t.steps):
             if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
                 self._stop_for_requeue(checkpointer, step, stages, optimizers, batches, env, previous_handler)
@@ -370,26 +416,15 @@ class FinetuneTask(PretrainTask):
             for group in optimizers[0].param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            micro = batches.next_step()
-            n_labels = _all_reduce(torch.tensor([float(sum(int((b.labels != IGNORE).sum()) for b in micro))],
-                                                device=device)).item()
-            total_loss = torch.zeros((), device=device)
-            for b in micro:  # (the stage applies the precision policy itself: see apply_precision)
-                h = stage(b.tokens.to(device), b.document_ids.to(device))
-                loss_sum = stage.loss_sum(h, b.labels.to(device))
-                # FSDP averages gradients over the dp ranks: scale so they sum to the global token mean
-                (loss_sum * (dims.dp / max(n_labels, 1.0))).backward()
-                total_loss += loss_sum.detach()
-            loss = _all_reduce(total_loss.reshape(1).clone()).item() / max(n_labels, 1.0)
+            sums = method.forward_backward(stage, batches.next_step())
             grad_norm = self._clip(params, mesh, dims)
-            if not self._step_optimizers(optimizers, step, loss, grad_norm, t.nan_policy):
+            if not self._step_optimizers(optimizers, step, sums.loss, grad_norm, t.nan_policy):
                 continue
-            last_loss = loss
-            elapsed = time.perf_counter() - started
-            tokens_per_s = t.global_batch * cfg.data.seq_len / elapsed
+            last_loss, last = sums.loss, sums
+            tokens_per_s = sums.tokens / (time.perf_counter() - started)
             if metrics:
-                metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                             "tokens_per_s": tokens_per_s, "trained_tokens": int(n_labels),
+                metrics.log({"step": step + 1, "loss": sums.loss, "grad_norm": grad_norm, "lr": lr, **sums.metrics,
+                             "tokens_per_s": tokens_per_s, "trained_tokens": sums.trained_tokens,
                              "mfu": mfu(tokens_per_s, flops, t.peak_tflops, dims.world_size)})
             if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
                 checkpointer.save(step + 1, stages, optimizers, {"consumed_samples": batches.consumed_samples})
@@ -398,7 +433,8 @@ class FinetuneTask(PretrainTask):
         if metrics:
             metrics.close()
         return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(),
-                "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg), **quantized}
+                "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg), **quantized,
+                **method.result(last)}
 
     def __call__(self, ctx: TaskContext) -> dict[str, Any]:
         result = super().__call__(ctx)
