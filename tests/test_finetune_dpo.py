@@ -11,8 +11,10 @@ import copy
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import torch
 
@@ -23,10 +25,11 @@ from puyu.launcher.pipeline import Pipeline
 from puyu.model import Transformer, get_flavor, load_model, save_model
 from puyu.parallel.config import ModelConfig
 from puyu.parallel.dpo import batch_loss, pair_batch
-from puyu.parallel.finetune import add_lora, finetune_stages, merge_lora
+from puyu.parallel.finetune import FinetuneTask, add_lora, finetune_stages, merge_lora
 from puyu.parallel.ft_config import DPOConfig, FinetuneJobConfig, LoraConfig, SFTDataConfig
 from puyu.parallel.parallelize import StageModule
 
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FailAfter travels to its processes by value
 torch.set_num_threads(1)
 VOCAB = 2000
 
@@ -175,6 +178,45 @@ def test_full_finetuning_dpo_keeps_a_frozen_copy_of_the_base_as_reference(base, 
     recs = records(tmp_path / "run")
     assert recs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the first step
     assert recs[-1]["loss"] < math.log(2) and recs[-1]["rewards/margins"] > 0, recs
+
+
+class FailAfter(FinetuneTask):
+    """Fails after step 3, a step past the last checkpoint (a SIGKILL's path is the same on resume;
+    tests/test_finetune.py's kill test takes it, at ~30 s for the local executor to see it)."""
+
+    def on_step_end(self, step: int) -> None:
+        if step == 3:
+            raise RuntimeError("failing after step 3")
+
+
+def test_dpo_on_two_fsdp_ranks_follows_one_process_that_failed_and_resumed(base, tmp_path, caplog):
+    """Full-finetuning DPO, the frozen reference sharded like the policy: 2 FSDP ranks give the losses and
+    rewards of one process that failed after step 3 and resumed from its step-2 checkpoint."""
+    train = tmp_path / "train.jsonl"
+    preference.wiki_preference_jsonl(train, limit=32)
+    cfg = dpo_job(base, [train], steps=4)
+    cfg.lora.rank, cfg.train.checkpoint_every, cfg.train.async_checkpoint = 0, 2, False
+
+    def launch(run_dir, task, tasks=1):
+        stages = finetune_stages(cfg)
+        stages[1].fn = task
+        kind = ClusterKind.local if tasks > 1 else ClusterKind.inline
+        return Pipeline(stages, run_dir, ClusterConfig(kind=kind, tasks_per_node=tasks, time_min=10),
+                        LauncherConfig(poll_s=0.3)).run()
+
+    with pytest.raises(StageFailed, match="failing after step 3"):
+        launch(tmp_path / "one", FailAfter(cfg))
+    assert [r["step"] for r in records(tmp_path / "one")] == [1, 2, 3]
+    with caplog.at_level("INFO", logger="puyu.finetune"):
+        launch(tmp_path / "one", FinetuneTask(cfg))
+    assert "step-00000002 (step 2)" in caplog.text  # resumed, not restarted
+    resumed = records(tmp_path / "one")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # kept up to the checkpoint, then the resumed steps
+    result = launch(tmp_path / "two", FinetuneTask(cfg), tasks=2)["finetune"][0]
+    assert result["layout"] == "world 2 = pp 1 × dp_replicate 1 × dp_shard 2 × tp 1"
+    for g, w in zip(records(tmp_path / "two"), resumed, strict=True):
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (g["step"], key)
 
 
 # --------------------------------------------------------------------------- bad input
