@@ -156,3 +156,21 @@ def engine(tmp_path_factory):
     build_engine(BuildEngineJobConfig(kind="build_engine", checkpoint=str(root / "ckpt"),
                                       tokenizer=str(root / "tokenizer.json")), root / "engine")
     return root / "engine"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """The finetuning tests' base: tokenizer.json (2000 tokens) + a tiny InternLM2 pretrained for 20 steps on
+    Wikipedia leads, saved as pretraining exports."""
+    from puyu.data_pipeline.corpora import CorpusMissing
+    from puyu.model import save_model
+    from toy_models import make_tokenizer, train_tiny, wiki_texts
+
+    root = tmp_path_factory.mktemp("base")
+    try:
+        texts = wiki_texts()[:3000]
+    except CorpusMissing as exc:
+        pytest.skip(str(exc))
+    tok = make_tokenizer(texts, root / "tokenizer.json", 2000)
+    save_model(train_tiny(texts, tok, steps=20, batch=8), root / "model")
+    return {"tokenizer": root / "tokenizer.json", "model": root / "model", "tok": tok}

@@ -22,7 +22,7 @@ from puyu.data_pipeline import sft
 from puyu.launcher.config import ClusterConfig, ClusterKind, LauncherConfig
 from puyu.launcher.errors import PuyuError, StageFailed
 from puyu.launcher.pipeline import Pipeline
-from puyu.model import Transformer, get_flavor, load_model, save_model
+from puyu.model import Transformer, get_flavor, load_model
 from puyu.parallel.config import ModelConfig
 from puyu.parallel.finetune import (FinetuneTask, add_lora, finetune_stages, masked_loss, merge_lora,
                                     SFT_DATA)
@@ -30,23 +30,7 @@ from puyu.parallel.ft_config import FinetuneJobConfig, LoraConfig, SFTDataConfig
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # KillAt travels to the job's process by value
 torch.set_num_threads(1)
-VOCAB = 2000
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict:
-    """tokenizer.json + a tiny InternLM2 pretrained for 20 steps on Wikipedia leads, saved as pretraining exports."""
-    from puyu.data_pipeline.corpora import CorpusMissing
-    from toy_models import make_tokenizer, train_tiny, wiki_texts
-
-    root = tmp_path_factory.mktemp("base")
-    try:
-        texts = wiki_texts()[:3000]
-    except CorpusMissing as exc:
-        pytest.skip(str(exc))
-    tok = make_tokenizer(texts, root / "tokenizer.json", VOCAB)
-    save_model(train_tiny(texts, tok, steps=20, batch=8), root / "model")
-    return {"tokenizer": root / "tokenizer.json", "model": root / "model", "tok": tok}
+VOCAB = 2000  # the finetuning base's vocabulary (conftest's `base` fixture)
 
 
 def job(base, steps=6, wiki=240, **train) -> FinetuneJobConfig:
