@@ -100,15 +100,6 @@ bool has_cuda() {
 #endif
 }
 
-// The vector ISA the CPU kernels were compiled for; running an AVX2 build on an older CPU would crash.
-std::string cpu_isa() {
-#ifdef PUYU_CPU_AVX2
-  return "avx2";
-#else
-  return "baseline";
-#endif
-}
-
 }  // namespace
 }  // namespace puyu
 
@@ -121,5 +112,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_bwd", &puyu::swiglu_bwd, "SwiGLU backward -> (dgate, dup)");
   m.def("ce_chunk", &puyu::ce_chunk, "per-row CE loss of a logits chunk; in place softmax gradient");
   m.def("has_cuda", &puyu::has_cuda, "whether CUDA kernels are compiled in");
-  m.def("cpu_isa", &puyu::cpu_isa, "vector ISA of the CPU kernels: avx2 or baseline");
+  m.def("cpu_isa", &puyu::cpu::isa_name, "vector ISA of the CPU kernels: avx2 or baseline");
 }

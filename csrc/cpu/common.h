@@ -11,8 +11,19 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 namespace puyu::cpu {
+
+// The vector ISA the CPU kernels were compiled for (both extensions report it as cpu_isa()): running an
+// AVX2 build on an older CPU would crash, and the quantized linears exist only in AVX2 builds.
+inline std::string isa_name() {
+#ifdef PUYU_CPU_AVX2
+  return "avx2";
+#else
+  return "baseline";
+#endif
+}
 
 // Rows handed to one thread at a time: enough elements to amortise the scheduling.
 inline int64_t row_grain(int64_t row_len) {

@@ -133,16 +133,6 @@ at::Tensor w4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::T
   return w4_linear_cpu(x, qweight, scales, offsets);
 }
 
-// The vector ISA the CPU kernels were compiled for; running an AVX2 build on an older CPU would crash, and
-// the quantized linears exist only in AVX2 builds.
-std::string cpu_isa() {
-#ifdef PUYU_CPU_AVX2
-  return "avx2";
-#else
-  return "baseline";
-#endif
-}
-
 }  // namespace
 }  // namespace puyu
 
@@ -166,5 +156,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "install the caching CPU allocator (counted); False if another allocator outranks it", py::arg("limit_bytes"));
   m.def("caching_allocator_disable", &puyu::caching_allocator_disable,
         "drop one user of the caching CPU allocator; the last restores the previous one -> (hits, misses)");
-  m.def("cpu_isa", &puyu::cpu_isa, "vector ISA of the CPU kernels: avx2 or baseline");
+  m.def("cpu_isa", &puyu::cpu::isa_name, "vector ISA of the CPU kernels: avx2 or baseline");
 }
