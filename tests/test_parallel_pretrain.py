@@ -169,9 +169,9 @@ def test_a_hung_rank_is_caught_by_the_collective_timeout_naming_the_rank(shards,
     import jobs_for_tests as J
 
     cfg = config(shards)
-    cfg.train.collective_timeout_s = 5
-    task = J.hanging_pretrain_task(cfg, hang_rank=1, hang_s=12)
-    with pytest.raises(StageFailed, match=r"rank 0/2: a collective timed out after 5 s"):
+    cfg.train.collective_timeout_s = 3
+    task = J.hanging_pretrain_task(cfg, hang_rank=1, hang_s=7)
+    with pytest.raises(StageFailed, match=r"rank 0/2: a collective timed out after 3 s"):
         Pipeline([Stage("pretrain", task)], tmp_path, ClusterConfig(kind=ClusterKind.local, tasks_per_node=2,
                                                                     time_min=10), LauncherConfig(poll_s=0.5)).run()
 
