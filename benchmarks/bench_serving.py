@@ -20,6 +20,14 @@ are the same leads through the directory's own tokenizer when it has one, else t
 a 12-layer, 768-wide Llama with a 32000-token vocabulary (~110M parameters, random weights) saved by
 ``transformers``' own ``save_pretrained``.
 
+On the CPU, CTranslate2 (``_peers_serving.py``) runs beside them on the same prompts and threads: the
+HF directory converted by its ``TransformersConverter`` to float32 and to int8 weights, one
+``Generator.generate_batch`` over all prompts (``--ct2-batch`` 32 at a time, sorted by length), greedy,
+exactly ``--max-tokens`` new tokens (no end token), prompts not echoed. puyu fp32 is measured against
+CTranslate2 float32 and puyu's w8 engine (weight-only int8 per channel, built as ``--quant`` builds it)
+against CTranslate2 int8 (int8 weights, activations quantized per call); one ratio line each, before the
+HF line. The order of runs is then HF, puyu fp32, CTranslate2 float32, puyu w8, CTranslate2 int8.
+
 ``--device cuda``: both sides on the GPU in bf16 (what the runtime's ``dtype=auto`` picks there; HF's
 ``generate`` with the same weights in bf16), timed to the end of the device's work. The first run of each
 side also pays for CUDA's start-up, so give ``--repeats`` 2 or more.
@@ -113,12 +121,13 @@ def run_hf(export_dir: Path, prompts: list[list[int]], max_tokens: int, pad_id: 
     return time.perf_counter() - t0, time.process_time() - c0, out[:, width:].tolist()
 
 
-def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: int,
+def run_puyu(model, prompts: list[list[int]], max_tokens: int,
              device: str = "cpu") -> tuple[float, float, list[list[int]]]:
-    """``model``: a training-side model (turned into an in-memory engine) or a model directory."""
+    """``model``: a training-side model (turned into an in-memory engine), a model directory or an
+    ``EngineModel``."""
     runtime = RuntimeConfig(kv_cache_mb=512, max_num_seqs=256, max_num_batched_tokens=2048, device=device,
                             dtype=DTYPES[device])
-    llm = LLM(model, runtime=runtime) if isinstance(model, Path) else LLM.from_model(model, runtime=runtime)
+    llm = LLM.from_model(model, runtime=runtime) if isinstance(model, Transformer) else LLM(model, runtime=runtime)
     t0, c0 = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     return time.perf_counter() - t0, time.process_time() - c0, [o.token_ids for o in outs]
@@ -127,9 +136,9 @@ def run_puyu(model: Transformer | Path, prompts: list[list[int]], max_tokens: in
 QUANT_MODES = ("fp32", "w8", "w4", "w8a8")
 
 
-def quant_engines(model_dir: Path | None) -> tuple:
-    """(ModelArgs, {mode: EngineModel}) for fp32 and each quantized mode, from ``model_dir`` or the random
-    ``small`` flavor at vocab 32000."""
+def quant_engines(model_dir: Path | None, modes: tuple[str, ...] = QUANT_MODES) -> tuple:
+    """(ModelArgs, {mode: EngineModel}) for each of ``modes`` (fp32 and quantized ones), from ``model_dir``
+    or the random ``small`` flavor at vocab 32000."""
     from puyu.model.state_dict import puyu_state_dict
     from puyu.serving.engine import engine_from_model_dir, engine_tensors
     from puyu.serving.engine_model import LINEARS, EngineModel
@@ -142,8 +151,11 @@ def quant_engines(model_dir: Path | None) -> tuple:
         torch.manual_seed(0)
         args = get_flavor("small", vocab_size=32000)
         base = engine_tensors(args, {k: v.detach() for k, v in puyu_state_dict(Transformer(args).eval()).items()})
-    engines = {"fp32": EngineModel(args, base)}
-    for mode in QUANT_MODES[1:]:
+    engines = {}
+    for mode in modes:
+        if mode == "fp32":
+            engines[mode] = EngineModel(args, base)
+            continue
         t = dict(base)
         for i in range(args.n_layers):
             for name in LINEARS:
@@ -313,6 +325,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a transformers-written model directory both sides load")
     ap.add_argument("--write-model", type=Path, help="first write a 125M-parameter Llama there (then used as --model)")
     ap.add_argument("--device", choices=list(DTYPES), default="cpu", help="where both sides run (cuda: in bf16)")
+    ap.add_argument("--ct2-batch", type=int, default=32, help="CTranslate2's max_batch_size (prompts sorted by length)")
     ap.add_argument("--speculative", choices=["off", "ngram"], default="off",
                     help="ngram: prompt-lookup speculative decoding on prompts the output copies (puyu vs HF)")
     ap.add_argument("--train-steps", type=int, default=300, help="--speculative: training steps of the copying model")
@@ -337,7 +350,8 @@ def main() -> None:
         if args.speculative == "ngram":
             bench_speculative(args, texts, tok, Path(tmp))
             return
-        if args.model and any((args.model / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        own_tokenizer = args.model and any((args.model / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        if own_tokenizer:
             tok = TextTokenizer(args.model)
         prompts = [tok.encode(p) for p in prompts_for(texts, args.prompts, args.shared_prefix_words)]
         if args.model:
@@ -353,15 +367,34 @@ def main() -> None:
               f"{args.max_tokens} new tokens each, {args.threads} threads, torch {torch.__version__}")
         if args.device != "cpu":
             print(f"both sides on {args.device} ({torch.cuda.get_device_name()}) in {DTYPES[args.device]}")
-        hf, pu = [], []
-        for _ in range(args.repeats):  # interleaved, so a change of machine load hits both sides
-            hf.append(run_hf(hf_dir, prompts, args.max_tokens, 0, args.device))
-            pu.append(run_puyu(model, prompts, args.max_tokens, args.device))
-        for name, runs in (("HF transformers generate", hf), ("puyu LLM.generate", pu)):
-            print(f"{name}: wall s {[round(r[0], 2) for r in runs]}, CPU s {[round(r[1], 2) for r in runs]}; "
-                  f"best {n_out / min(r[0] for r in runs):.1f} output tokens/s")
-        same = sum(a == b for a, b in zip(pu[0][2], hf[0][2]))
-        print(f"outputs identical to HF token for token: {same}/{args.prompts}")
+        runs = {"HF transformers generate": lambda: run_hf(hf_dir, prompts, args.max_tokens, 0, args.device),
+                "puyu LLM.generate": lambda: run_puyu(model, prompts, args.max_tokens, args.device)}
+        peers = {}  # puyu name -> the peer it is measured against
+        if args.device == "cpu":
+            from _peers_serving import convert_ct2, run_ct2
+
+            ct2 = convert_ct2(hf_dir, None if own_tokenizer else tok, Path(tmp))
+            w8 = quant_engines(hf_dir, ("w8",))[1]["w8"]
+            runs |= {"CTranslate2 float32": lambda: run_ct2(ct2["float32"], "float32", prompts, args.max_tokens,
+                                                            args.threads, args.ct2_batch),
+                     "puyu w8": lambda: run_puyu(w8, prompts, args.max_tokens),
+                     "CTranslate2 int8": lambda: run_ct2(ct2["int8"], "int8", prompts, args.max_tokens,
+                                                         args.threads, args.ct2_batch)}
+            peers = {"puyu LLM.generate": ("puyu fp32", "CTranslate2 float32"),
+                     "puyu w8": ("puyu w8", "CTranslate2 int8")}
+        res: dict[str, list] = {name: [] for name in runs}
+        for _ in range(args.repeats):  # interleaved, so a change of machine load hits every side
+            for name, fn in runs.items():
+                res[name].append(fn())
+        hf, pu = res["HF transformers generate"], res["puyu LLM.generate"]
+        for name, r in res.items():
+            print(f"{name}: wall s {[round(x[0], 2) for x in r]}, CPU s {[round(x[1], 2) for x in r]}; "
+                  f"best {n_out / min(x[0] for x in r):.1f} output tokens/s")
+        for name, r in list(res.items())[1:]:
+            print(f"{name}: outputs identical to HF's token for token: "
+                  f"{sum(a == b for a, b in zip(r[0][2], hf[0][2]))}/{args.prompts}")
+        for name, (label, peer) in peers.items():
+            print(f"{label}: {min(x[0] for x in res[peer]) / min(x[0] for x in res[name]):.2f}x vs {peer} (goal 1.0x)")
         cpu_ratio = min(r[1] for r in hf) / min(r[1] for r in pu)
         print(f"CPU-time ratio (best of each): {cpu_ratio:.2f}x")
         ratio = min(r[0] for r in hf) / min(r[0] for r in pu)
