@@ -13,7 +13,7 @@ import sys
 import cloudpickle
 import pytest
 import torch
-from test_finetune import KillAt, assert_same_curve, base, curve, job, run  # noqa: F401 - base is a fixture
+from test_finetune import KillAt, assert_same_curve, curve, job, run
 
 from puyu.launcher.errors import PuyuError, StageFailed
 from puyu.model import Transformer, load_model
