@@ -163,8 +163,8 @@ def deepspeed_step(base, args, a):
     import torch.distributed as dist
 
     from puyu.launcher.distributed import dist_env
-    from puyu.parallel.deepspeed_engine import SFTLoss, ds_config, import_deepspeed
-    from puyu.parallel.finetune import add_lora
+    from puyu.parallel.deepspeed_engine import ds_config, import_deepspeed
+    from puyu.parallel.finetune import SFTLoss, add_lora
     from puyu.parallel.ft_config import FinetuneJobConfig
     from puyu.parallel.ft_config import LoraConfig as PuyuLora
     from puyu.parallel.parallelize import StageModule
@@ -179,7 +179,12 @@ def deepspeed_step(base, args, a):
     stage = StageModule(add_lora(base, PuyuLora(rank=a.rank, alpha=2.0 * a.rank), seed=0),
                         list(range(args.n_layers)), first=True, last=True)
     opt = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=1e-4)
-    engine, *_ = deepspeed.initialize(model=SFTLoss(stage, a.zero_stage), optimizer=opt,
+    loss = SFTLoss(stage)
+    if a.zero_stage == 3:  # as the job does: the loss reads the head's weight outside output's forward
+        from deepspeed.runtime.zero import register_external_parameter
+
+        register_external_parameter(loss, stage.output.weight)
+    engine, *_ = deepspeed.initialize(model=loss, optimizer=opt,
                                       config=ds_config(cfg, 1, device), dist_init_required=False)
 
     def step(tokens, labels, doc):

@@ -9,7 +9,9 @@ slicing, the same AdamW (passed to DeepSpeed, which shards its state), the same 
 rate, the same global-norm clipping (DeepSpeed's ``gradient_clipping``, computed the same way) and the same
 loss scaling: each micro-batch's summed cross-entropy times ``dp / labelled tokens of the global batch``,
 with DeepSpeed's division by the accumulation steps turned off, as its average over the ranks leaves the
-global token mean. bf16 is autocast over fp32 weights, as the FSDP path's single-rank case (DeepSpeed's
+global token mean. The method's parts (SFT's or LoRA DPO's: batches, loss module, metrics) are the FSDP
+loop's own (:class:`~puyu.parallel.finetune.SFTSteps`, :class:`~puyu.parallel.dpo.DPOSteps`); the engine
+wraps their loss module. bf16 is autocast over fp32 weights, as the FSDP path's single-rank case (DeepSpeed's
 own ``bf16`` section would keep bf16 weights and train other numbers).
 
 Each rank builds the whole model on its device (the base read once per rank) and ``deepspeed.initialize``
@@ -39,8 +41,8 @@ from puyu.model import ModelArgs
 from puyu.parallel import checkpoint
 from puyu.parallel.device import backend, compute_dtype
 from puyu.parallel.dims import ParallelDims
-from puyu.parallel.finetune import (IGNORE, SFTBatches, base_values, load_sft_rows, meta_finetune_model,
-                                    read_base, run_mode, trainable_params)
+from puyu.parallel.finetune import (SFTSteps, StepSums, base_values, meta_finetune_model, read_base, run_mode,
+                                    trainable_params)
 from puyu.parallel.ft_config import FinetuneJobConfig
 from puyu.parallel.meta_init import materialize, single_device_name
 from puyu.parallel.metrics import MetricsLog, flops_per_token, mfu
@@ -81,25 +83,6 @@ def ds_config(cfg: FinetuneJobConfig, dp: int, device: torch.device) -> dict:
             "steps_per_print": 1 << 30, "wall_clock_breakdown": False}
 
 
-class SFTLoss(nn.Module):
-    """The SFT stage with its loss as one forward (``tokens, document_ids, labels -> summed loss``).
-
-    DeepSpeed runs the module it wraps; the loss uses the head's weight outside ``output``'s own forward,
-    which ZeRO-3 must be told to gather (``register_external_parameter``).
-    """
-
-    def __init__(self, stage: nn.Module, zero_stage: int):
-        super().__init__()
-        self.stage = stage
-        if zero_stage == 3:
-            from deepspeed.runtime.zero import register_external_parameter
-
-            register_external_parameter(self, stage.output.weight)
-
-    def forward(self, tokens, document_ids, labels):
-        return self.stage.loss_sum(self.stage(tokens, document_ids), labels)
-
-
 class EngineCheckpointer(checkpoint.Checkpointer):
     """Pretraining's checkpoint folders and ``complete.json`` (written last, by rank 0, after every rank
     saved; pruned to ``keep``) around DeepSpeed's own save of the trainable parameters and their optimizer
@@ -129,16 +112,32 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
     if not dist.is_initialized():  # one rank: DeepSpeed still wants a process group (no port needed), and
         env.export()  # reads LOCAL_RANK from the environment
         dist.init_process_group(backend(device), store=dist.HashStore(), rank=0, world_size=1)
-    data = load_sft_rows(ctx, cfg)
     model = meta_finetune_model(args, cfg.lora)
     trainable, total = trainable_params(model)
     stage = StageModule(model, list(range(args.n_layers)), first=True, last=True)
     apply_ac(stage, cfg.parallel.activation_checkpointing)
     stage.autocast_dtype = compute_dtype(cfg.precision, device)
     materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))
-    engine, *_ = deepspeed.initialize(model=SFTLoss(stage, cfg.deepspeed.zero_stage),
-                                      optimizer=task._optimizer(stage), config=ds_config(cfg, dims.dp, device),
-                                      dist_init_required=False)
+    if cfg.method == "dpo":  # LoRA only (ft_config): the reference is the stage with its adapters off
+        from puyu.parallel.dpo import DPOSteps
+
+        method = DPOSteps(ctx, cfg, args, dims, None, device)
+    else:
+        method = SFTSteps(ctx, cfg, dims, device)
+    loss_module = method.loss_module(stage)
+    if cfg.deepspeed.zero_stage == 3:  # the loss reads the head's weight outside output's own forward
+        from deepspeed.runtime.zero import register_external_parameter
+
+        register_external_parameter(loss_module, stage.output.weight)
+    # DeepSpeed keeps a clone of the world group per process; a job run before this one in the same
+    # process (inline, tests) destroyed the group it cloned
+    deepspeed.utils.groups._WORLD_GROUP = None
+    engine, *_ = deepspeed.initialize(model=loss_module, optimizer=task._optimizer(stage),
+                                      config=ds_config(cfg, dims.dp, device), dist_init_required=False)
+
+    def backward(scaled: torch.Tensor) -> None:
+        engine.backward(scaled, scale_wrt_gas=False)  # (the scale already makes the global mean)
+        engine.step()  # the update (clipped) happens at the last micro-batch of the step
     ckpt_root = ctx.stage_dir / "checkpoints"
     checkpointer = EngineCheckpointer(ckpt_root, t.keep_checkpoints, engine)
     start_step, consumed = 0, 0
@@ -149,11 +148,11 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
         record = json.loads((latest / checkpoint.COMPLETE).read_text())
         start_step, consumed = record["step"], record["consumed_samples"]
         log.info("resumed from %s (step %d)", latest, start_step)
-    batches = SFTBatches(data, t.global_batch, t.micro_batch, dims.dp_rank(env.rank), dims.dp, consumed, cfg.data.seed)
+    batches = method.batches(env.rank, consumed)
     metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
                if env.rank == 0 else None)
-    flops = flops_per_token(args, cfg.data.seq_len, 6.0 if trainable == total else 4.0)
-    last_loss = float("nan")
+    flops = flops_per_token(args, cfg.data.seq_len, method.flops_factor(trainable == total))
+    last_loss, last = float("nan"), StepSums(float("nan"), 0, 0)
     for step in range(start_step, t.steps):
         if bool(_all_reduce(torch.tensor([float(task._signalled)], device=device), dist.ReduceOp.MAX).item()):
             task._stop_for_requeue(checkpointer, step, [], [], batches, env, previous_handler)
@@ -161,17 +160,8 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         started = time.perf_counter()
-        micro = batches.next_step()
-        n_labels = _all_reduce(torch.tensor([float(sum(int((b.labels != IGNORE).sum()) for b in micro))],
-                                            device=device)).item()
-        total_loss = torch.zeros((), device=device)
-        for b in micro:
-            loss_sum = engine(b.tokens.to(device), b.document_ids.to(device), b.labels.to(device))
-            # DeepSpeed averages gradients over the ranks: scale so they sum to the global token mean
-            engine.backward(loss_sum * (dims.dp / max(n_labels, 1.0)), scale_wrt_gas=False)
-            engine.step()  # the update (clipped) happens at the last micro-batch of the step
-            total_loss += loss_sum.detach()
-        loss = _all_reduce(total_loss.reshape(1).clone()).item() / max(n_labels, 1.0)
+        sums = method.forward_backward(engine, batches.next_step(), backward)
+        loss = sums.loss
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         if not math.isfinite(loss) or not math.isfinite(grad_norm):  # DeepSpeed has dropped the update
             if t.nan_policy == "stop":
@@ -179,11 +169,11 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
                                 f"(train.nan_policy=stop; set skip to drop such steps)")
             log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
             continue
-        last_loss = loss
-        tokens_per_s = t.global_batch * cfg.data.seq_len / (time.perf_counter() - started)
+        last_loss, last = loss, sums
+        tokens_per_s = sums.tokens / (time.perf_counter() - started)
         if metrics:
-            metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-                         "tokens_per_s": tokens_per_s, "trained_tokens": int(n_labels),
+            metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr, **sums.metrics,
+                         "tokens_per_s": tokens_per_s, "trained_tokens": sums.trained_tokens,
                          "mfu": mfu(tokens_per_s, flops, t.peak_tflops, dims.world_size)})
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             checkpointer.save(step + 1, [], [], {"consumed_samples": batches.consumed_samples})
@@ -191,7 +181,7 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
     if metrics:
         metrics.close()
     return {"steps": t.steps, "final_loss": last_loss, "layout": f"world {dims.world_size}, {_layout(cfg)}",
-            "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg)}
+            "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg), **method.result(last)}
 
 
 def load_final(path: Path, model: nn.Module, args: ModelArgs) -> None:

@@ -19,7 +19,8 @@ with every adapter switched off (peft's ``disable_adapters`` flag, set on each L
 reference forward; the NF4 base under QLoRA). Full finetuning keeps a frozen, sharded copy of the
 initial weights (read from ``job.checkpoint`` as the trained one is). Model building, AdamW, the warmup +
 cosine schedule, clipping, NaN policy, checkpoints of the trainable part, resume and requeue are SFT's
-(:class:`~puyu.parallel.finetune.FinetuneTask`); so are the merge and export. With held-out pairs
+(:class:`~puyu.parallel.finetune.FinetuneTask`: :class:`DPOSteps` plugs into its step loop, and into the
+DeepSpeed engine's for LoRA); so are the merge and export. With held-out pairs
 (``data.eval_paths`` or the wiki pairs' tail) the export scores the merged model against the base on them.
 """
 from __future__ import annotations
@@ -180,6 +181,18 @@ class DPODataTask:
 
 
 # --------------------------------------------------------------------------- the step loop's parts
+class DPOLoss(torch.nn.Module):
+    """Policy and reference on one ``[chosen; rejected]`` batch as one forward (``tokens, labels ->
+    (summed loss, summed metrics)``): what the step loop calls, and the module a DeepSpeed engine wraps."""
+
+    def __init__(self, stage: StageModule, reference: Optional[StageModule], dpo: DPOConfig):
+        super().__init__()
+        self.stage, self.reference, self.dpo = stage, reference, dpo
+
+    def forward(self, tokens, labels):
+        return batch_loss(self.stage, self.reference, tokens, labels, self.dpo)
+
+
 class DPOSteps:
     """What ``method=dpo`` plugs into SFT's step loop (:meth:`FinetuneTask._train`): preference pairs, the
     reference, and the DPO loss with trl's metrics."""
@@ -203,14 +216,18 @@ class DPOSteps:
         """Per token: policy forward 2N + backward 4N (LoRA: input gradients only, 2N) + reference forward 2N."""
         return 8.0 if full else 6.0
 
-    def forward_backward(self, stage: StageModule, micro: list[PairBatch]) -> StepSums:
+    def loss_module(self, stage: StageModule) -> torch.nn.Module:
+        return DPOLoss(stage, self.reference, self.cfg.dpo)
+
+    def forward_backward(self, loss: torch.nn.Module, micro: list[PairBatch], backward) -> StepSums:
+        """As :meth:`~puyu.parallel.finetune.SFTSteps.forward_backward`, over pairs."""
         device, pairs = self.device, self.cfg.train.global_batch
         sums = torch.zeros(len(METRICS) + 3, device=device, dtype=torch.float64)
         for b in micro:
             tokens, labels = b.tokens.to(device), b.labels.to(device)
-            loss_sum, parts = batch_loss(stage, self.reference, tokens, labels, self.cfg.dpo)
-            # FSDP averages gradients over the dp ranks: scale so they sum to the mean over the global batch
-            (loss_sum * (self.dims.dp / pairs)).backward()
+            loss_sum, parts = loss(tokens, labels)
+            # FSDP and DeepSpeed average gradients over the dp ranks: scale so they sum to the global pair mean
+            backward(loss_sum * (self.dims.dp / pairs))
             sums += torch.stack([loss_sum.detach().double(), *(parts[k].double() for k in METRICS),
                                  torch.tensor(float((labels != IGNORE).sum()), device=device, dtype=torch.float64),
                                  torch.tensor(float(tokens.numel()), device=device, dtype=torch.float64)])

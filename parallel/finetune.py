@@ -305,6 +305,18 @@ class SFTDataTask:
                        d.wiki, d.wiki_heldout, vocab_size=vocab)
 
 
+class SFTLoss(torch.nn.Module):
+    """The SFT stage with its loss as one forward (``tokens, document_ids, labels -> summed loss``): what
+    the step loop calls, and the module a DeepSpeed engine wraps."""
+
+    def __init__(self, stage: StageModule):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, tokens, document_ids, labels):
+        return self.stage.loss_sum(self.stage(tokens, document_ids), labels)
+
+
 @dataclasses.dataclass
 class StepSums:
     """One step's outcome, summed over the data-parallel ranks: the loss (a global mean), labelled and
@@ -334,15 +346,21 @@ class SFTSteps:
         """Forward 2N + input gradients 2N (+ weight gradients 2N when every weight trains), per token."""
         return 6.0 if full else 4.0
 
-    def forward_backward(self, stage: StageModule, micro: list[SFTBatch]) -> StepSums:
+    @staticmethod
+    def loss_module(stage: StageModule) -> torch.nn.Module:
+        return SFTLoss(stage)
+
+    def forward_backward(self, loss: torch.nn.Module, micro: list[SFTBatch], backward) -> StepSums:
+        """``loss``: :meth:`loss_module`'s module (or a DeepSpeed engine around it); ``backward(scaled)``
+        runs the backward of one micro-batch's scaled loss (and DeepSpeed's step)."""
         device, dp = self.device, self.dims.dp
         n_labels = _all_reduce(torch.tensor([float(sum(int((b.labels != IGNORE).sum()) for b in micro))],
                                             device=device)).item()
         total_loss = torch.zeros((), device=device)
         for b in micro:  # (the stage applies the precision policy itself: see apply_precision)
-            loss_sum = stage.loss_sum(stage(b.tokens.to(device), b.document_ids.to(device)), b.labels.to(device))
-            # FSDP averages gradients over the dp ranks: scale so they sum to the global token mean
-            (loss_sum * (dp / max(n_labels, 1.0))).backward()
+            loss_sum = loss(b.tokens.to(device), b.document_ids.to(device), b.labels.to(device))
+            # FSDP and DeepSpeed average gradients over the dp ranks: scale so they sum to the global token mean
+            backward(loss_sum * (dp / max(n_labels, 1.0)))
             total_loss += loss_sum.detach()
         loss = _all_reduce(total_loss.reshape(1).clone()).item() / max(n_labels, 1.0)
         return StepSums(loss, int(n_labels), self.cfg.train.global_batch * self.cfg.data.seq_len)
@@ -394,6 +412,7 @@ class FinetuneTask(PretrainTask):
             method = DPOSteps(ctx, cfg, args, dims, mesh, device)
         else:
             method = SFTSteps(ctx, cfg, dims, device)
+        loss = method.loss_module(stage)
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
         optimizers = [self._optimizer(stage)]
@@ -416,7 +435,7 @@ class FinetuneTask(PretrainTask):
             for group in optimizers[0].param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
-            sums = method.forward_backward(stage, batches.next_step())
+            sums = method.forward_backward(loss, batches.next_step(), torch.Tensor.backward)
             grad_norm = self._clip(params, mesh, dims)
             if not self._step_optimizers(optimizers, step, sums.loss, grad_norm, t.nan_policy):
                 continue

@@ -143,9 +143,10 @@ class FinetuneJobConfig(JobConfig):
         self.data.validate()
         if self.method == "dpo":
             self.dpo.validate()
-            if self.engine != "fsdp":
-                raise PuyuError(f"finetune: method=dpo runs on engine=fsdp (its reference forward is not wired "
-                                f"into DeepSpeed); got engine={self.engine}: set engine=fsdp")
+            if self.engine == "deepspeed" and not self.lora.rank:
+                raise PuyuError("finetune: method=dpo with full finetuning (lora.rank=0) runs on engine=fsdp, which "
+                                "shards the frozen reference copy; DeepSpeed would hold a whole one per rank. Set "
+                                "engine=fsdp, or lora.rank > 0 (the reference is then the base, adapters off)")
         if self.parallel.pp != 1:
             raise PuyuError("finetune: parallel.pp must be 1 (packed chat rows need the document mask, which "
                             "the pipeline schedule does not carry); use data parallelism (FSDP or DeepSpeed ZeRO)")

@@ -164,6 +164,22 @@ def test_full_finetuning_dpo_keeps_a_frozen_copy_of_the_base_as_reference(base, 
     assert recs[-1]["loss"] < math.log(2) and recs[-1]["rewards/margins"] > 0, recs
 
 
+def test_lora_dpo_on_deepspeed_zero2_follows_the_fsdp_engine(base, tmp_path):
+    """The same LoRA DPO run on both engines, one rank each (DeepSpeed in this process): losses, trl's
+    reward metrics and gradient norms agree; the reference is the stage with its adapters off on both."""
+    train = tmp_path / "train.jsonl"
+    preference.wiki_preference_jsonl(train, limit=32)
+    cfg = dpo_job(base, [train], steps=4)
+    run(cfg, tmp_path / "fsdp")
+    cfg.engine, cfg.deepspeed.zero_stage = "deepspeed", 2
+    result = run(cfg, tmp_path / "ds")["finetune"][0]
+    assert result["layout"] == "world 1, DeepSpeed ZeRO-2" and result["method"] == "dpo"
+    for g, w in zip(records(tmp_path / "ds"), records(tmp_path / "fsdp"), strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/rejected"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (g["step"], key)
+    assert (tmp_path / "ds" / "finetune" / "model" / "model.safetensors").is_file()
+
+
 class FailAfter(FinetuneTask):
     """Fails after step 3, a step past the last checkpoint (a SIGKILL's path is the same on resume;
     tests/test_finetune.py's kill test takes it, at ~30 s for the local executor to see it)."""
@@ -229,7 +245,8 @@ def test_bad_preference_rows_are_one_line_naming_file_and_line(base, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"engine": "deepspeed"}, "finetune: method=dpo runs on engine=fsdp"),
+    ({"engine": "deepspeed", "lora.rank": 0}, "finetune: method=dpo with full finetuning (lora.rank=0) runs on "
+                                              "engine=fsdp"),
     ({"method": "ppo"}, "finetune: method='ppo'; choose sft or dpo"),
     ({"dpo.loss_type": "kto"}, "dpo.loss_type='kto'; choose sigmoid, hinge, ipo, robust"),
     ({"dpo.beta": 0.0}, "dpo.beta=0.0 must be > 0"),
