@@ -168,19 +168,37 @@ class Pipeline:
 
     def _submit(self, stage: Stage, ranks: list[int], dependency: Optional[str] = None) -> Submitted:
         c = self._stage_cluster(stage)
-        ex = make_executor(c, self.run_dir / stage.name / "logs", stage.name, dependency)
         task = StageTask(stage.name, stage.fn, str(self.run_dir), stage.shards)
         if len(ranks) == 1:
-            jobs = [ex.submit(task, ranks[0])]
+            jobs = [make_executor(c, self.run_dir / stage.name / "logs", stage.name, dependency).submit(task, ranks[0])]
         else:  # Slurm refuses an array of more than MaxArraySize tasks: submit it as several arrays
             size = slurm.max_array_size() if c.kind is ClusterKind.slurm else len(ranks)
-            jobs = [job for start in range(0, len(ranks), size) for job in ex.map_array(task, ranks[start:start + size])]
+            jobs = self._arrays(stage, task, c, [ranks[i:i + size] for i in range(0, len(ranks), size)], dependency)
         sub = Submitted(stage, c, ranks, jobs)
         self.submitted.append(sub)
         _record(self.run_dir, sub)
         log.info("stage %s: submitted %d task(s) %s (logs: %s)", stage.name, len(jobs),
                  ",".join(sub.job_ids()[:4]) + ("…" if len(jobs) > 4 else ""), self.run_dir / stage.name / "logs")
         return sub
+
+    def _arrays(self, stage: Stage, task: StageTask, c: ClusterConfig, chunks: list[list[int]],
+                dependency: Optional[str]) -> list:
+        """One array job per chunk, holding the stage's ``array_parallelism`` (p) together: Slurm throttles
+        each array on its own, so n <= p arrays get shares of p that sum to p; with n > p each runs one
+        task at a time and array j starts once array j - p has ended (afterany)."""
+        n, p = len(chunks), max(1, c.array_parallelism)
+        jobs, roots = [], []
+        for j, chunk in enumerate(chunks):
+            share = p // n + (j < p % n) if n <= p else 1
+            after = [dependency] if dependency else []
+            if n > p and j >= p:
+                after.append(f"afterany:{roots[j - p]}")
+            ex = make_executor(dataclasses.replace(c, array_parallelism=share), self.run_dir / stage.name / "logs",
+                               stage.name, ",".join(after) or None)
+            array = ex.map_array(task, chunk)
+            roots.append(array[0].job_id.split("_")[0])
+            jobs += array
+        return jobs
 
     def _alive(self, sub: Submitted) -> bool:
         """Whether any job of the stage still runs or will run again.

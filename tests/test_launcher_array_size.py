@@ -45,10 +45,24 @@ def test_max_array_size_is_read_from_scontrol(monkeypatch):
 def test_a_stage_over_max_array_size_is_split_into_arrays(tmp_path, monkeypatch):
     FakeExecutor.arrays = []
     monkeypatch.setattr(slurm, "max_array_size", lambda: 4)
-    monkeypatch.setattr(P, "make_executor", lambda *args, **kwargs: FakeExecutor())
+    made = []  # (throttle, dependency) of each executor
+
+    def executor(c, folder, name, dependency=None):
+        made.append((c.array_parallelism, dependency))
+        return FakeExecutor()
+
+    monkeypatch.setattr(P, "make_executor", executor)
     stage = Stage("many", print, shards=10)
-    pipe = P.Pipeline([stage], tmp_path, ClusterConfig(kind=ClusterKind.slurm), LauncherConfig())
-    sub = pipe._submit(stage, list(range(10)))
+    pipe = P.Pipeline([stage], tmp_path, ClusterConfig(kind=ClusterKind.slurm, array_parallelism=5), LauncherConfig())
+    sub = pipe._submit(stage, list(range(10)), "afterok:7")
     assert FakeExecutor.arrays == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert sub.ranks == list(range(10)) and len(sub.jobs) == 10
-    assert sorted({j.split("_")[0] for j in sub.job_ids()}) == ["100", "101", "102"]  # the next stage waits on all
+    roots = sorted({j.split("_")[0] for j in sub.job_ids()})
+    assert len(roots) == 3  # the next stage waits on all
+    assert made == [(2, "afterok:7"), (2, "afterok:7"), (1, "afterok:7")]  # the throttle of 5, shared
+    # a throttle below the array count: one task at a time per array, array j after array j - 2
+    made.clear()
+    pipe = P.Pipeline([stage], tmp_path, ClusterConfig(kind=ClusterKind.slurm, array_parallelism=2), LauncherConfig())
+    sub = pipe._submit(stage, list(range(10)))
+    first = sorted({j.split("_")[0] for j in sub.job_ids()})[0]
+    assert made == [(1, None), (1, None), (1, f"afterany:{first}")]
