@@ -41,7 +41,7 @@ from puyu.model import ModelArgs
 from puyu.parallel import checkpoint
 from puyu.parallel.device import backend, compute_dtype
 from puyu.parallel.dims import ParallelDims
-from puyu.parallel.finetune import (SFTSteps, StepSums, base_values, meta_finetune_model, read_base, run_mode,
+from puyu.parallel.finetune import (StepSums, base_values, meta_finetune_model, method_steps, read_base, run_mode,
                                     trainable_params)
 from puyu.parallel.ft_config import FinetuneJobConfig
 from puyu.parallel.meta_init import materialize, single_device_name
@@ -118,12 +118,8 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
     apply_ac(stage, cfg.parallel.activation_checkpointing)
     stage.autocast_dtype = compute_dtype(cfg.precision, device)
     materialize([stage], args, device, base_values(read_base(cfg.checkpoint, args)[1], t.seed))
-    if cfg.method == "dpo":  # LoRA only (ft_config): the reference is the stage with its adapters off
-        from puyu.parallel.dpo import DPOSteps
-
-        method = DPOSteps(ctx, cfg, args, dims, None, device)
-    else:
-        method = SFTSteps(ctx, cfg, dims, device)
+    # (DPO here is LoRA only, ft_config: its reference is the stage with its adapters off, so no mesh)
+    method = method_steps(ctx, cfg, args, dims, None, device)
     loss_module = method.loss_module(stage)
     if cfg.deepspeed.zero_stage == 3:  # the loss reads the head's weight outside output's own forward
         from deepspeed.runtime.zero import register_external_parameter
@@ -152,7 +148,7 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
     metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
                if env.rank == 0 else None)
     flops = flops_per_token(args, cfg.data.seq_len, method.flops_factor(trainable == total))
-    last_loss, last = float("nan"), StepSums(float("nan"), 0, 0)
+    last = StepSums(float("nan"), 0, 0)
     for step in range(start_step, t.steps):
         if bool(_all_reduce(torch.tensor([float(task._signalled)], device=device), dist.ReduceOp.MAX).item()):
             task._stop_for_requeue(checkpointer, step, [], [], batches, env, previous_handler)
@@ -169,7 +165,7 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
                                 f"(train.nan_policy=stop; set skip to drop such steps)")
             log.warning("step %d: non-finite loss %s, update skipped (train.nan_policy=skip)", step + 1, loss)
             continue
-        last_loss, last = loss, sums
+        last = sums
         tokens_per_s = sums.tokens / (time.perf_counter() - started)
         if metrics:
             metrics.log({"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr, **sums.metrics,
@@ -180,7 +176,7 @@ def train(task, ctx, env, dims: ParallelDims, args: ModelArgs, device: torch.dev
         task.on_step_end(step + 1)
     if metrics:
         metrics.close()
-    return {"steps": t.steps, "final_loss": last_loss, "layout": f"world {dims.world_size}, {_layout(cfg)}",
+    return {"steps": t.steps, "final_loss": last.loss, "layout": f"world {dims.world_size}, {_layout(cfg)}",
             "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg), **method.result(last)}
 
 

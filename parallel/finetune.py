@@ -370,6 +370,16 @@ class SFTSteps:
         return {}
 
 
+def method_steps(ctx: TaskContext, cfg: FinetuneJobConfig, args: ModelArgs, dims: ParallelDims, mesh,
+                 device: torch.device):
+    """The step loop's parts for ``cfg.method`` (both engines' loops take them), built after the policy stage."""
+    if cfg.method == "dpo":
+        from puyu.parallel.dpo import DPOSteps
+
+        return DPOSteps(ctx, cfg, args, dims, mesh, device)
+    return SFTSteps(ctx, cfg, dims, device)
+
+
 class FinetuneTask(PretrainTask):
     """The training process of one rank; pretraining's task (process group, mesh, signals, requeue,
     clipping, collective timeouts) with the SFT data, model, loss and export."""
@@ -406,12 +416,7 @@ class FinetuneTask(PretrainTask):
 
             return deepspeed_engine.train(self, ctx, env, dims, args, device, previous_handler)
         stage, trainable, total, quantized = build_stage(cfg, args, dims, mesh, device)
-        if cfg.method == "dpo":
-            from puyu.parallel.dpo import DPOSteps
-
-            method = DPOSteps(ctx, cfg, args, dims, mesh, device)
-        else:
-            method = SFTSteps(ctx, cfg, dims, device)
+        method = method_steps(ctx, cfg, args, dims, mesh, device)
         loss = method.loss_module(stage)
         stages = [stage]
         params = [q for q in stage.parameters() if q.requires_grad]
@@ -427,7 +432,7 @@ class FinetuneTask(PretrainTask):
         metrics = (MetricsLog(ctx.stage_dir, start_step, progress=ctx.progress("steps", t.steps, done=start_step))
                    if env.rank == 0 else None)
         flops = flops_per_token(args, cfg.data.seq_len, method.flops_factor(trainable == total))
-        last_loss, last = float("nan"), StepSums(float("nan"), 0, 0)
+        last = StepSums(float("nan"), 0, 0)
         for step in range(start_step, t.steps):
             if bool(_all_reduce(torch.tensor([float(self._signalled)], device=device), dist.ReduceOp.MAX).item()):
                 self._stop_for_requeue(checkpointer, step, stages, optimizers, batches, env, previous_handler)
@@ -439,7 +444,7 @@ class FinetuneTask(PretrainTask):
             grad_norm = self._clip(params, mesh, dims)
             if not self._step_optimizers(optimizers, step, sums.loss, grad_norm, t.nan_policy):
                 continue
-            last_loss, last = sums.loss, sums
+            last = sums
             tokens_per_s = sums.tokens / (time.perf_counter() - started)
             if metrics:
                 metrics.log({"step": step + 1, "loss": sums.loss, "grad_norm": grad_norm, "lr": lr, **sums.metrics,
@@ -451,7 +456,7 @@ class FinetuneTask(PretrainTask):
         checkpointer.wait()
         if metrics:
             metrics.close()
-        return {"steps": t.steps, "final_loss": last_loss, "layout": dims.describe(),
+        return {"steps": t.steps, "final_loss": last.loss, "layout": dims.describe(),
                 "trainable_params": trainable, "total_params": total, "mode": run_mode(cfg), **quantized,
                 **method.result(last)}
 
